@@ -1,0 +1,115 @@
+//! Inference backends: prepare a model once, run it many times.
+//!
+//! A [`Backend`] turns an ONNX file into a [`Session`]; `check` says whether this build and host
+//! can run a model at all, naming the operator when it cannot, so a bad model is refused at load
+//! time and never at the first request. Backends sit behind Cargo features; asking for one the
+//! build lacks is a [`BackendError::NotBuilt`] that says how to get it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::onnx::ModelGraph;
+use crate::tensor::{DataType, Tensor};
+
+#[cfg(feature = "tract")]
+mod tract;
+
+/// One input or output of a model, as V2 metadata shows it: dynamic dimensions are -1.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// Whether `shape` fits this spec: same rank, fixed dimensions equal.
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        shape.len() == self.shape.len()
+            && self.shape.iter().zip(shape).all(|(&want, &got)| want < 0 || want as usize == got)
+    }
+
+    /// The shape as V2 metadata and error messages write it, e.g. `[-1, 64]`.
+    pub fn shape_text(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("[{}]", dims.join(", "))
+    }
+}
+
+/// A model's inputs and outputs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Per-session settings from the model's configuration.
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    /// Threads a single inference may use inside the backend; `None` leaves the backend's default.
+    pub intra_op_threads: Option<usize>,
+}
+
+/// A prepared model: thread-safe, run many times.
+pub trait Session: Send + Sync {
+    /// The model's inputs and outputs.
+    fn signature(&self) -> &Signature;
+    /// Runs one inference. Inputs are in signature order and already validated against it.
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError>;
+}
+
+/// A way to run ONNX models.
+pub trait Backend: Send + Sync {
+    /// The name used in configuration, e.g. `tract`.
+    fn name(&self) -> &'static str;
+    /// Whether this build and host can run the model; the error names what stands in the way.
+    fn check(&self, graph: &ModelGraph) -> Result<(), BackendError>;
+    /// Prepares a session (after `check`).
+    fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError>;
+}
+
+/// Why a backend could not load or run a model.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend `{backend}` is not in this build: {how}")]
+    NotBuilt { backend: String, how: &'static str },
+    #[error("unknown backend `{0}` (known: tract, ort)")]
+    Unknown(String),
+    #[error("{path}: the {backend} backend does not support operator `{op}` (node `{node}`)")]
+    UnsupportedOp { path: PathBuf, backend: &'static str, op: String, node: String },
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("{path}: the {backend} backend could not prepare the model: {message}")]
+    Prepare { path: PathBuf, backend: &'static str, message: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// The backend named in configuration, or why it cannot be had.
+pub fn by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
+    match name {
+        #[cfg(feature = "tract")]
+        "tract" => Ok(Box::new(tract::Tract)),
+        #[cfg(not(feature = "tract"))]
+        "tract" => Err(BackendError::NotBuilt {
+            backend: name.into(),
+            how: "rebuild with `--features tract` (it is on by default)",
+        }),
+        "ort" => Err(BackendError::NotBuilt {
+            backend: name.into(),
+            how: "the ONNX Runtime backend is not part of this release yet; use `tract`",
+        }),
+        other => Err(BackendError::Unknown(other.into())),
+    }
+}
+
+/// The backend used when configuration names none.
+pub const DEFAULT_BACKEND: &str = "tract";
+
+/// Loads a model file and prepares it on the named backend: parse, `check`, `prepare`.
+pub fn load(backend: &dyn Backend, path: &Path, options: &SessionOptions) -> Result<Box<dyn Session>, crate::Error> {
+    let graph = ModelGraph::read(path)?;
+    backend.check(&graph)?;
+    Ok(backend.prepare(&graph, options)?)
+}

@@ -1,0 +1,341 @@
+//! `outpost.toml`: what the daemon serves and how.
+//!
+//! The file is read into [`Config`] (serde, unknown keys refused), then checked into
+//! [`Validated`] before anything binds a port. Every error names the key, e.g.
+//! `models[1].queue_bound: must be between 1 and 65536`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backend::DEFAULT_BACKEND;
+
+/// Where V2 clients expect a server.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Largest request body accepted (binary tensors included).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+/// How long SIGTERM waits for in-flight requests before exiting anyway.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Requests that may wait for a model's workers before new ones get 503.
+pub const DEFAULT_QUEUE_BOUND: usize = 128;
+/// Inferences of one model run at once.
+pub const DEFAULT_WORKERS: usize = 1;
+/// The version a model reports when the configuration gives none.
+pub const DEFAULT_VERSION: &str = "1";
+/// Folder served by `outpost serve` with no arguments.
+pub const DEFAULT_MODEL_DIR: &str = "models";
+
+/// The configuration file as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind; default [`DEFAULT_LISTEN`].
+    pub listen: Option<String>,
+    /// Bearer token required on every endpoint but liveness; mandatory off loopback.
+    pub auth_token: Option<String>,
+    /// Default [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: Option<usize>,
+    /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// One `[[models]]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Default [`DEFAULT_VERSION`].
+    pub version: Option<String>,
+    /// `tract` or `ort`; default [`DEFAULT_BACKEND`].
+    pub backend: Option<String>,
+    /// Default [`DEFAULT_QUEUE_BOUND`].
+    pub queue_bound: Option<usize>,
+    /// Default [`DEFAULT_WORKERS`].
+    pub workers: Option<usize>,
+    /// Threads inside one inference, where the backend supports it.
+    pub intra_op_threads: Option<usize>,
+    /// Golden file to check at load; default `NAME.golden.json` beside the model, if present.
+    pub golden: Option<PathBuf>,
+    /// Skip the golden check even when a golden file is present. Default false.
+    #[serde(default)]
+    pub skip_golden: bool,
+    /// Accept NaN and infinite input values. Default false: they are refused with 400.
+    #[serde(default)]
+    pub allow_non_finite: bool,
+}
+
+/// A configuration that passed validation, with defaults filled in.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub listen: SocketAddr,
+    pub auth_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub drain_timeout: Duration,
+    pub models: Vec<ModelSpec>,
+}
+
+/// A validated model entry.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: String,
+    pub path: PathBuf,
+    pub backend: String,
+    pub queue_bound: usize,
+    pub workers: usize,
+    pub intra_op_threads: Option<usize>,
+    /// `None`: no golden check.
+    pub golden: Option<PathBuf>,
+    pub allow_non_finite: bool,
+}
+
+/// A configuration error: the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+impl Config {
+    /// Reads and parses a file (not yet validated). Relative model paths are taken from the
+    /// file's folder.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for m in &mut config.models {
+            if m.path.is_relative() {
+                m.path = base.join(&m.path);
+            }
+            if let Some(g) = m.golden.as_mut().filter(|g| g.is_relative()) {
+                *g = base.join(&*g);
+            }
+        }
+        Ok(config)
+    }
+
+    /// A configuration serving every `*.onnx` in `dir` (sorted by name) on defaults.
+    pub fn from_model_dir(dir: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read { path: dir.to_owned(), source };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "onnx") && p.is_file())
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(invalid("models", format!("no *.onnx file in {}", dir.display())));
+        }
+        Ok(Config { models: paths.iter().map(|p| ModelConfig::for_path(p, None)).collect(), ..Config::default() })
+    }
+
+    /// Checks everything that can be checked before loading models.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let s = &self.server;
+        let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("`{listen_text}` is not an address like 127.0.0.1:8000")))?;
+        if let Some(t) = &s.auth_token
+            && (t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(invalid("server.auth_token", "must be at least 16 characters, without spaces"));
+        }
+        if !listen.ip().is_loopback() && s.auth_token.is_none() {
+            return Err(invalid(
+                "server.auth_token",
+                format!("required when listening on {listen} (not loopback): set a bearer token"),
+            ));
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if !(1024..=(1 << 30)).contains(&max_body_bytes) {
+            return Err(invalid("server.max_body_bytes", "must be between 1024 and 1073741824"));
+        }
+        let drain = s.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
+        if drain > 3600 {
+            return Err(invalid("server.drain_timeout_secs", "must be at most 3600"));
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "no model is configured: add a [[models]] entry"));
+        }
+        let mut names = HashSet::new();
+        let mut models = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            check_name(&m.name).map_err(|r| invalid(key("name"), r))?;
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is configured twice", m.name)));
+            }
+            let version = m.version.clone().unwrap_or_else(|| DEFAULT_VERSION.into());
+            check_name(&version).map_err(|r| invalid(key("version"), r))?;
+            if m.path.as_os_str().is_empty() {
+                return Err(invalid(key("path"), "is empty"));
+            }
+            let backend = m.backend.clone().unwrap_or_else(|| DEFAULT_BACKEND.into());
+            if !["tract", "ort"].contains(&backend.as_str()) {
+                return Err(invalid(key("backend"), format!("`{backend}` is not a backend (tract, ort)")));
+            }
+            let queue_bound = m.queue_bound.unwrap_or(DEFAULT_QUEUE_BOUND);
+            if !(1..=65536).contains(&queue_bound) {
+                return Err(invalid(key("queue_bound"), "must be between 1 and 65536"));
+            }
+            let workers = m.workers.unwrap_or(DEFAULT_WORKERS);
+            if !(1..=256).contains(&workers) {
+                return Err(invalid(key("workers"), "must be between 1 and 256"));
+            }
+            if m.intra_op_threads == Some(0) {
+                return Err(invalid(key("intra_op_threads"), "must be at least 1"));
+            }
+            let golden = match (&m.golden, m.skip_golden) {
+                (Some(_), true) => {
+                    return Err(invalid(key("skip_golden"), "cannot be true when `golden` is set"));
+                }
+                (Some(g), false) if !g.is_file() => {
+                    return Err(invalid(key("golden"), format!("{} is not a file", g.display())));
+                }
+                (Some(g), false) => Some(g.clone()),
+                (None, true) => None,
+                (None, false) => crate::golden::Golden::beside(&m.path),
+            };
+            models.push(ModelSpec {
+                name: m.name.clone(),
+                version,
+                path: m.path.clone(),
+                backend,
+                queue_bound,
+                workers,
+                intra_op_threads: m.intra_op_threads,
+                golden,
+                allow_non_finite: m.allow_non_finite,
+            });
+        }
+        Ok(Validated {
+            listen,
+            auth_token: s.auth_token.clone(),
+            max_body_bytes,
+            drain_timeout: Duration::from_secs(drain),
+            models,
+        })
+    }
+}
+
+impl ModelConfig {
+    /// A model entry on defaults; the name defaults to the file stem.
+    pub fn for_path(path: &Path, name: Option<&str>) -> ModelConfig {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        ModelConfig { name: name.map_or(stem, str::to_owned), path: path.to_owned(), ..ModelConfig::default() }
+    }
+}
+
+/// Model names and versions appear in URL paths and metric labels: keep them plain.
+fn check_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{s}` must be 1-128 characters of A-Z, a-z, 0-9, '-', '_', '.' (not starting with '.')"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Validated, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?;
+        config.validate()
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const ONE: &str = "[[models]]\nname = \"m\"\npath = \"m.onnx\"\n";
+
+    #[test]
+    fn defaults_fill_in() {
+        let v = parse(ONE).unwrap();
+        assert_eq!(v.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(v.models[0].version, "1");
+        assert_eq!(v.models[0].backend, "tract");
+        assert_eq!(v.models[0].queue_bound, DEFAULT_QUEUE_BOUND);
+        assert_eq!(v.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&format!("{ONE}queue_bound = 0\n")).starts_with("models[0].queue_bound:"));
+        assert!(err(&format!("{ONE}workers = 1000\n")).starts_with("models[0].workers:"));
+        assert!(err(&format!("{ONE}backend = \"onnx\"\n")).starts_with("models[0].backend:"));
+        assert!(err(&format!("{ONE}name = \"x\"\n")).contains("duplicate key"));
+        assert!(err(&format!("{ONE}[[models]]\nname = \"m\"\npath = \"n.onnx\"\n")).contains("configured twice"));
+        assert!(err("[[models]]\nname = \"a/b\"\npath = \"m.onnx\"\n").starts_with("models[0].name:"));
+        assert!(err(&format!("[server]\nlisten = \"nowhere\"\n{ONE}")).starts_with("server.listen:"));
+        assert!(err(&format!("[server]\nlisten = \"0.0.0.0:8000\"\n{ONE}")).starts_with("server.auth_token:"));
+        assert!(
+            err(&format!("[server]\nlisten = \"0.0.0.0:8000\"\nauth_token = \"short\"\n{ONE}"))
+                .starts_with("server.auth_token:")
+        );
+        assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
+        assert!(err("").starts_with("models:"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = err(&format!("{ONE}queue_size = 3\n"));
+        assert!(e.contains("unknown field `queue_size`"), "{e}");
+        let e = err(&format!("[sever]\n{ONE}"));
+        assert!(e.contains("unknown field `sever`"), "{e}");
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let v =
+            parse(&format!("[server]\nlisten = \"0.0.0.0:8000\"\nauth_token = \"0123456789abcdef\"\n{ONE}")).unwrap();
+        assert!(v.auth_token.is_some());
+    }
+
+    #[test]
+    fn the_sample_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../outpost.toml");
+        let v = Config::read(&path).unwrap().validate().unwrap();
+        assert!(v.models.iter().any(|m| m.name == "digits-edge" && m.golden.is_some()));
+    }
+
+    #[test]
+    fn model_dir_serves_every_onnx_file() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let v = Config::from_model_dir(&dir).unwrap().validate().unwrap();
+        let names: Vec<&str> = v.models.iter().map(|m| m.name.as_str()).collect();
+        assert!(names.contains(&"digits-edge") && names.contains(&"digits-cnn"), "{names:?}");
+        assert!(!names.contains(&"digits-edge-qsoftmax"), "hazards/ is not served");
+    }
+}

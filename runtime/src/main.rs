@@ -1,0 +1,245 @@
+//! `outpost`: the edge inference daemon and its local CLI.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use outpost_runtime::config::{Config, DEFAULT_MODEL_DIR, ModelConfig};
+use outpost_runtime::onnx::ModelGraph;
+use outpost_runtime::{App, backend, server, v2};
+
+/// Exit status for a bad configuration or command line (sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "outpost", version, about = "Edge inference runtime: serves ONNX models over the KServe V2 HTTP API")]
+struct Cli {
+    /// Log format: text (plain when not on a terminal) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OUTPOST_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP. With no options, serves every model in ./models.
+    Serve(ServeArgs),
+    /// Show a model's inputs, outputs and operators, and whether this build can run it.
+    Inspect {
+        model: PathBuf,
+        #[arg(long, default_value = backend::DEFAULT_BACKEND)]
+        backend: String,
+    },
+    /// Run one inference without a server. The input file is a V2 inference request body.
+    Infer {
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = backend::DEFAULT_BACKEND)]
+        backend: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (outpost.toml). Conflicts with --model and --model-dir.
+    #[arg(long, short, conflicts_with_all = ["model", "model_dir"])]
+    config: Option<PathBuf>,
+    /// A model to serve, as PATH or PATH:NAME (name defaults to the file stem). Repeatable.
+    #[arg(long, short)]
+    model: Vec<String>,
+    /// Serve every *.onnx in this folder (default: ./models when neither --config nor --model is given).
+    #[arg(long, conflicts_with = "model")]
+    model_dir: Option<PathBuf>,
+    /// Address to listen on (overrides the configuration), e.g. 127.0.0.1:8000.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Inspect { model, backend } => inspect(&model, &backend),
+        Command::Infer { model, input, backend } => infer(&model, &input, &backend),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn build_config(args: &ServeArgs) -> Result<Config, outpost_runtime::config::ConfigError> {
+    let mut config = if let Some(path) = &args.config {
+        Config::read(path)?
+    } else if !args.model.is_empty() {
+        let models = args
+            .model
+            .iter()
+            .map(|m| match m.rsplit_once(':') {
+                Some((path, name)) if !name.contains('/') => ModelConfig::for_path(Path::new(path), Some(name)),
+                _ => ModelConfig::for_path(Path::new(m), None),
+            })
+            .collect();
+        Config { models, ..Config::default() }
+    } else {
+        Config::from_model_dir(args.model_dir.as_deref().unwrap_or(Path::new(DEFAULT_MODEL_DIR)))?
+    };
+    if let Some(listen) = &args.listen {
+        config.server.listen = Some(listen.clone());
+    }
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let config = match build_config(&args).and_then(|c| c.validate()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outpost: configuration error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let app = App::new(&config);
+        tracing::info!(listen = %config.listen, models = config.models.len(), "outpost listening; loading models");
+
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let signalled = stop.clone();
+        let shutdown = async move {
+            wait_for_signal().await;
+            signalled.notify_one();
+        };
+        let mut server = tokio::spawn(server::serve(listener, app.clone(), shutdown));
+
+        let loader = app.clone();
+        let mut loading = tokio::task::spawn_blocking(move || loader.registry.load_all());
+        tokio::select! {
+            failures = &mut loading => {
+                let failures = failures.context("model loading panicked")?;
+                if let Some(first) = failures.first() {
+                    bail!("{} of {} models failed to load; first: {first}", failures.len(), config.models.len());
+                }
+                tracing::info!(ready_ms = started.elapsed().as_millis() as u64, "all models ready");
+            }
+            _ = stop.notified() => {
+                tracing::info!("signal received while loading models; stopping");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        tokio::select! {
+            result = &mut server => {
+                result??;
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = stop.notified() => {}
+        }
+        tracing::info!(
+            timeout_s = config.drain_timeout.as_secs(),
+            "stopping: no new connections, finishing in-flight requests"
+        );
+        match tokio::time::timeout(config.drain_timeout, server).await {
+            Ok(result) => {
+                result??;
+                tracing::info!("drained; exiting");
+            }
+            Err(_) => tracing::warn!("drain timeout passed with requests still in flight; exiting anyway"),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn inspect(path: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
+    let graph = ModelGraph::read(path)?;
+    println!("model:   {}", path.display());
+    println!("opset:   {}", graph.opset);
+    for (kind, specs) in [("input", &graph.signature.inputs), ("output", &graph.signature.outputs)] {
+        for s in specs {
+            println!("{kind:7}  {} {} {}", s.name, s.datatype, s.shape_text());
+        }
+    }
+    println!("ops:     {}", graph.operators().join(", "));
+    let verdict = backend::by_name(backend_name).map_err(outpost_runtime::Error::from).and_then(|b| {
+        b.check(&graph)?;
+        b.prepare(&graph, &Default::default())?;
+        Ok(())
+    });
+    match verdict {
+        Ok(()) => {
+            println!("runs on: {backend_name} (this build)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("runs on: not on {backend_name}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn infer(path: &Path, input: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let request = v2::request::parse(&body, None).map_err(|e| anyhow::anyhow!("{}: {}", input.display(), e.message))?;
+    let backend = backend::by_name(backend_name)?;
+    let session = backend::load(backend.as_ref(), path, &Default::default())?;
+    let inputs = v2::request::bind(request.inputs, &path.display().to_string(), session.signature(), false)
+        .map_err(|e| anyhow::anyhow!("{}: {}", input.display(), e.message))?;
+    let t = Instant::now();
+    let outputs = session.run(&inputs)?;
+    let elapsed = t.elapsed();
+    let outputs: Vec<serde_json::Value> = outputs
+        .iter()
+        .map(|o| serde_json::json!({ "name": o.name, "datatype": o.datatype, "shape": o.shape, "data": o.to_json() }))
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "outputs": outputs }))?);
+    eprintln!("inference took {:.3} ms on {backend_name}", elapsed.as_secs_f64() * 1e3);
+    Ok(ExitCode::SUCCESS)
+}

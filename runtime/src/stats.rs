@@ -1,0 +1,177 @@
+//! Per-model counters and latency histograms, lock-free on the request path. They feed both
+//! Prometheus `/metrics` and the V2 statistics endpoint.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Histogram bucket bounds in seconds: 25 µs to 10 s.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A Prometheus histogram of durations.
+#[derive(Debug)]
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Sum of observations in nanoseconds.
+    pub fn sum_ns(&self) -> u64 {
+        self.sum_ns.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            cumulative += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count());
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns() as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    }
+}
+
+/// What happened to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The request was bad or the inference failed.
+    Failure,
+    /// Turned away because the model's queue was full.
+    Rejected,
+}
+
+/// Counters and histograms of one model version.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub success: AtomicU64,
+    pub failure: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Inferences run (the same as successful requests until batching joins several).
+    pub executions: AtomicU64,
+    /// Milliseconds since the epoch of the last successful inference.
+    pub last_inference_ms: AtomicU64,
+    /// Whole request, from the body read to the response built.
+    pub request: Histogram,
+    /// Waiting for a worker.
+    pub queue: Histogram,
+    /// Inside the backend.
+    pub compute: Histogram,
+    /// Request time of successes only (V2 statistics' `success`).
+    pub success_time: Histogram,
+    /// Request time of failures only (V2 statistics' `fail`).
+    pub failure_time: Histogram,
+}
+
+impl ModelStats {
+    /// Records a finished request.
+    pub fn record(&self, outcome: Outcome, elapsed: Duration) {
+        match outcome {
+            Outcome::Success => {
+                self.success.fetch_add(1, Relaxed);
+                self.success_time.observe(elapsed);
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                self.last_inference_ms.store(now.as_millis() as u64, Relaxed);
+            }
+            Outcome::Failure => {
+                self.failure.fetch_add(1, Relaxed);
+                self.failure_time.observe(elapsed);
+            }
+            Outcome::Rejected => {
+                self.rejected.fetch_add(1, Relaxed);
+            }
+        }
+        self.request.observe(elapsed);
+    }
+
+    /// Appends this model's metrics in Prometheus text form.
+    pub fn render(&self, out: &mut String, model: &str, version: &str) {
+        let l = format!("model=\"{model}\",version=\"{version}\"");
+        for (outcome, c) in [("success", &self.success), ("failure", &self.failure), ("rejected", &self.rejected)] {
+            let _ = writeln!(out, "outpost_inference_requests_total{{{l},outcome=\"{outcome}\"}} {}", c.load(Relaxed));
+        }
+        let _ = writeln!(out, "outpost_inference_executions_total{{{l}}} {}", self.executions.load(Relaxed));
+        self.request.render(out, "outpost_request_duration_seconds", &l);
+        self.queue.render(out, "outpost_queue_duration_seconds", &l);
+        self.compute.render(out, "outpost_compute_duration_seconds", &l);
+    }
+}
+
+/// The `# HELP` / `# TYPE` header of every metric family [`ModelStats::render`] writes.
+pub const METRIC_HEADERS: &str = "\
+# HELP outpost_inference_requests_total Inference requests by outcome (rejected: queue full).
+# TYPE outpost_inference_requests_total counter
+# HELP outpost_inference_executions_total Backend executions.
+# TYPE outpost_inference_executions_total counter
+# HELP outpost_request_duration_seconds Time from request body to response, per inference request.
+# TYPE outpost_request_duration_seconds histogram
+# HELP outpost_queue_duration_seconds Time a request waited for a worker.
+# TYPE outpost_queue_duration_seconds histogram
+# HELP outpost_compute_duration_seconds Time inside the backend.
+# TYPE outpost_compute_duration_seconds histogram
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(30));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render(&mut out, "x", "m=\"a\"");
+        assert!(out.contains("x_bucket{m=\"a\",le=\"0.00005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{m=\"a\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{m=\"a\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{m=\"a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{m=\"a\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn outcomes_are_counted_apart() {
+        let s = ModelStats::default();
+        s.record(Outcome::Success, Duration::from_millis(1));
+        s.record(Outcome::Rejected, Duration::from_micros(5));
+        s.record(Outcome::Failure, Duration::from_micros(5));
+        let mut out = String::new();
+        s.render(&mut out, "m", "1");
+        assert!(out.contains("outpost_inference_requests_total{model=\"m\",version=\"1\",outcome=\"success\"} 1"));
+        assert!(out.contains("outcome=\"rejected\"} 1"));
+        assert_eq!(s.request.count(), 3);
+        assert_eq!(s.success_time.count(), 1);
+    }
+}

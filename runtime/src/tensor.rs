@@ -1,0 +1,335 @@
+//! Tensors as they cross the runtime: a V2 datatype, a shape, and the elements as little-endian
+//! bytes. The same form serves the JSON and binary encodings of the HTTP API and every backend.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A tensor element type, spelled as the KServe V2 protocol spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DataType {
+    Bool,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Fp16,
+    Fp32,
+    Fp64,
+    /// Variable-length strings. Parsed so the error can say what was expected; no sample
+    /// model takes them.
+    Bytes,
+}
+
+impl DataType {
+    /// Every datatype, for error messages and tests.
+    pub const ALL: [DataType; 13] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Uint16,
+        DataType::Uint32,
+        DataType::Uint64,
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp16,
+        DataType::Fp32,
+        DataType::Fp64,
+        DataType::Bytes,
+    ];
+
+    /// The V2 name, e.g. `FP32`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+
+    /// Parses a V2 name.
+    pub fn parse(s: &str) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    /// Size of one element in bytes; `None` for variable-length `BYTES`.
+    pub fn size(self) -> Option<usize> {
+        Some(match self {
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+            DataType::Bytes => return None,
+        })
+    }
+
+    /// Whether elements are floating point (and so may be NaN or infinite).
+    pub fn is_float(self) -> bool {
+        matches!(self, DataType::Fp16 | DataType::Fp32 | DataType::Fp64)
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A named tensor with its elements as little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Why a tensor's elements could not be converted.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ElementError {
+    #[error("element {index}: expected {expected}, got {got}")]
+    Type { index: usize, expected: &'static str, got: String },
+    #[error("element {index}: {value} is out of range for {datatype}")]
+    Range { index: usize, value: String, datatype: DataType },
+    #[error("datatype BYTES is not supported by this runtime")]
+    Bytes,
+}
+
+impl Tensor {
+    /// Number of elements the shape holds, `None` on overflow.
+    pub fn shape_elements(shape: &[usize]) -> Option<usize> {
+        shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// A FP32 tensor from values.
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Tensor {
+        Tensor {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Number of elements in `data`.
+    pub fn len(&self) -> usize {
+        self.datatype.size().map_or(0, |s| self.data.len() / s)
+    }
+
+    /// Whether the tensor holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as f64, for comparisons and JSON (every numeric type converts).
+    pub fn to_f64(&self) -> Vec<f64> {
+        let d = &self.data;
+        macro_rules! conv {
+            ($t:ty, $n:expr) => {
+                d.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+            };
+        }
+        match self.datatype {
+            DataType::Bool | DataType::Uint8 => d.iter().map(|&b| b as f64).collect(),
+            DataType::Int8 => d.iter().map(|&b| b as i8 as f64).collect(),
+            DataType::Uint16 => conv!(u16, 2),
+            DataType::Int16 => conv!(i16, 2),
+            DataType::Uint32 => conv!(u32, 4),
+            DataType::Int32 => conv!(i32, 4),
+            DataType::Uint64 => conv!(u64, 8),
+            DataType::Int64 => conv!(i64, 8),
+            DataType::Fp16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            DataType::Fp32 => conv!(f32, 4),
+            DataType::Fp64 => conv!(f64, 8),
+            DataType::Bytes => Vec::new(),
+        }
+    }
+
+    /// Index of the first NaN or infinite element, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        if !self.datatype.is_float() {
+            return None;
+        }
+        self.to_f64().iter().position(|v| !v.is_finite())
+    }
+
+    /// The elements as JSON values, in row-major order (the V2 JSON `data` field).
+    pub fn to_json(&self) -> Vec<serde_json::Value> {
+        use serde_json::Value;
+        let d = &self.data;
+        match self.datatype {
+            DataType::Bool => d.iter().map(|&b| Value::Bool(b != 0)).collect(),
+            DataType::Uint64 => {
+                d.chunks_exact(8).map(|c| Value::from(u64::from_le_bytes(c.try_into().unwrap()))).collect()
+            }
+            DataType::Int64 => {
+                d.chunks_exact(8).map(|c| Value::from(i64::from_le_bytes(c.try_into().unwrap()))).collect()
+            }
+            // f32 through its shortest decimal form, so 0.1f32 prints as 0.1, not 0.10000000149.
+            DataType::Fp32 => {
+                d.chunks_exact(4).map(|c| float_json(f32::from_le_bytes(c.try_into().unwrap()).to_string())).collect()
+            }
+            dt if dt.is_float() => self.to_f64().into_iter().map(|v| float_json(v.to_string())).collect(),
+            _ => self.to_f64().into_iter().map(|v| Value::from(v as i64)).collect(),
+        }
+    }
+
+    /// Encodes JSON values (already flattened) as elements of `datatype`.
+    pub fn encode_json(datatype: DataType, values: &[serde_json::Value]) -> Result<Vec<u8>, ElementError> {
+        let size = datatype.size().ok_or(ElementError::Bytes)?;
+        let mut out = Vec::with_capacity(values.len() * size);
+        for (index, v) in values.iter().enumerate() {
+            encode_one(datatype, index, v, &mut out)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A float as JSON; non-finite values (which JSON cannot carry) become null.
+fn float_json(repr: String) -> serde_json::Value {
+    match repr.parse::<f64>() {
+        Ok(v) if v.is_finite() => {
+            serde_json::Number::from_f64(v).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn encode_one(dt: DataType, index: usize, v: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), ElementError> {
+    let type_err = |expected: &'static str| ElementError::Type { index, expected, got: describe(v) };
+    let range_err = || ElementError::Range { index, value: v.to_string(), datatype: dt };
+    if dt == DataType::Bool {
+        let b = v.as_bool().ok_or_else(|| type_err("true or false"))?;
+        out.push(b as u8);
+        return Ok(());
+    }
+    if dt.is_float() {
+        let f = v.as_f64().ok_or_else(|| type_err("a number"))?;
+        match dt {
+            DataType::Fp16 => {
+                let h = half::f16::from_f64(f);
+                if h.is_infinite() {
+                    return Err(range_err());
+                }
+                out.extend(h.to_le_bytes());
+            }
+            DataType::Fp32 => {
+                let s = f as f32;
+                if s.is_infinite() {
+                    return Err(range_err());
+                }
+                out.extend(s.to_le_bytes());
+            }
+            _ => out.extend(f.to_le_bytes()),
+        }
+        return Ok(());
+    }
+    // Integers: accept only JSON integers, checked against the type's range.
+    let n: i128 = if let Some(i) = v.as_i64() {
+        i as i128
+    } else if let Some(u) = v.as_u64() {
+        u as i128
+    } else {
+        return Err(type_err("an integer"));
+    };
+    macro_rules! put {
+        ($t:ty) => {{
+            let x = <$t>::try_from(n).map_err(|_| range_err())?;
+            out.extend(x.to_le_bytes());
+        }};
+    }
+    match dt {
+        DataType::Uint8 => put!(u8),
+        DataType::Int8 => put!(i8),
+        DataType::Uint16 => put!(u16),
+        DataType::Int16 => put!(i16),
+        DataType::Uint32 => put!(u32),
+        DataType::Int32 => put!(i32),
+        DataType::Uint64 => put!(u64),
+        DataType::Int64 => put!(i64),
+        _ => unreachable!("floats, bools and bytes handled above"),
+    }
+    Ok(())
+}
+
+fn describe(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(_) => "a string".into(),
+        serde_json::Value::Array(_) => "an array".into(),
+        serde_json::Value::Object(_) => "an object".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trips_every_numeric_type() {
+        let values = [json!(0), json!(1), json!(7)];
+        for dt in DataType::ALL {
+            if dt == DataType::Bytes || dt == DataType::Bool {
+                continue;
+            }
+            let data = Tensor::encode_json(dt, &values).unwrap();
+            let t = Tensor { name: "x".into(), datatype: dt, shape: vec![3], data };
+            assert_eq!(t.to_f64(), vec![0.0, 1.0, 7.0], "{dt}");
+            assert_eq!(t.len(), 3);
+        }
+    }
+
+    #[test]
+    fn out_of_range_integers_are_refused_with_the_index() {
+        let err = Tensor::encode_json(DataType::Int8, &[json!(1), json!(300)]).unwrap_err();
+        assert_eq!(err.to_string(), "element 1: 300 is out of range for INT8");
+        let err = Tensor::encode_json(DataType::Uint8, &[json!(-1)]).unwrap_err();
+        assert!(matches!(err, ElementError::Range { index: 0, .. }));
+    }
+
+    #[test]
+    fn floats_reject_strings_and_overflow() {
+        let err = Tensor::encode_json(DataType::Fp32, &[json!("1.0")]).unwrap_err();
+        assert_eq!(err.to_string(), "element 0: expected a number, got a string");
+        assert!(Tensor::encode_json(DataType::Fp32, &[json!(1e300)]).is_err());
+        assert!(Tensor::encode_json(DataType::Fp16, &[json!(1e6)]).is_err());
+    }
+
+    #[test]
+    fn fp32_prints_shortest_form() {
+        let t = Tensor::from_f32("p", vec![2], &[0.1, 1.0]);
+        assert_eq!(serde_json::to_string(&t.to_json()).unwrap(), "[0.1,1.0]");
+    }
+
+    #[test]
+    fn non_finite_is_found() {
+        let t = Tensor::from_f32("p", vec![3], &[0.0, f32::NAN, 1.0]);
+        assert_eq!(t.first_non_finite(), Some(1));
+        assert_eq!(Tensor::from_f32("p", vec![1], &[2.0]).first_non_finite(), None);
+    }
+
+    #[test]
+    fn bools_must_be_booleans() {
+        assert_eq!(Tensor::encode_json(DataType::Bool, &[json!(true), json!(false)]).unwrap(), vec![1, 0]);
+        assert!(Tensor::encode_json(DataType::Bool, &[json!(1)]).is_err());
+    }
+}

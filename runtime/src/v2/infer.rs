@@ -1,0 +1,160 @@
+//! `POST /v2/models/{m}[/versions/{v}]/infer`: the request path.
+//!
+//! Body (bounded) → parse → bind to the model's signature → bounded queue (full: 503 at once) →
+//! worker → response, JSON or with binary outputs. Nothing here touches the disk or a global lock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::request::{self, InferRequest, OutputRequest};
+use crate::App;
+use crate::stats::Outcome;
+use crate::tensor::Tensor;
+
+/// The binary tensor extension's header: length of the JSON part of the body.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+pub async fn infer(
+    State(app): State<Arc<App>>,
+    Path(path): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let slot = match app.slot(&path) {
+        Ok(slot) => slot.clone(),
+        Err(e) => return e.into_response(),
+    };
+    let (outcome, response) = match run(&app, &slot, &headers, body).await {
+        Ok(r) => (Outcome::Success, r),
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => (Outcome::Rejected, e.into_response()),
+        Err(e) => {
+            tracing::debug!(model = %slot.spec.name, status = e.status.as_u16(), error = %e.message, "inference request failed");
+            (Outcome::Failure, e.into_response())
+        }
+    };
+    slot.stats.record(outcome, started.elapsed());
+    response
+}
+
+async fn run(app: &App, slot: &crate::model::ModelSlot, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let spec = &slot.spec;
+    let Some(model) = slot.current() else {
+        return Err(ApiError::unavailable(format!("model `{}` is not ready ({})", spec.name, slot.state().as_str())));
+    };
+    let header_len =
+        match headers.get(HEADER_LENGTH) {
+            None => None,
+            Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+                ApiError::bad_request("Inference-Header-Content-Length must be a non-negative integer")
+            })?),
+        };
+    let body = read_body(body, headers, app.max_body_bytes).await?;
+    let InferRequest { id, inputs, outputs, binary_output, .. } = request::parse(&body, header_len)?;
+    drop(body);
+    let inputs = request::bind(inputs, &spec.name, &model.signature, spec.allow_non_finite)?;
+    if let Some(wanted) = &outputs
+        && let Some(unknown) = wanted.iter().find(|o| !model.signature.outputs.iter().any(|s| s.name == o.name))
+    {
+        let has: Vec<&str> = model.signature.outputs.iter().map(|s| s.name.as_str()).collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown output `{}` (model `{}` has: {})",
+            unknown.name,
+            spec.name,
+            has.join(", ")
+        )));
+    }
+    let pending = model.submit(inputs).map_err(|full| {
+        ApiError::unavailable(format!(
+            "model `{}` is busy: its queue of {} requests is full; retry later",
+            spec.name, full.bound
+        ))
+    })?;
+    let results = pending
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(encode(&spec.name, &spec.version, id, results, outputs, binary_output))
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than the {limit} bytes allowed"))
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let length_limit = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if length_limit { too_large() } else { ApiError::bad_request(format!("could not read the request body: {e}")) }
+    })
+}
+
+/// Builds the V2 response: JSON, or JSON followed by binary outputs.
+fn encode(
+    model: &str,
+    version: &str,
+    id: Option<String>,
+    results: Vec<Tensor>,
+    wanted: Option<Vec<OutputRequest>>,
+    binary_default: bool,
+) -> Response {
+    let selected: Vec<(Tensor, bool)> = match wanted {
+        None => results.into_iter().map(|t| (t, binary_default)).collect(),
+        Some(wanted) => {
+            let mut results = results;
+            wanted
+                .into_iter()
+                .filter_map(|w| {
+                    let i = results.iter().position(|t| t.name == w.name)?;
+                    Some((results.swap_remove(i), w.binary.unwrap_or(binary_default)))
+                })
+                .collect()
+        }
+    };
+    let mut binary = Vec::new();
+    let outputs: Vec<Value> = selected
+        .into_iter()
+        .map(|(t, as_binary)| {
+            let mut o = json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape });
+            if as_binary {
+                o["parameters"] = json!({ "binary_data_size": t.data.len() });
+                binary.extend_from_slice(&t.data);
+            } else {
+                o["data"] = Value::Array(t.to_json());
+            }
+            o
+        })
+        .collect();
+    let mut doc = Map::new();
+    doc.insert("model_name".into(), json!(model));
+    doc.insert("model_version".into(), json!(version));
+    if let Some(id) = id {
+        doc.insert("id".into(), json!(id));
+    }
+    doc.insert("outputs".into(), Value::Array(outputs));
+    let mut body = serde_json::to_vec(&Value::Object(doc)).unwrap_or_default();
+    if binary.is_empty() {
+        return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
+    }
+    let json_len = body.len();
+    body.extend_from_slice(&binary);
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::HeaderName::from_static(HEADER_LENGTH), HeaderValue::from(json_len)),
+        ],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,150 @@
+//! The KServe V2 (Open Inference Protocol) REST API, with Triton's binary tensor, model
+//! repository and statistics extensions, and Prometheus `/metrics`.
+
+mod error;
+mod infer;
+mod repository;
+pub mod request;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+pub use error::ApiError;
+pub use infer::HEADER_LENGTH;
+
+use crate::App;
+use crate::model::ModelSlot;
+use crate::stats::METRIC_HEADERS;
+
+/// Extensions this server implements, as `GET /v2` lists them.
+pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "model_repository", "statistics"];
+
+/// Every route of the HTTP API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(repository::all_stats))
+        .route("/v2/models/{m}", get(model_metadata))
+        .route("/v2/models/{m}/versions/{v}", get(model_metadata))
+        .route("/v2/models/{m}/ready", get(model_ready))
+        .route("/v2/models/{m}/versions/{v}/ready", get(model_ready))
+        .route("/v2/models/{m}/stats", get(repository::model_stats))
+        .route("/v2/models/{m}/versions/{v}/stats", get(repository::model_stats))
+        .route("/v2/models/{m}/infer", post(infer::infer))
+        .route("/v2/models/{m}/versions/{v}/infer", post(infer::infer))
+        .route("/v2/repository/index", get(repository::index).post(repository::index))
+        .route("/v2/repository/models/{m}/load", post(repository::load))
+        .route("/v2/repository/models/{m}/unload", post(repository::unload))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .with_state(app)
+}
+
+impl App {
+    /// The model (and version, when the path names one) a request is for.
+    pub(crate) fn slot(&self, path: &HashMap<String, String>) -> Result<&Arc<ModelSlot>, ApiError> {
+        let name = path.get("m").map(String::as_str).unwrap_or_default();
+        let slot = self.registry.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.registry.slots().iter().map(|s| s.spec.name.as_str()).collect();
+            ApiError::not_found(format!("unknown model `{name}` (serving: {})", known.join(", ")))
+        })?;
+        if let Some(v) = path.get("v")
+            && *v != slot.spec.version
+        {
+            return Err(ApiError::not_found(format!(
+                "model `{name}` has no version `{v}` (serving version {})",
+                slot.spec.version
+            )));
+        }
+        Ok(slot)
+    }
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.registry.is_ready() {
+        return StatusCode::OK.into_response();
+    }
+    let waiting: Vec<String> = app
+        .registry
+        .slots()
+        .iter()
+        .filter(|s| s.current().is_none())
+        .map(|s| format!("{} ({})", s.spec.name, s.state().as_str()))
+        .collect();
+    ApiError::bad_request(format!("not ready: waiting for {}", waiting.join(", "))).into_response()
+}
+
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({ "name": "outpost", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }))
+}
+
+async fn model_metadata(
+    State(app): State<Arc<App>>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let slot = app.slot(&path)?;
+    let model = slot.current().ok_or_else(|| {
+        ApiError::unavailable(format!("model `{}` is not ready ({})", slot.spec.name, slot.state().as_str()))
+    })?;
+    Ok(Json(json!({
+        "name": slot.spec.name,
+        "versions": [slot.spec.version],
+        "platform": "onnx",
+        "inputs": model.signature.inputs,
+        "outputs": model.signature.outputs,
+        "parameters": { "backend": model.backend },
+    })))
+}
+
+async fn model_ready(
+    State(app): State<Arc<App>>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<StatusCode, ApiError> {
+    let slot = app.slot(&path)?;
+    match slot.current() {
+        Some(_) => Ok(StatusCode::OK),
+        None => {
+            Err(ApiError::bad_request(format!("model `{}` is not ready ({})", slot.spec.name, slot.state().as_str())))
+        }
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let mut out = String::from(METRIC_HEADERS);
+    for slot in app.registry.slots() {
+        slot.stats.render(&mut out, &slot.spec.name, &slot.spec.version);
+    }
+    out.push_str(
+        "# HELP outpost_model_ready Whether the model is loaded and serving.\n# TYPE outpost_model_ready gauge\n",
+    );
+    for slot in app.registry.slots() {
+        let up = slot.current().is_some() as u8;
+        out.push_str(&format!(
+            "outpost_model_ready{{model=\"{}\",version=\"{}\"}} {up}\n",
+            slot.spec.name, slot.spec.version
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn no_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}

@@ -1,0 +1,1 @@
+//! Outpost update path (work in progress).
