@@ -1,1 +1,175 @@
+//! Helpers for the end-to-end tests: a server in this process on an ephemeral loopback port, or
+//! the real `outpost` binary as a child process, each torn down on drop.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_runtime::App;
+use outpost_runtime::config::Config;
+use outpost_tools::http::Conn;
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+}
+
+/// The sample models' folder.
+pub fn models_dir() -> PathBuf {
+    repo_root().join("models")
+}
+
+/// A server running inside the test process.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Server {
+    /// Serves the models of `config` (TOML text; model paths relative to the repository root),
+    /// once every model is loaded.
+    pub async fn start(config_toml: &str) -> Server {
+        let mut config: Config = toml::from_str(config_toml).expect("test config parses");
+        for m in &mut config.models {
+            m.path = repo_root().join(&m.path);
+        }
+        config.server.listen = Some("127.0.0.1:0".into());
+        let validated = config.validate().expect("test config is valid");
+        let app = App::new(&validated);
+        let failures = {
+            let app = app.clone();
+            tokio::task::spawn_blocking(move || app.registry.load_all()).await.unwrap()
+        };
+        assert!(failures.is_empty(), "models failed to load: {failures:?}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(outpost_runtime::server::serve(listener, app.clone(), async move {
+            let _ = rx.await;
+        }));
+        Server { addr, app, stop: Some(tx) }
+    }
+
+    /// Serves every sample model with default settings.
+    pub async fn samples() -> Server {
+        let mut toml = String::new();
+        for entry in std::fs::read_dir(models_dir()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|x| x == "onnx") {
+                let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+                toml.push_str(&format!("[[models]]\nname = \"{stem}\"\npath = \"models/{stem}.onnx\"\n"));
+            }
+        }
+        Server::start(&toml).await
+    }
+
+    /// A new keep-alive connection.
+    pub async fn conn(&self) -> Conn {
+        Conn::connect(self.addr).await.expect("connect to the test server")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The `outpost` binary cargo built next to this test.
+pub fn outpost_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let bin = dir.join(format!("outpost{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", bin.display());
+    bin
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real daemon as a child process, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts `outpost serve ARGS --listen 127.0.0.1:PORT` from the repository root and waits
+    /// until it is ready. Panics with its stderr if it exits first.
+    pub fn serve(args: &[&str]) -> Daemon {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(outpost_bin())
+            .arg("serve")
+            .args(args)
+            .args(["--listen", &addr.to_string()])
+            .current_dir(repo_root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost");
+        let mut d = Daemon { child, addr };
+        d.wait_ready(Duration::from_secs(60));
+        d
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("outpost exited with {status} before it was ready:\n{err}");
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("outpost was not ready within {limit:?}");
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -TERM failed");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `outpost ARGS` from the repository root to completion.
+pub fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(outpost_bin()).args(args).current_dir(repo_root()).output().expect("run outpost")
+}
+
+/// The Python with the test requirements (`tritonclient[http]`, numpy): `OUTPOST_PYTHON`, else
+/// the repository's `.venv` that `tools/test.sh` makes.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("OUTPOST_PYTHON") {
+        return p.into();
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    assert!(venv.is_file(), "no Python for the client tests: run tools/test.sh, or set OUTPOST_PYTHON");
+    venv
+}

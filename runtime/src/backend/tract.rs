@@ -155,3 +155,42 @@ fn from_datum_type(dt: DatumType) -> Option<DataType> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::golden::{Golden, GoldenError};
+
+    fn hazard() -> ModelGraph {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/hazards/digits-edge-qsoftmax.onnx");
+        ModelGraph::read(&path).unwrap()
+    }
+
+    #[test]
+    fn the_quantized_softmax_hazard_is_real() {
+        // Guards the reason `check` refuses this form: run past the check, tract's answer
+        // disagrees with ONNX Runtime's golden outputs.
+        let graph = hazard();
+        let session = Tract.prepare(&graph, &SessionOptions::default()).unwrap();
+        let golden_path = graph.path.with_file_name("digits-edge-qsoftmax.golden.json");
+        let err = Golden::read(&golden_path).unwrap().check(&golden_path, session.as_ref()).unwrap_err();
+        assert!(matches!(err, GoldenError::Mismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn check_refuses_the_quantized_softmax_by_its_pattern() {
+        let err = Tract.check(&hazard()).unwrap_err();
+        assert!(err.to_string().contains("Softmax `softmax` feeds QuantizeLinear"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_operators_are_named_at_load() {
+        let mut graph = hazard();
+        graph.nodes[3].op_type = "FancyAttention".into();
+        graph.nodes[3].name = "attn0".into();
+        let err = Tract.check(&graph).unwrap_err();
+        assert!(err.to_string().ends_with("the tract backend does not support operator `FancyAttention` (node `attn0`)"), "{err}");
+    }
+}
