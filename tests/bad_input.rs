@@ -7,7 +7,8 @@ use outpost_tests::{Server, models_dir};
 use outpost_tools::v2client;
 use serde_json::json;
 
-const CONFIG: &str = "[server]\nmax_body_bytes = 65536\n[[models]]\nname = \"digits-edge\"\npath = \"models/digits-edge.onnx\"\n";
+const CONFIG: &str =
+    "[server]\nmax_body_bytes = 65536\n[[models]]\nname = \"digits-edge\"\npath = \"models/digits-edge.onnx\"\n";
 
 fn row(values: f32) -> Vec<f32> {
     vec![values; 64]
@@ -32,7 +33,13 @@ async fn each_bad_request_is_named_and_changes_nothing() {
     let good = |data: serde_json::Value| json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": data}]});
     let cases: Vec<(&str, String, serde_json::Value, u16, &str)> = vec![
         ("unknown model", "/v2/models/nope/infer".into(), good(json!(row(1.0))), 404, "unknown model `nope`"),
-        ("unknown version", "/v2/models/digits-edge/versions/9/infer".into(), good(json!(row(1.0))), 404, "no version `9`"),
+        (
+            "unknown version",
+            "/v2/models/digits-edge/versions/9/infer".into(),
+            good(json!(row(1.0))),
+            404,
+            "no version `9`",
+        ),
         ("missing input", "/v2/models/digits-edge/infer".into(), json!({"inputs": []}), 400, "missing input `input`"),
         (
             "extra input",
@@ -71,7 +78,13 @@ async fn each_bad_request_is_named_and_changes_nothing() {
             400,
             "unknown output `logits`",
         ),
-        ("string where a number goes", "/v2/models/digits-edge/infer".into(), good(json!(vec!["1"; 64])), 400, "expected a number"),
+        (
+            "string where a number goes",
+            "/v2/models/digits-edge/infer".into(),
+            good(json!(vec!["1"; 64])),
+            400,
+            "expected a number",
+        ),
     ];
     for (what, path, body, status, message) in cases {
         let r = conn.post_json(&path, &body).await.unwrap();
@@ -86,7 +99,8 @@ async fn malformed_bodies_and_binary_framing_are_refused() {
     let server = Server::start(CONFIG).await;
     let mut conn = server.conn().await;
     let send = |headers: Vec<(&'static str, String)>, body: Vec<u8>| (headers, body);
-    let header = r#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}"#;
+    let header =
+        r#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}"#;
     let framed = |binary_len: usize, header_len: usize| {
         let mut b = header.as_bytes().to_vec();
         b.extend(vec![0u8; binary_len]);
@@ -158,14 +172,21 @@ async fn unknown_routes_and_methods_answer_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_guards_everything_but_liveness() {
     let token = "0123456789abcdef-token";
-    let server = Server::start(&format!("[server]\nauth_token = \"{token}\"\n{}", CONFIG.replace("[server]\n", ""))).await;
+    let server =
+        Server::start(&format!("[server]\nauth_token = \"{token}\"\n{}", CONFIG.replace("[server]\n", ""))).await;
     let mut conn = server.conn().await;
     assert_eq!(conn.get("/v2/health/live").await.unwrap().status, 200);
     let r = conn.get("/v2/models/digits-edge").await.unwrap();
     assert_eq!(r.status, 401);
     assert!(r.error().contains("bearer token"));
-    let wrong = conn.send(Method::GET, "/v2/models/digits-edge", &[("authorization", "Bearer nope".into())], vec![]).await.unwrap();
+    let wrong = conn
+        .send(Method::GET, "/v2/models/digits-edge", &[("authorization", "Bearer nope".into())], vec![])
+        .await
+        .unwrap();
     assert_eq!(wrong.status, 401);
-    let right = conn.send(Method::GET, "/v2/models/digits-edge", &[("authorization", format!("Bearer {token}"))], vec![]).await.unwrap();
+    let right = conn
+        .send(Method::GET, "/v2/models/digits-edge", &[("authorization", format!("Bearer {token}"))], vec![])
+        .await
+        .unwrap();
     assert_eq!(right.status, 200);
 }

@@ -89,7 +89,11 @@ fn a_model_that_disagrees_with_its_golden_outputs_is_refused() {
     let out = outpost(&["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("outputs disagree with the golden outputs") && stderr.contains("`probabilities` differs by up to 1.000e-2"), "{stderr}");
+    assert!(
+        stderr.contains("outputs disagree with the golden outputs")
+            && stderr.contains("`probabilities` differs by up to 1.000e-2"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -101,10 +105,13 @@ fn bad_configuration_exits_64_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("models[0].queue_bound: must be between 1 and 65536"));
 
-    std::fs::write(&config, "[server]\nlisten = \"0.0.0.0:8000\"\n[[models]]\nname = \"m\"\npath = \"m.onnx\"\n").unwrap();
+    std::fs::write(&config, "[server]\nlisten = \"0.0.0.0:8000\"\n[[models]]\nname = \"m\"\npath = \"m.onnx\"\n")
+        .unwrap();
     let out = outpost(&["serve", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("server.auth_token: required when listening on 0.0.0.0:8000"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("server.auth_token: required when listening on 0.0.0.0:8000")
+    );
 
     let out = outpost(&["serve", "--model-dir", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));

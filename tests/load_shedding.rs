@@ -11,8 +11,10 @@ use outpost_tools::v2client;
 async fn a_full_queue_sheds_load_and_accepted_requests_succeed() {
     // One worker, one queue slot, and requests big enough (2,048 rows through the central
     // model) that the worker is busy while the others arrive.
-    let server =
-        Server::start("[[models]]\nname = \"central\"\npath = \"models/digits-central.onnx\"\nqueue_bound = 1\nworkers = 1\n").await;
+    let server = Server::start(
+        "[[models]]\nname = \"central\"\npath = \"models/digits-central.onnx\"\nqueue_bound = 1\nworkers = 1\n",
+    )
+    .await;
     let rows = 2048;
     let input = Tensor::from_f32("input", vec![rows, 64], &vec![3.0; rows * 64]);
     let body = v2client::binary_request(&[input]);

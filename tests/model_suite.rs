@@ -34,7 +34,8 @@ async fn every_model_matches_onnx_runtime_over_json_and_binary() {
             let outputs = v2client::outputs(&reply).unwrap();
             for expected in &golden.outputs {
                 let want = expected.to_tensor().unwrap();
-                let got = outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
+                let got =
+                    outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
                 let diff = max_abs_diff(&want, got);
                 assert!(diff <= tolerance, "{name} over {form}: `{}` differs by {diff:e}", want.name);
             }
@@ -47,15 +48,20 @@ async fn every_model_matches_onnx_runtime_over_json_and_binary() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn versions_in_the_path_are_honoured() {
-    let server = Server::start("[[models]]\nname = \"edge\"\npath = \"models/digits-edge.onnx\"\nversion = \"3\"\n").await;
+    let server =
+        Server::start("[[models]]\nname = \"edge\"\npath = \"models/digits-edge.onnx\"\nversion = \"3\"\n").await;
     let mut conn = server.conn().await;
     let golden = Golden::read(&models_dir().join("digits-edge.golden.json")).unwrap();
     let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
     let body = v2client::json_request(&inputs);
-    let ok = conn.send(hyper::Method::POST, "/v2/models/edge/versions/3/infer", &body.headers, body.bytes.clone()).await.unwrap();
+    let ok = conn
+        .send(hyper::Method::POST, "/v2/models/edge/versions/3/infer", &body.headers, body.bytes.clone())
+        .await
+        .unwrap();
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["model_version"], "3");
-    let missing = conn.send(hyper::Method::POST, "/v2/models/edge/versions/2/infer", &body.headers, body.bytes).await.unwrap();
+    let missing =
+        conn.send(hyper::Method::POST, "/v2/models/edge/versions/2/infer", &body.headers, body.bytes).await.unwrap();
     assert_eq!(missing.status, 404);
     assert!(missing.error().contains("no version `2`"), "{}", missing.error());
     let meta = conn.get("/v2/models/edge/versions/3").await.unwrap().json();
@@ -73,7 +79,8 @@ async fn metrics_and_stats_count_what_happened() {
     let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
     let body = v2client::binary_request(&inputs);
     for _ in 0..3 {
-        let r = conn.send(hyper::Method::POST, "/v2/models/cnn/infer", &body.headers, body.bytes.clone()).await.unwrap();
+        let r =
+            conn.send(hyper::Method::POST, "/v2/models/cnn/infer", &body.headers, body.bytes.clone()).await.unwrap();
         assert_eq!(r.status, 200);
     }
     let bad = conn.post_json("/v2/models/cnn/infer", &serde_json::json!({"inputs": []})).await.unwrap();
@@ -90,7 +97,10 @@ async fn metrics_and_stats_count_what_happened() {
 
     let metrics = conn.get("/metrics").await.unwrap();
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
-    assert!(text.contains("outpost_inference_requests_total{model=\"cnn\",version=\"1\",outcome=\"success\"} 3\n"), "{text}");
+    assert!(
+        text.contains("outpost_inference_requests_total{model=\"cnn\",version=\"1\",outcome=\"success\"} 3\n"),
+        "{text}"
+    );
     assert!(text.contains("outpost_inference_requests_total{model=\"cnn\",version=\"1\",outcome=\"failure\"} 1\n"));
     assert!(text.contains("outpost_request_duration_seconds_count{model=\"cnn\",version=\"1\"} 4\n"));
     assert!(text.contains("outpost_compute_duration_seconds_count{model=\"cnn\",version=\"1\"} 3\n"));
@@ -106,10 +116,13 @@ async fn repository_index_unload_and_load() {
     .await;
     let mut conn = server.conn().await;
     let index = conn.post_json("/v2/repository/index", &serde_json::json!({})).await.unwrap().json();
-    assert_eq!(index, serde_json::json!([
-        {"name": "edge", "version": "1", "state": "READY"},
-        {"name": "cnn", "version": "1", "state": "READY"},
-    ]));
+    assert_eq!(
+        index,
+        serde_json::json!([
+            {"name": "edge", "version": "1", "state": "READY"},
+            {"name": "cnn", "version": "1", "state": "READY"},
+        ])
+    );
     assert_eq!(conn.get("/v2/health/ready").await.unwrap().status, 200);
 
     let r = conn.post_json("/v2/repository/models/cnn/unload", &serde_json::json!({})).await.unwrap();

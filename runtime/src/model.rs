@@ -102,8 +102,8 @@ impl ModelSlot {
     /// whatever was served before keeps serving, and the slot records why.
     pub fn load(&self) -> Result<(), LoadError> {
         let started = Instant::now();
-        match load_session(&self.spec) {
-            Ok((session, backend, golden_diff)) => {
+        match prepare(&self.spec) {
+            Ok(Prepared { session, backend, golden_diff }) => {
                 let loaded = LoadedModel::start(&self.spec, session, backend, self.stats.clone());
                 self.current.store(Some(Arc::new(loaded)));
                 self.set_state(ModelState::Ready);
@@ -133,20 +133,28 @@ impl ModelSlot {
     }
 }
 
-/// Parse, check and prepare on the configured backend, then run the golden check.
-fn load_session(spec: &ModelSpec) -> Result<(Arc<dyn Session>, &'static str, Option<f64>), crate::Error> {
+/// A session that passed its warm-up.
+struct Prepared {
+    session: Arc<dyn Session>,
+    backend: &'static str,
+    /// Largest difference from the golden outputs, when there were some.
+    golden_diff: Option<f64>,
+}
+
+/// Parse, check and prepare on the configured backend, then warm up (the golden check).
+fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
     let backend = backend::by_name(&spec.backend)?;
     let options = SessionOptions { intra_op_threads: spec.intra_op_threads };
     let session: Arc<dyn Session> = backend::load(backend.as_ref(), &spec.path, &options)?.into();
     // Warm-up: the golden inputs where they ship, else one all-zero batch of one.
-    let diff = match &spec.golden {
+    let golden_diff = match &spec.golden {
         Some(path) => Some(Golden::read(path)?.check(path, session.as_ref())?),
         None => {
             warm_up(session.as_ref())?;
             None
         }
     };
-    Ok((session, backend.name(), diff))
+    Ok(Prepared { session, backend: backend.name(), golden_diff })
 }
 
 impl LoadedModel {

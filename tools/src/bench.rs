@@ -156,7 +156,10 @@ mod tests {
     fn percentiles_pick_the_right_rank() {
         let l: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let s = Summary::of(l, 2, Duration::from_secs(1));
-        assert_eq!((s.p50, s.p95, s.p99), (Duration::from_micros(50), Duration::from_micros(95), Duration::from_micros(99)));
+        assert_eq!(
+            (s.p50, s.p95, s.p99),
+            (Duration::from_micros(50), Duration::from_micros(95), Duration::from_micros(99))
+        );
         assert_eq!((s.requests, s.errors), (100, 2));
         assert_eq!(s.rps, 100.0);
     }

@@ -191,6 +191,9 @@ mod tests {
         graph.nodes[3].op_type = "FancyAttention".into();
         graph.nodes[3].name = "attn0".into();
         let err = Tract.check(&graph).unwrap_err();
-        assert!(err.to_string().ends_with("the tract backend does not support operator `FancyAttention` (node `attn0`)"), "{err}");
+        assert!(
+            err.to_string().ends_with("the tract backend does not support operator `FancyAttention` (node `attn0`)"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, the sample models' checksums, and `cargo test` over the
+# whole workspace (unit, property and end-to-end tests, including the real tritonclient).
+# Python test dependencies go into ./.venv (made on first run); set OUTPOST_PYTHON to use another.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${OUTPOST_PYTHON:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+  export OUTPOST_PYTHON="$PWD/.venv/bin/python"
+fi
+
+echo "== sample models match their checksums"
+(cd models && sha256sum --check --quiet SHA256SUMS)
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace
