@@ -25,6 +25,10 @@ pub const DEFAULT_QUEUE_BOUND: usize = 128;
 pub const DEFAULT_WORKERS: usize = 1;
 /// The version a model reports when the configuration gives none.
 pub const DEFAULT_VERSION: &str = "1";
+/// Largest batch the dynamic batcher forms, when batching is on and the config gives none.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 32;
+/// How long the first request of a batch may wait for others, when the config gives none.
+pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 500;
 /// Folder served by `outpost serve` with no arguments.
 pub const DEFAULT_MODEL_DIR: &str = "models";
 
@@ -76,6 +80,29 @@ pub struct ModelConfig {
     /// Accept NaN and infinite input values. Default false: they are refused with 400.
     #[serde(default)]
     pub allow_non_finite: bool,
+    /// Dynamic batching; off when absent.
+    pub batching: Option<BatchingConfig>,
+}
+
+/// `[models.batching]`: stack concurrent requests into one backend call.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Default [`DEFAULT_MAX_BATCH_SIZE`] rows.
+    pub max_batch_size: Option<usize>,
+    /// Default [`DEFAULT_MAX_QUEUE_DELAY_US`].
+    pub max_queue_delay_us: Option<u64>,
+    /// Sizes at which a batch goes at once, without waiting out the delay.
+    #[serde(default)]
+    pub preferred_batch_sizes: Vec<usize>,
+}
+
+/// Validated batching settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batching {
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    pub preferred_batch_sizes: Vec<usize>,
 }
 
 /// A configuration that passed validation, with defaults filled in.
@@ -101,6 +128,7 @@ pub struct ModelSpec {
     /// `None`: no golden check.
     pub golden: Option<PathBuf>,
     pub allow_non_finite: bool,
+    pub batching: Option<Batching>,
 }
 
 /// A configuration error: the key and what is wrong with it.
@@ -221,6 +249,30 @@ impl Config {
                 (None, true) => None,
                 (None, false) => crate::golden::Golden::beside(&m.path),
             };
+            let batching = match &m.batching {
+                None => None,
+                Some(b) => {
+                    let max_batch_size = b.max_batch_size.unwrap_or(DEFAULT_MAX_BATCH_SIZE);
+                    if !(1..=4096).contains(&max_batch_size) {
+                        return Err(invalid(key("batching.max_batch_size"), "must be between 1 and 4096"));
+                    }
+                    let delay = b.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US);
+                    if delay > 1_000_000 {
+                        return Err(invalid(key("batching.max_queue_delay_us"), "must be at most 1000000 (1 s)"));
+                    }
+                    if let Some(p) = b.preferred_batch_sizes.iter().find(|&&p| p == 0 || p > max_batch_size) {
+                        return Err(invalid(
+                            key("batching.preferred_batch_sizes"),
+                            format!("{p} is not between 1 and max_batch_size ({max_batch_size})"),
+                        ));
+                    }
+                    Some(Batching {
+                        max_batch_size,
+                        max_queue_delay: Duration::from_micros(delay),
+                        preferred_batch_sizes: b.preferred_batch_sizes.clone(),
+                    })
+                }
+            };
             models.push(ModelSpec {
                 name: m.name.clone(),
                 version,
@@ -231,6 +283,7 @@ impl Config {
                 intra_op_threads: m.intra_op_threads,
                 golden,
                 allow_non_finite: m.allow_non_finite,
+                batching,
             });
         }
         Ok(Validated {
@@ -306,6 +359,20 @@ mod tests {
         );
         assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
         assert!(err("").starts_with("models:"));
+    }
+
+    #[test]
+    fn batching_is_validated() {
+        let v = parse(&format!("{ONE}[models.batching]\nmax_batch_size = 16\n")).unwrap();
+        let b = v.models[0].batching.clone().unwrap();
+        assert_eq!((b.max_batch_size, b.max_queue_delay), (16, Duration::from_micros(DEFAULT_MAX_QUEUE_DELAY_US)));
+        let e = err(&format!("{ONE}[models.batching]\nmax_batch_size = 8\npreferred_batch_sizes = [4, 16]\n"));
+        assert!(e.starts_with("models[0].batching.preferred_batch_sizes: 16 is not between"), "{e}");
+        assert!(
+            err(&format!("{ONE}[models.batching]\nmax_batch_size = 0\n"))
+                .starts_with("models[0].batching.max_batch_size")
+        );
+        assert!(err(&format!("{ONE}[models.batching]\nmax_delay = 3\n")).contains("unknown field `max_delay`"));
     }
 
     #[test]

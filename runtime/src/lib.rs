@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod batcher;
 pub mod config;
 pub mod golden;
 pub mod model;

@@ -14,8 +14,10 @@ use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::backend::{self, BackendError, Session, SessionOptions, Signature};
+use crate::batcher::{self, Job, Reply};
 use crate::config::ModelSpec;
 use crate::golden::Golden;
+use crate::onnx::ModelGraph;
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
 
@@ -51,13 +53,6 @@ pub struct LoadedModel {
     pub signature: Signature,
     pub backend: &'static str,
     queue: Sender<Job>,
-}
-
-/// One inference waiting for a worker.
-struct Job {
-    inputs: Vec<Tensor>,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<Vec<Tensor>, BackendError>>,
 }
 
 /// The queue is full (or closed by an unload): the caller answers 503.
@@ -145,7 +140,12 @@ struct Prepared {
 fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
     let backend = backend::by_name(&spec.backend)?;
     let options = SessionOptions { intra_op_threads: spec.intra_op_threads };
-    let session: Arc<dyn Session> = backend::load(backend.as_ref(), &spec.path, &options)?.into();
+    let graph = ModelGraph::read(&spec.path)?;
+    backend.check(&graph)?;
+    if spec.batching.is_some() {
+        batcher::check_batchable(&graph).map_err(|reason| BackendError::Refused { path: spec.path.clone(), reason })?;
+    }
+    let session: Arc<dyn Session> = backend.prepare(&graph, &options)?.into();
     // Warm-up: the golden inputs where they ship, else one all-zero batch of one.
     let golden_diff = match &spec.golden {
         Some(path) => Some(Golden::read(path)?.check(path, session.as_ref())?),
@@ -169,20 +169,10 @@ impl LoadedModel {
             let rx = rx.clone();
             let session = session.clone();
             let stats = stats.clone();
+            let batching = spec.batching.clone();
             let name = format!("infer-{}-{i}", spec.name);
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                for job in rx {
-                    stats.queue.observe(job.enqueued.elapsed());
-                    if job.reply.is_closed() {
-                        continue; // the caller went away while queued
-                    }
-                    let t = Instant::now();
-                    let result = session.run(&job.inputs);
-                    stats.compute.observe(t.elapsed());
-                    stats.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let _ = job.reply.send(result);
-                }
-            });
+            let spawned =
+                std::thread::Builder::new().name(name).spawn(move || batcher::run_worker(rx, session, stats, batching));
             if let Err(e) = spawned {
                 tracing::error!(model = %spec.name, error = %e, "could not start an inference thread");
             }
@@ -191,10 +181,7 @@ impl LoadedModel {
     }
 
     /// Queues an inference, or says at once that the queue is full.
-    pub fn submit(
-        &self,
-        inputs: Vec<Tensor>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Tensor>, BackendError>>, QueueFull> {
+    pub fn submit(&self, inputs: Vec<Tensor>) -> Result<oneshot::Receiver<Reply>, QueueFull> {
         let (reply, rx) = oneshot::channel();
         let job = Job { inputs, enqueued: Instant::now(), reply };
         match self.queue.try_send(job) {

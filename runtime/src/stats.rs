@@ -11,33 +11,53 @@ pub const LATENCY_BUCKETS: [f64; 18] = [
     5.0, 10.0,
 ];
 
-/// A Prometheus histogram of durations.
+/// Batch size bucket bounds (rows per backend call).
+pub const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// A Prometheus histogram: durations (recorded in nanoseconds, rendered in seconds) or plain
+/// values such as batch sizes.
 #[derive(Debug)]
 pub struct Histogram {
-    counts: [AtomicU64; LATENCY_BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
     count: AtomicU64,
-    sum_ns: AtomicU64,
+    /// Sum of observations: nanoseconds for durations, the values themselves otherwise.
+    sum: AtomicU64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_ns: AtomicU64::new(0),
-        }
+        Histogram::with_bounds(&LATENCY_BUCKETS)
     }
 }
 
 impl Histogram {
+    /// A histogram with these (sorted) upper bounds.
+    pub fn with_bounds(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+
     /// Records one duration.
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+        self.record(d.as_secs_f64(), d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// Records one plain value (e.g. a batch size).
+    pub fn observe_value(&self, v: u64) {
+        self.record(v as f64, v);
+    }
+
+    fn record(&self, bucket_value: f64, sum: u64) {
+        if let Some(i) = self.bounds.iter().position(|&b| bucket_value <= b) {
             self.counts[i].fetch_add(1, Relaxed);
         }
         self.count.fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.sum.fetch_add(sum, Relaxed);
     }
 
     /// Observations so far.
@@ -45,19 +65,19 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
-    /// Sum of observations in nanoseconds.
+    /// Sum of observations in nanoseconds (durations) or of the values.
     pub fn sum_ns(&self) -> u64 {
-        self.sum_ns.load(Relaxed)
+        self.sum.load(Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    fn render(&self, out: &mut String, name: &str, labels: &str, sum_scale: f64) {
         let mut cumulative = 0;
-        for (bound, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+        for (bound, c) in self.bounds.iter().zip(&self.counts) {
             cumulative += c.load(Relaxed);
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
         }
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count());
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns() as f64 / 1e9);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns() as f64 * sum_scale);
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
     }
 }
@@ -73,7 +93,7 @@ pub enum Outcome {
 }
 
 /// Counters and histograms of one model version.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ModelStats {
     pub success: AtomicU64,
     pub failure: AtomicU64,
@@ -92,6 +112,26 @@ pub struct ModelStats {
     pub success_time: Histogram,
     /// Request time of failures only (V2 statistics' `fail`).
     pub failure_time: Histogram,
+    /// Rows per backend call.
+    pub batch_size: Histogram,
+}
+
+impl Default for ModelStats {
+    fn default() -> Self {
+        ModelStats {
+            success: AtomicU64::new(0),
+            failure: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            executions: AtomicU64::new(0),
+            last_inference_ms: AtomicU64::new(0),
+            request: Histogram::default(),
+            queue: Histogram::default(),
+            compute: Histogram::default(),
+            success_time: Histogram::default(),
+            failure_time: Histogram::default(),
+            batch_size: Histogram::with_bounds(&BATCH_BUCKETS),
+        }
+    }
 }
 
 impl ModelStats {
@@ -122,9 +162,10 @@ impl ModelStats {
             let _ = writeln!(out, "outpost_inference_requests_total{{{l},outcome=\"{outcome}\"}} {}", c.load(Relaxed));
         }
         let _ = writeln!(out, "outpost_inference_executions_total{{{l}}} {}", self.executions.load(Relaxed));
-        self.request.render(out, "outpost_request_duration_seconds", &l);
-        self.queue.render(out, "outpost_queue_duration_seconds", &l);
-        self.compute.render(out, "outpost_compute_duration_seconds", &l);
+        self.request.render(out, "outpost_request_duration_seconds", &l, 1e-9);
+        self.queue.render(out, "outpost_queue_duration_seconds", &l, 1e-9);
+        self.compute.render(out, "outpost_compute_duration_seconds", &l, 1e-9);
+        self.batch_size.render(out, "outpost_batch_size", &l, 1.0);
     }
 }
 
@@ -140,6 +181,8 @@ pub const METRIC_HEADERS: &str = "\
 # TYPE outpost_queue_duration_seconds histogram
 # HELP outpost_compute_duration_seconds Time inside the backend.
 # TYPE outpost_compute_duration_seconds histogram
+# HELP outpost_batch_size Rows per backend call (requests stacked by the dynamic batcher).
+# TYPE outpost_batch_size histogram
 ";
 
 #[cfg(test)]
@@ -153,7 +196,7 @@ mod tests {
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(100));
         let mut out = String::new();
-        h.render(&mut out, "x", "m=\"a\"");
+        h.render(&mut out, "x", "m=\"a\"", 1e-9);
         assert!(out.contains("x_bucket{m=\"a\",le=\"0.00005\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{m=\"a\",le=\"0.005\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{m=\"a\",le=\"10\"} 2\n"), "{out}");

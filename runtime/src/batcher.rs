@@ -1,0 +1,292 @@
+//! A model's worker threads: take jobs from the bounded queue, run them on the backend, answer.
+//!
+//! With batching on, a worker that takes a job keeps taking compatible ones until the batch
+//! reaches a preferred size or the maximum, or until the first job has waited
+//! `max_queue_delay`; it stacks their inputs along the first (batch) dimension, runs the backend
+//! once, and splits the outputs back, row ranges in request order. A job that does not fit
+//! (other trailing shape, or too many rows) starts the next batch.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tokio::sync::oneshot;
+
+use crate::backend::{BackendError, Session};
+use crate::config::Batching;
+use crate::onnx::ModelGraph;
+use crate::stats::ModelStats;
+use crate::tensor::Tensor;
+
+/// What a job's caller gets back.
+pub type Reply = Result<Vec<Tensor>, BackendError>;
+
+/// One inference waiting for a worker.
+pub struct Job {
+    pub inputs: Vec<Tensor>,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+impl Job {
+    /// Rows in the batch dimension (every input's first dimension; bound requests agree).
+    fn rows(&self) -> usize {
+        self.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(0)
+    }
+
+    /// Whether `other` can share a backend call with this job: same trailing shapes.
+    fn stacks_with(&self, other: &Job) -> bool {
+        self.inputs.len() == other.inputs.len()
+            && self
+                .inputs
+                .iter()
+                .zip(&other.inputs)
+                .all(|(a, b)| a.datatype == b.datatype && a.shape[1..] == b.shape[1..])
+    }
+}
+
+/// Checks that a model can be batched: every input and output has a dynamic first dimension,
+/// and no row's answer depends on the other rows. Dynamic quantization does: its scale is taken
+/// over the whole tensor, so stacking requests would change each one's answer.
+pub fn check_batchable(graph: &ModelGraph) -> Result<(), String> {
+    if let Some(n) = graph.nodes.iter().find(|n| n.op_type == "DynamicQuantizeLinear") {
+        return Err(format!(
+            "batching would change its answers: DynamicQuantizeLinear `{}` quantizes with a scale taken over \
+             the whole batch; serve it unbatched",
+            n.name
+        ));
+    }
+    let signature = &graph.signature;
+    for spec in signature.inputs.iter().chain(&signature.outputs) {
+        if spec.shape.first().is_none_or(|&d| d >= 0) {
+            return Err(format!(
+                "batching needs a dynamic first (batch) dimension on every input and output; `{}` is {}",
+                spec.name,
+                spec.shape_text()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs jobs from `queue` until every sender is gone and the queue is drained.
+pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<ModelStats>, batching: Option<Batching>) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        stats.queue.observe(first.enqueued.elapsed());
+        if first.reply.is_closed() {
+            continue; // the caller went away while queued
+        }
+        let Some(b) = &batching else {
+            execute(session.as_ref(), &stats, vec![first]);
+            continue;
+        };
+        let deadline = first.enqueued + b.max_queue_delay;
+        let mut rows = first.rows();
+        let mut jobs = vec![first];
+        while rows < b.max_batch_size && !b.preferred_batch_sizes.contains(&rows) {
+            let next = match queue.recv_deadline(deadline) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            };
+            stats.queue.observe(next.enqueued.elapsed());
+            if next.reply.is_closed() {
+                continue;
+            }
+            if !jobs[0].stacks_with(&next) || rows + next.rows() > b.max_batch_size {
+                carried = Some(next);
+                break;
+            }
+            rows += next.rows();
+            jobs.push(next);
+        }
+        execute(session.as_ref(), &stats, jobs);
+    }
+}
+
+/// One backend call for `jobs` (stacked when more than one), each answered with its rows.
+fn execute(session: &dyn Session, stats: &ModelStats, mut jobs: Vec<Job>) {
+    let started = Instant::now();
+    if jobs.len() == 1 {
+        let job = jobs.pop().expect("one job");
+        stats.batch_size.observe_value(job.rows() as u64);
+        let result = session.run(&job.inputs);
+        finish(stats, started);
+        let _ = job.reply.send(result);
+        return;
+    }
+    let rows: Vec<usize> = jobs.iter().map(Job::rows).collect();
+    let total: usize = rows.iter().sum();
+    stats.batch_size.observe_value(total as u64);
+    let stacked: Vec<Tensor> =
+        (0..jobs[0].inputs.len()).map(|i| stack(jobs.iter().map(|j| &j.inputs[i]), total)).collect();
+    let result = session.run(&stacked);
+    finish(stats, started);
+    match result.and_then(|outputs| split(outputs, &rows)) {
+        Ok(per_job) => {
+            for (job, outputs) in jobs.into_iter().zip(per_job) {
+                let _ = job.reply.send(Ok(outputs));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for job in jobs {
+                let _ = job.reply.send(Err(BackendError::Run(message.clone())));
+            }
+        }
+    }
+}
+
+fn finish(stats: &ModelStats, started: Instant) {
+    stats.compute.observe(started.elapsed());
+    stats.executions.fetch_add(1, Relaxed);
+}
+
+/// Concatenates tensors along the first dimension.
+fn stack<'a>(parts: impl Iterator<Item = &'a Tensor>, total_rows: usize) -> Tensor {
+    let mut parts = parts.peekable();
+    let first = parts.peek().expect("at least one part");
+    let (name, datatype, mut shape) = (first.name.clone(), first.datatype, first.shape.clone());
+    shape[0] = total_rows;
+    let mut data = Vec::new();
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    Tensor { name, datatype, shape, data }
+}
+
+/// Splits each output's first dimension into `rows` ranges, one output set per job.
+fn split(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, BackendError> {
+    let total: usize = rows.iter().sum();
+    let mut per_job: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for out in outputs {
+        if out.shape.first() != Some(&total) {
+            return Err(BackendError::Run(format!(
+                "batched output `{}` has shape {:?}, not {total} rows: this model cannot be batched",
+                out.name, out.shape
+            )));
+        }
+        let row_bytes = if total == 0 { 0 } else { out.data.len() / total };
+        let mut offset = 0;
+        for (job, &n) in per_job.iter_mut().zip(rows) {
+            let mut shape = out.shape.clone();
+            shape[0] = n;
+            let data = out.data[offset..offset + n * row_bytes].to_vec();
+            offset += n * row_bytes;
+            job.push(Tensor { name: out.name.clone(), datatype: out.datatype, shape, data });
+        }
+    }
+    Ok(per_job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Signature, TensorSpec};
+    use crate::tensor::DataType;
+
+    /// Doubles its input and counts how many rows each call got.
+    struct Doubler {
+        signature: Signature,
+        calls: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Session for Doubler {
+        fn signature(&self) -> &Signature {
+            &self.signature
+        }
+        fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            self.calls.lock().unwrap().push(inputs[0].shape[0]);
+            let v: Vec<f32> = inputs[0].to_f64().iter().map(|x| (*x * 2.0) as f32).collect();
+            Ok(vec![Tensor::from_f32("y", inputs[0].shape.clone(), &v)])
+        }
+    }
+
+    fn doubler() -> Arc<Doubler> {
+        let spec = |n: &str| TensorSpec { name: n.into(), datatype: DataType::Fp32, shape: vec![-1, 2] };
+        Arc::new(Doubler {
+            signature: Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] },
+            calls: Default::default(),
+        })
+    }
+
+    fn job(rows: usize, start: f32) -> (Job, oneshot::Receiver<Reply>) {
+        let v: Vec<f32> = (0..rows * 2).map(|i| start + i as f32).collect();
+        let (tx, rx) = oneshot::channel();
+        (Job { inputs: vec![Tensor::from_f32("x", vec![rows, 2], &v)], enqueued: Instant::now(), reply: tx }, rx)
+    }
+
+    #[test]
+    fn queued_jobs_are_stacked_and_split_back_in_order() {
+        let session = doubler();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let mut replies = Vec::new();
+        for (rows, start) in [(1, 0.0), (3, 100.0), (2, 200.0)] {
+            let (j, r) = job(rows, start);
+            tx.send(j).unwrap();
+            replies.push((rows, start, r));
+        }
+        drop(tx);
+        let batching = Batching {
+            max_batch_size: 8,
+            max_queue_delay: std::time::Duration::from_millis(50),
+            preferred_batch_sizes: vec![],
+        };
+        run_worker(rx, session.clone(), Arc::default(), Some(batching));
+        assert_eq!(*session.calls.lock().unwrap(), vec![6], "one backend call for all three");
+        for (rows, start, mut r) in replies {
+            let out = r.try_recv().unwrap().unwrap();
+            let want: Vec<f64> = (0..rows * 2).map(|i| 2.0 * (start as f64 + i as f64)).collect();
+            assert_eq!(out[0].shape, vec![rows, 2]);
+            assert_eq!(out[0].to_f64(), want);
+        }
+    }
+
+    #[test]
+    fn a_batch_never_exceeds_the_maximum_and_preferred_sizes_go_at_once() {
+        let session = doubler();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let mut replies = Vec::new();
+        for rows in [2, 2, 3, 1, 1] {
+            let (j, r) = job(rows, 0.0);
+            tx.send(j).unwrap();
+            replies.push(r);
+        }
+        drop(tx);
+        let batching = Batching {
+            max_batch_size: 5,
+            max_queue_delay: std::time::Duration::from_millis(50),
+            preferred_batch_sizes: vec![4],
+        };
+        run_worker(rx, session.clone(), Arc::default(), Some(batching));
+        // 2+2 hits the preferred 4; 3+1 = 4 again; the last 1 alone.
+        assert_eq!(*session.calls.lock().unwrap(), vec![4, 4, 1]);
+        assert!(replies.iter_mut().all(|r| r.try_recv().unwrap().is_ok()));
+    }
+
+    fn sample(name: &str) -> ModelGraph {
+        ModelGraph::read(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(name)).unwrap()
+    }
+
+    #[test]
+    fn models_without_a_dynamic_batch_dimension_cannot_batch() {
+        let mut graph = sample("digits-cnn.onnx");
+        assert!(check_batchable(&graph).is_ok());
+        graph.signature.outputs[0].shape = vec![1, 10];
+        assert!(check_batchable(&graph).unwrap_err().contains("`probabilities` is [1, 10]"));
+    }
+
+    #[test]
+    fn dynamically_quantized_models_are_not_batched() {
+        let e = check_batchable(&sample("digits-cnn-dynamic.onnx")).unwrap_err();
+        assert!(e.contains("DynamicQuantizeLinear"), "{e}");
+    }
+}

@@ -1,0 +1,79 @@
+//! Dynamic batching: concurrent requests stacked into one backend call get the answers they get
+//! unbatched (to float rounding), and the batcher really batches.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use hyper::Method;
+use outpost_runtime::golden::{Golden, max_abs_diff};
+use outpost_runtime::tensor::Tensor;
+use outpost_tests::{Server, models_dir};
+use outpost_tools::v2client;
+
+/// Row `i` of a batch-first tensor.
+fn row(t: &Tensor, i: usize) -> Tensor {
+    let n = t.data.len() / t.shape[0];
+    let mut shape = t.shape.clone();
+    shape[0] = 1;
+    Tensor { name: t.name.clone(), datatype: t.datatype, shape, data: t.data[i * n..(i + 1) * n].to_vec() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_answers_equal_unbatched_ones() {
+    for model in ["digits-cnn", "digits-edge", "digits-cnn-qop", "digits-central"] {
+        let server = Server::start(&format!(
+            "[[models]]\nname = \"plain\"\npath = \"models/{model}.onnx\"\n\
+             [[models]]\nname = \"batched\"\npath = \"models/{model}.onnx\"\n\
+             [models.batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n"
+        ))
+        .await;
+        let golden = Golden::read(&models_dir().join(format!("{model}.golden.json"))).unwrap();
+        let input = golden.inputs[0].to_tensor().unwrap();
+        let expected = golden.outputs[0].to_tensor().unwrap();
+        let rows = input.shape[0];
+
+        let mut tasks = Vec::new();
+        for i in 0..rows {
+            let mut conn = server.conn().await;
+            let body = v2client::binary_request(&[row(&input, i)]);
+            tasks.push(tokio::spawn(async move {
+                let batched = conn
+                    .send(Method::POST, "/v2/models/batched/infer", &body.headers, body.bytes.clone())
+                    .await
+                    .unwrap();
+                let plain = conn.send(Method::POST, "/v2/models/plain/infer", &body.headers, body.bytes).await.unwrap();
+                (i, batched, plain)
+            }));
+        }
+        for t in tasks {
+            let (i, batched, plain) = t.await.unwrap();
+            assert_eq!(batched.status, 200, "{model}: {}", batched.error());
+            let b = &v2client::outputs(&batched).unwrap()[0];
+            let p = &v2client::outputs(&plain).unwrap()[0];
+            assert_eq!(b.shape, vec![1, 10]);
+            // Equal up to float rounding: the backend's kernels may sum in another order for
+            // another batch size (seen: 1-2 ulp).
+            let diff = max_abs_diff(b, p);
+            assert!(diff <= 1e-6, "{model} row {i}: batched and unbatched answers differ by {diff:e}");
+            assert!(max_abs_diff(&row(&expected, i), b) <= 1e-4, "{model} row {i} against ONNX Runtime");
+        }
+        let stats = &server.app.registry.get("batched").unwrap().stats;
+        let (requests, executions) = (stats.success.load(Relaxed), stats.executions.load(Relaxed));
+        assert_eq!(requests, rows as u64);
+        assert!(
+            executions < requests,
+            "{model}: {requests} requests took {executions} backend calls: nothing was batched"
+        );
+        println!("{model}: {requests} requests in {executions} backend calls");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_whose_rows_depend_on_each_other_refuses_batching() {
+    let toml = "[[models]]\nname = \"d\"\npath = \"models/digits-cnn-dynamic.onnx\"\n[models.batching]\n";
+    let mut config: outpost_runtime::config::Config = toml::from_str(toml).unwrap();
+    config.models[0].path = outpost_tests::repo_root().join(&config.models[0].path);
+    let app = outpost_runtime::App::new(&config.validate().unwrap());
+    let failures = app.registry.load_all();
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].to_string().contains("DynamicQuantizeLinear"), "{}", failures[0]);
+}
