@@ -174,7 +174,7 @@ fn split(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, Backe
                 out.name, out.shape
             )));
         }
-        let row_bytes = if total == 0 { 0 } else { out.data.len() / total };
+        let row_bytes = out.data.len().checked_div(total).unwrap_or(0);
         let mut offset = 0;
         for (job, &n) in per_job.iter_mut().zip(rows) {
             let mut shape = out.shape.clone();
