@@ -182,6 +182,22 @@ def quantize(model, kind, calib, tmp, quantize_softmax=False):
     return out
 
 
+def unknown_op_model():
+    """A model using an operator no runtime implements: every backend must refuse it at load
+    time, naming the operator."""
+    node = helper.make_node("Frobnicate", ["input"], ["probabilities"], domain="com.example", name="frob0")
+    graph = helper.make_graph(
+        [node], "unknown-op",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.example", 1)],
+                              producer_name="outpost-models")
+    model.ir_version = 8
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs.
 
@@ -268,6 +284,7 @@ def main():
         qsoft = quantize(edge_f, "qdq", calib, tmp, quantize_softmax=True)
         qsoft.graph.name = "digits-edge-qsoftmax"
         write_model(hazards, "digits-edge-qsoftmax", qsoft, x_test[:GOLDEN_SAMPLES])
+        onnx.save(unknown_op_model(), os.path.join(hazards, "unknown-op.onnx"))
 
     with open(os.path.join(HERE, "digits-test.csv"), "w") as f:
         f.write("label," + ",".join(f"p{i}" for i in range(64)) + "\n")

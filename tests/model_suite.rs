@@ -1,43 +1,58 @@
-//! Every sample model gives ONNX Runtime's golden outputs through `outpost`'s HTTP API, over JSON
-//! and over binary tensors, within the golden file's tolerance (1e-4 max abs difference).
+//! The model suite: every sample model gives ONNX Runtime's golden outputs through `outpost`'s
+//! HTTP API, over JSON and over binary tensors, within the golden file's tolerance (1e-4 max abs
+//! difference), on each backend. The suite is the golden files: model, inputs, expected outputs
+//! and tolerance, listed once beside each model.
+
+use std::path::PathBuf;
 
 use outpost_runtime::golden::{Golden, max_abs_diff};
-use outpost_tests::{Server, models_dir};
+use outpost_tests::{Server, models_dir, repo_root, sample_models};
 use outpost_tools::v2client;
 
-fn suite() -> Vec<(String, Golden)> {
-    let mut models = Vec::new();
-    for entry in std::fs::read_dir(models_dir()).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_some_and(|x| x == "onnx") {
-            let golden = Golden::beside(&p).unwrap_or_else(|| panic!("{} has no golden file", p.display()));
-            models.push((p.file_stem().unwrap().to_string_lossy().into_owned(), Golden::read(&golden).unwrap()));
-        }
-    }
-    models.sort_by(|a, b| a.0.cmp(&b.0));
+/// What each backend claims to run: every sample model, and for ONNX Runtime also the quantized
+/// Softmax that tract refuses.
+fn suite(backend: &str) -> Vec<PathBuf> {
+    let mut models = sample_models();
     assert!(models.len() >= 7, "expected the seven sample models, found {}", models.len());
+    if backend == "ort" {
+        models.push("models/hazards/digits-edge-qsoftmax.onnx".into());
+    }
     models
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn every_model_matches_onnx_runtime_over_json_and_binary() {
-    let server = Server::samples().await;
+async fn every_model_matches_onnx_runtime_on_tract() {
+    run_suite("tract").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_on_ort() {
+    run_suite("ort").await;
+}
+
+async fn run_suite(backend: &str) {
+    let models = suite(backend);
+    let server = Server::models_on(backend, &models).await;
     let mut conn = server.conn().await;
-    for (name, golden) in suite() {
+    for path in models {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let golden = Golden::read(&Golden::beside(&repo_root().join(&path)).expect("a golden file")).unwrap();
+        let meta = conn.get(&format!("/v2/models/{name}")).await.unwrap().json();
+        assert_eq!(meta["parameters"]["backend"], backend, "{name}");
         let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
         let tolerance = golden.tolerance.unwrap();
         assert!(tolerance <= 1e-4, "{name}: tolerance {tolerance} is looser than 1e-4");
         for (form, body) in [("json", v2client::json_request(&inputs)), ("binary", v2client::binary_request(&inputs))] {
             let path = format!("/v2/models/{name}/infer");
             let reply = conn.send(hyper::Method::POST, &path, &body.headers, body.bytes).await.unwrap();
-            assert_eq!(reply.status, 200, "{name} {form}: {}", reply.error());
+            assert_eq!(reply.status, 200, "{name} on {backend} over {form}: {}", reply.error());
             let outputs = v2client::outputs(&reply).unwrap();
             for expected in &golden.outputs {
                 let want = expected.to_tensor().unwrap();
                 let got =
                     outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
                 let diff = max_abs_diff(&want, got);
-                assert!(diff <= tolerance, "{name} over {form}: `{}` differs by {diff:e}", want.name);
+                assert!(diff <= tolerance, "{name} on {backend} over {form}: `{}` differs by {diff:e}", want.name);
             }
             if form == "binary" {
                 assert!(reply.headers.contains_key(outpost_runtime::v2::HEADER_LENGTH), "{name}: binary answer");

@@ -12,6 +12,10 @@ if [ -z "${OUTPOST_PYTHON:-}" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
   export OUTPOST_PYTHON="$PWD/.venv/bin/python"
 fi
+if [ -z "${ORT_DYLIB_PATH:-}" ]; then
+  ORT_DYLIB_PATH=$("$OUTPOST_PYTHON" -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so.*"))[0])')
+  export ORT_DYLIB_PATH
+fi
 
 echo "== sample models match their checksums"
 (cd models && sha256sum --check --quiet SHA256SUMS)

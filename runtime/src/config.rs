@@ -4,7 +4,7 @@
 //! [`Validated`] before anything binds a port. Every error names the key, e.g.
 //! `models[1].queue_bound: must be between 1 and 65536`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub max_body_bytes: Option<usize>,
     /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
     pub drain_timeout_secs: Option<u64>,
+    /// ONNX Runtime's `libonnxruntime.so`, for models on the `ort` backend; default: the
+    /// `ORT_DYLIB_PATH` environment variable.
+    pub ort_library: Option<PathBuf>,
 }
 
 /// One `[[models]]` entry.
@@ -72,6 +75,14 @@ pub struct ModelConfig {
     pub workers: Option<usize>,
     /// Threads inside one inference, where the backend supports it.
     pub intra_op_threads: Option<usize>,
+    /// Threads for independent parts of the graph (ort).
+    pub inter_op_threads: Option<usize>,
+    /// Execution providers to try in order (ort), e.g. `["tensorrt", "cuda", "cpu"]`.
+    #[serde(default)]
+    pub execution_providers: Vec<String>,
+    /// Options per provider, e.g. `[models.provider_options.cuda] device_id = 0`.
+    #[serde(default)]
+    pub provider_options: BTreeMap<String, BTreeMap<String, toml::Value>>,
     /// Golden file to check at load; default `NAME.golden.json` beside the model, if present.
     pub golden: Option<PathBuf>,
     /// Skip the golden check even when a golden file is present. Default false.
@@ -109,6 +120,7 @@ pub struct Batching {
 #[derive(Clone, Debug)]
 pub struct Validated {
     pub listen: SocketAddr,
+    pub ort_library: Option<PathBuf>,
     pub auth_token: Option<String>,
     pub max_body_bytes: usize,
     pub drain_timeout: Duration,
@@ -125,6 +137,9 @@ pub struct ModelSpec {
     pub queue_bound: usize,
     pub workers: usize,
     pub intra_op_threads: Option<usize>,
+    pub inter_op_threads: Option<usize>,
+    pub providers: Vec<String>,
+    pub provider_options: BTreeMap<String, Vec<(String, String)>>,
     /// `None`: no golden check.
     pub golden: Option<PathBuf>,
     pub allow_non_finite: bool,
@@ -238,6 +253,45 @@ impl Config {
             if m.intra_op_threads == Some(0) {
                 return Err(invalid(key("intra_op_threads"), "must be at least 1"));
             }
+            if m.inter_op_threads == Some(0) {
+                return Err(invalid(key("inter_op_threads"), "must be at least 1"));
+            }
+            if backend != "ort" && (!m.execution_providers.is_empty() || !m.provider_options.is_empty()) {
+                return Err(invalid(key("execution_providers"), "execution providers apply to backend = \"ort\" only"));
+            }
+            for p in &m.execution_providers {
+                if !crate::backend::PROVIDERS.contains(&p.as_str()) {
+                    let known = crate::backend::PROVIDERS.join(", ");
+                    return Err(invalid(
+                        key("execution_providers"),
+                        format!("unknown provider `{p}` (known: {known})"),
+                    ));
+                }
+            }
+            let mut provider_options = BTreeMap::new();
+            for (p, opts) in &m.provider_options {
+                if !m.execution_providers.contains(p) {
+                    return Err(invalid(
+                        key(&format!("provider_options.{p}")),
+                        "names a provider not in execution_providers",
+                    ));
+                }
+                let mut pairs = Vec::new();
+                for (k, v) in opts {
+                    let text = match v {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => v.to_string(),
+                        _ => {
+                            return Err(invalid(
+                                key(&format!("provider_options.{p}.{k}")),
+                                "must be a string, number or boolean",
+                            ));
+                        }
+                    };
+                    pairs.push((k.clone(), text));
+                }
+                provider_options.insert(p.clone(), pairs);
+            }
             let golden = match (&m.golden, m.skip_golden) {
                 (Some(_), true) => {
                     return Err(invalid(key("skip_golden"), "cannot be true when `golden` is set"));
@@ -281,6 +335,9 @@ impl Config {
                 queue_bound,
                 workers,
                 intra_op_threads: m.intra_op_threads,
+                inter_op_threads: m.inter_op_threads,
+                providers: m.execution_providers.clone(),
+                provider_options,
                 golden,
                 allow_non_finite: m.allow_non_finite,
                 batching,
@@ -288,6 +345,7 @@ impl Config {
         }
         Ok(Validated {
             listen,
+            ort_library: s.ort_library.clone(),
             auth_token: s.auth_token.clone(),
             max_body_bytes,
             drain_timeout: Duration::from_secs(drain),
@@ -334,6 +392,16 @@ mod tests {
     const ONE: &str = "[[models]]\nname = \"m\"\npath = \"m.onnx\"\n";
 
     #[test]
+    fn provider_options_become_strings() {
+        let v = parse(&format!(
+            "{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"cpu\"]\n[models.provider_options.cuda]\ndevice_id = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(v.models[0].providers, vec!["cuda", "cpu"]);
+        assert_eq!(v.models[0].provider_options["cuda"], vec![("device_id".to_string(), "0".to_string())]);
+    }
+
+    #[test]
     fn defaults_fill_in() {
         let v = parse(ONE).unwrap();
         assert_eq!(v.listen.to_string(), DEFAULT_LISTEN);
@@ -359,6 +427,13 @@ mod tests {
         );
         assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
         assert!(err("").starts_with("models:"));
+        assert!(err(&format!("{ONE}execution_providers = [\"cuda\"]\n")).contains("apply to backend = \"ort\" only"));
+        let e = err(&format!("{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"gpu\"]\n"));
+        assert!(e.contains("unknown provider `gpu`"), "{e}");
+        let e = err(&format!(
+            "{ONE}backend = \"ort\"\nexecution_providers = [\"cpu\"]\n[models.provider_options.cuda]\ndevice_id = 0\n"
+        ));
+        assert!(e.starts_with("models[0].provider_options.cuda:"), "{e}");
     }
 
     #[test]

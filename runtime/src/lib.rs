@@ -41,6 +41,10 @@ pub struct App {
 impl App {
     /// The server state for a validated configuration (models not yet loaded).
     pub fn new(config: &config::Validated) -> Arc<App> {
+        #[cfg(feature = "ort")]
+        if let Some(path) = &config.ort_library {
+            backend::ort::set_library(path);
+        }
         Arc::new(App {
             registry: registry::Registry::new(config.models.clone()),
             max_body_bytes: config.max_body_bytes,

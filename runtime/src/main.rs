@@ -65,6 +65,10 @@ struct ServeArgs {
     /// Address to listen on (overrides the configuration), e.g. 127.0.0.1:8000.
     #[arg(long)]
     listen: Option<String>,
+    /// Backend for the models of --model and --model-dir: tract or ort (default: tract when
+    /// this build has it).
+    #[arg(long, conflicts_with = "config")]
+    backend: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,11 @@ fn build_config(args: &ServeArgs) -> Result<Config, outpost_runtime::config::Con
     };
     if let Some(listen) = &args.listen {
         config.server.listen = Some(listen.clone());
+    }
+    if let Some(backend) = &args.backend {
+        for m in &mut config.models {
+            m.backend = Some(backend.clone());
+        }
     }
     Ok(config)
 }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwapOption;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::backend::{self, BackendError, Session, SessionOptions, Signature};
+use crate::backend::{self, BackendError, ProviderChoice, Session, SessionOptions, Signature};
 use crate::batcher::{self, Job, Reply};
 use crate::config::ModelSpec;
 use crate::golden::Golden;
@@ -52,6 +52,8 @@ pub struct ModelSlot {
 pub struct LoadedModel {
     pub signature: Signature,
     pub backend: &'static str,
+    /// The execution provider, for backends that have them.
+    pub provider: Option<ProviderChoice>,
     queue: Sender<Job>,
 }
 
@@ -139,7 +141,13 @@ struct Prepared {
 /// Parse, check and prepare on the configured backend, then warm up (the golden check).
 fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
     let backend = backend::by_name(&spec.backend)?;
-    let options = SessionOptions { intra_op_threads: spec.intra_op_threads };
+    let options = SessionOptions {
+        intra_op_threads: spec.intra_op_threads,
+        inter_op_threads: spec.inter_op_threads,
+        providers: spec.providers.clone(),
+        provider_options: spec.provider_options.clone(),
+        instances: spec.workers,
+    };
     let graph = ModelGraph::read(&spec.path)?;
     backend.check(&graph)?;
     if spec.batching.is_some() {
@@ -177,7 +185,12 @@ impl LoadedModel {
                 tracing::error!(model = %spec.name, error = %e, "could not start an inference thread");
             }
         }
-        LoadedModel { signature: session.signature().clone(), backend, queue: tx }
+        LoadedModel {
+            signature: session.signature().clone(),
+            backend,
+            provider: session.provider().cloned(),
+            queue: tx,
+        }
     }
 
     /// Queues an inference, or says at once that the queue is full.

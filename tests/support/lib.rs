@@ -36,6 +36,9 @@ impl Server {
         for m in &mut config.models {
             m.path = repo_root().join(&m.path);
         }
+        if config.models.iter().any(|m| m.backend.as_deref() == Some("ort")) && config.server.ort_library.is_none() {
+            config.server.ort_library = Some(ort_library());
+        }
         config.server.listen = Some("127.0.0.1:0".into());
         let validated = config.validate().expect("test config is valid");
         let app = App::new(&validated);
@@ -53,15 +56,16 @@ impl Server {
         Server { addr, app, stop: Some(tx) }
     }
 
-    /// Serves every sample model with default settings.
-    pub async fn samples() -> Server {
+    /// Serves the given models (paths relative to the repository root, named by file stem) on
+    /// one backend with default settings.
+    pub async fn models_on(backend: &str, paths: &[PathBuf]) -> Server {
         let mut toml = String::new();
-        for entry in std::fs::read_dir(models_dir()).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().is_some_and(|x| x == "onnx") {
-                let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
-                toml.push_str(&format!("[[models]]\nname = \"{stem}\"\npath = \"models/{stem}.onnx\"\n"));
-            }
+        if backend == "ort" {
+            toml.push_str(&format!("[server]\nort_library = {:?}\n", ort_library()));
+        }
+        for p in paths {
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            toml.push_str(&format!("[[models]]\nname = \"{stem}\"\npath = {:?}\nbackend = \"{backend}\"\n", p));
         }
         Server::start(&toml).await
     }
@@ -172,4 +176,35 @@ pub fn python() -> PathBuf {
     let venv = repo_root().join(".venv/bin/python");
     assert!(venv.is_file(), "no Python for the client tests: run tools/test.sh, or set OUTPOST_PYTHON");
     venv
+}
+
+/// The sample models (`models/*.onnx`), sorted, relative to the repository root.
+pub fn sample_models() -> Vec<PathBuf> {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(models_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .map(|p| p.strip_prefix(repo_root()).unwrap().to_owned())
+        .collect();
+    models.sort();
+    models
+}
+
+/// ONNX Runtime's `libonnxruntime.so` from the PyPI `onnxruntime` wheel: `ORT_DYLIB_PATH`, else
+/// the one in the repository's `.venv` that `tools/test.sh` makes.
+pub fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return p.into();
+    }
+    let lib = repo_root().join(".venv/lib");
+    let found = std::fs::read_dir(&lib).ok().into_iter().flatten().find_map(|e| {
+        let capi = e.ok()?.path().join("site-packages/onnxruntime/capi");
+        std::fs::read_dir(capi)
+            .ok()?
+            .filter_map(|f| f.ok().map(|f| f.path()))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so.")))
+    });
+    found.unwrap_or_else(|| {
+        panic!("no libonnxruntime.so: run tools/test.sh (it installs the onnxruntime wheel), or set ORT_DYLIB_PATH")
+    })
 }

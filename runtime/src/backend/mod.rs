@@ -5,6 +5,7 @@
 //! time and never at the first request. Backends sit behind Cargo features; asking for one the
 //! build lacks is a [`BackendError::NotBuilt`] that says how to get it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -12,6 +13,8 @@ use serde::Serialize;
 use crate::onnx::ModelGraph;
 use crate::tensor::{DataType, Tensor};
 
+#[cfg(feature = "ort")]
+pub mod ort;
 #[cfg(feature = "tract")]
 mod tract;
 
@@ -49,6 +52,22 @@ pub struct Signature {
 pub struct SessionOptions {
     /// Threads a single inference may use inside the backend; `None` leaves the backend's default.
     pub intra_op_threads: Option<usize>,
+    /// Threads running independent parts of the graph at once (ONNX Runtime).
+    pub inter_op_threads: Option<usize>,
+    /// Execution providers to try in order (ONNX Runtime); empty means CPU.
+    pub providers: Vec<String>,
+    /// Options per execution provider, as key/value strings.
+    pub provider_options: BTreeMap<String, Vec<(String, String)>>,
+    /// Inferences that may run at once (the model's workers): backends whose sessions cannot
+    /// run concurrently prepare this many.
+    pub instances: usize,
+}
+
+/// Which execution provider a session runs on, and why the ones before it were skipped.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProviderChoice {
+    pub provider: String,
+    pub skipped: Vec<String>,
 }
 
 /// A prepared model: thread-safe, run many times.
@@ -57,6 +76,10 @@ pub trait Session: Send + Sync {
     fn signature(&self) -> &Signature;
     /// Runs one inference. Inputs are in signature order and already validated against it.
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError>;
+    /// The execution provider, for backends that have them.
+    fn provider(&self) -> Option<&ProviderChoice> {
+        None
+    }
 }
 
 /// A way to run ONNX models.
@@ -84,6 +107,8 @@ pub enum BackendError {
     Prepare { path: PathBuf, backend: &'static str, message: String },
     #[error("inference failed: {0}")]
     Run(String),
+    #[error("{0}")]
+    Library(String),
 }
 
 /// The backend named in configuration, or why it cannot be had.
@@ -96,16 +121,26 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
             backend: name.into(),
             how: "rebuild with `--features tract` (it is on by default)",
         }),
+        #[cfg(feature = "ort")]
+        "ort" => Ok(Box::new(ort::Ort)),
+        #[cfg(not(feature = "ort"))]
         "ort" => Err(BackendError::NotBuilt {
             backend: name.into(),
-            how: "the ONNX Runtime backend is not part of this release yet; use `tract`",
+            how: "rebuild with `--features ort` (a glibc build; ONNX Runtime's libonnxruntime.so is loaded at run time)",
         }),
         other => Err(BackendError::Unknown(other.into())),
     }
 }
 
-/// The backend used when configuration names none.
+/// The backend used when configuration names none: tract when the build has it.
+#[cfg(feature = "tract")]
 pub const DEFAULT_BACKEND: &str = "tract";
+/// The backend used when configuration names none: tract when the build has it.
+#[cfg(not(feature = "tract"))]
+pub const DEFAULT_BACKEND: &str = "ort";
+
+/// Execution provider names the ort backend knows, in the order a GPU box would try them.
+pub const PROVIDERS: [&str; 5] = ["tensorrt", "cuda", "openvino", "qnn", "cpu"];
 
 /// Loads a model file and prepares it on the named backend: parse, `check`, `prepare`.
 pub fn load(backend: &dyn Backend, path: &Path, options: &SessionOptions) -> Result<Box<dyn Session>, crate::Error> {

@@ -106,7 +106,11 @@ async fn model_metadata(
         "platform": "onnx",
         "inputs": model.signature.inputs,
         "outputs": model.signature.outputs,
-        "parameters": { "backend": model.backend },
+        "parameters": {
+            "backend": model.backend,
+            "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
+            "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
+        },
     })))
 }
 

@@ -1,0 +1,83 @@
+//! Choosing and loading backends: what each refuses at load time, ONNX Runtime's library and its
+//! execution-provider fallback.
+
+use outpost_runtime::backend::{self, SessionOptions};
+use outpost_tests::{Server, models_dir, ort_library, outpost, repo_root};
+
+fn load_error(backend_name: &str, model: &str) -> String {
+    if backend_name == "ort" {
+        backend::ort::set_library(&ort_library());
+    }
+    let b = backend::by_name(backend_name).unwrap();
+    match backend::load(b.as_ref(), &models_dir().join(model), &SessionOptions::default()) {
+        Ok(_) => panic!("{backend_name} loaded {model}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn an_unknown_operator_is_refused_at_load_naming_it_on_both_backends() {
+    for b in ["tract", "ort"] {
+        let e = load_error(b, "hazards/unknown-op.onnx");
+        assert!(e.contains("Frobnicate"), "{b}: {e}");
+    }
+}
+
+#[test]
+fn a_file_that_is_not_a_model_is_refused_on_both_backends() {
+    for b in ["tract", "ort"] {
+        let e = load_error(b, "digits-test.csv");
+        assert!(e.contains("not an ONNX model"), "{b}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn execution_providers_fall_back_in_order_and_say_which_runs() {
+    let server = Server::start(
+        "[[models]]\nname = \"cnn\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"ort\"\n\
+         execution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n\
+         [models.provider_options.cuda]\ndevice_id = 0\n",
+    )
+    .await;
+    let meta = server.conn().await.get("/v2/models/cnn").await.unwrap().json();
+    let params = &meta["parameters"];
+    assert_eq!(params["backend"], "ort");
+    if params["execution_provider"] == "cpu" {
+        // The CPU-only wheel: both GPU providers are skipped, each with its reason.
+        let skipped = params["execution_providers_skipped"].as_array().unwrap();
+        assert_eq!(skipped.len(), 2, "{params}");
+        assert!(skipped[0].as_str().unwrap().starts_with("tensorrt: "), "{params}");
+        assert!(skipped[1].as_str().unwrap().starts_with("cuda: "), "{params}");
+    } else {
+        println!("running on {}", params["execution_provider"]);
+    }
+}
+
+#[test]
+fn a_missing_or_wrong_onnx_runtime_library_is_a_clear_error_at_start() {
+    let run = |lib: &str| {
+        std::process::Command::new(outpost_tests::outpost_bin())
+            .args(["serve", "--backend", "ort", "--model", "models/digits-edge.onnx", "--listen", "127.0.0.1:0"])
+            .env("ORT_DYLIB_PATH", lib)
+            .current_dir(repo_root())
+            .output()
+            .unwrap()
+    };
+    let out = run("/nonexistent/libonnxruntime.so");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ONNX Runtime library /nonexistent/libonnxruntime.so does not exist"), "{stderr}");
+
+    let not_a_library = models_dir().join("digits-edge.onnx");
+    let out = run(not_a_library.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot load ONNX Runtime from"), "{stderr}");
+}
+
+#[test]
+fn asking_for_an_unknown_backend_names_the_known_ones() {
+    let out = outpost(&["serve", "--backend", "onnx", "--model", "models/digits-edge.onnx"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("models[0].backend: `onnx` is not a backend (tract, ort)"));
+}
