@@ -56,7 +56,7 @@ async fn batched_answers_equal_unbatched_ones() {
             assert!(diff <= 1e-6, "{model} row {i}: batched and unbatched answers differ by {diff:e}");
             assert!(max_abs_diff(&row(&expected, i), b) <= 1e-4, "{model} row {i} against ONNX Runtime");
         }
-        let stats = &server.app.registry.get("batched").unwrap().stats;
+        let stats = server.app.registry.get("batched").unwrap().stats()["1"].clone();
         let (requests, executions) = (stats.success.load(Relaxed), stats.executions.load(Relaxed));
         assert_eq!(requests, rows as u64);
         assert!(

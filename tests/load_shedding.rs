@@ -48,7 +48,7 @@ async fn a_full_queue_sheds_load_and_accepted_requests_succeed() {
     }
     assert!(ok >= 1 && shed >= 1, "expected some accepted and some shed: {ok} ok, {shed} shed");
     assert_eq!(ok + shed, clients);
-    let stats = server.app.registry.get("central").unwrap().stats.clone();
+    let stats = server.app.registry.get("central").unwrap().stats()["1"].clone();
     assert_eq!(stats.rejected.load(std::sync::atomic::Ordering::Relaxed), shed as u64);
     println!("{ok} accepted, {shed} shed; slowest 503 took {slowest_shed:?}");
 }

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub max_body_bytes: Option<usize>,
     /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
     pub drain_timeout_secs: Option<u64>,
+    /// A model repository (`REPO/NAME/<version>/model.onnx`): its models are served besides
+    /// any `[[models]]`.
+    pub model_repository: Option<PathBuf>,
     /// ONNX Runtime's `libonnxruntime.so`, for models on the `ort` backend; default: the
     /// `ORT_DYLIB_PATH` environment variable.
     pub ort_library: Option<PathBuf>,
@@ -93,6 +96,45 @@ pub struct ModelConfig {
     pub allow_non_finite: bool,
     /// Dynamic batching; off when absent.
     pub batching: Option<BatchingConfig>,
+    /// Which versions to serve when `path` is a version folder; default `{ latest = 1 }`.
+    pub version_policy: Option<VersionPolicyConfig>,
+}
+
+/// `version_policy`: exactly one of `latest = N`, `specific = [..]`, `all = true`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionPolicyConfig {
+    pub latest: Option<usize>,
+    pub specific: Option<Vec<u64>>,
+    pub all: Option<bool>,
+}
+
+/// Which versions of a version folder are served.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VersionPolicy {
+    /// The N highest version numbers.
+    Latest(usize),
+    /// Exactly these.
+    Specific(Vec<u64>),
+    All,
+}
+
+/// Where a model's versions come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// One file, served as one version.
+    File { path: PathBuf, version: String },
+    /// A folder of versions: `DIR/<number>/model.onnx`, each with its golden file beside it.
+    Directory { path: PathBuf, policy: VersionPolicy },
+}
+
+/// Where a model's golden outputs come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GoldenSource {
+    /// `NAME.golden.json` beside `NAME.onnx`, when present.
+    Beside,
+    File(PathBuf),
+    Skip,
 }
 
 /// `[models.batching]`: stack concurrent requests into one backend call.
@@ -127,12 +169,14 @@ pub struct Validated {
     pub models: Vec<ModelSpec>,
 }
 
+/// A model folder's optional settings file in a repository (`REPO/NAME/config.toml`).
+pub const REPOSITORY_MODEL_CONFIG: &str = "config.toml";
+
 /// A validated model entry.
 #[derive(Clone, Debug)]
 pub struct ModelSpec {
     pub name: String,
-    pub version: String,
-    pub path: PathBuf,
+    pub source: Source,
     pub backend: String,
     pub queue_bound: usize,
     pub workers: usize,
@@ -140,8 +184,7 @@ pub struct ModelSpec {
     pub inter_op_threads: Option<usize>,
     pub providers: Vec<String>,
     pub provider_options: BTreeMap<String, Vec<(String, String)>>,
-    /// `None`: no golden check.
-    pub golden: Option<PathBuf>,
+    pub golden: GoldenSource,
     pub allow_non_finite: bool,
     pub batching: Option<Batching>,
 }
@@ -178,6 +221,10 @@ impl Config {
                 *g = base.join(&*g);
             }
         }
+        if let Some(repo) = &config.server.model_repository {
+            let repo = base.join(repo);
+            config.models.extend(Config::from_repository(&repo)?.models);
+        }
         Ok(config)
     }
 
@@ -194,6 +241,48 @@ impl Config {
             return Err(invalid("models", format!("no *.onnx file in {}", dir.display())));
         }
         Ok(Config { models: paths.iter().map(|p| ModelConfig::for_path(p, None)).collect(), ..Config::default() })
+    }
+
+    /// A configuration serving every model folder of a repository (`REPO/NAME/<version>/model.onnx`,
+    /// with optional `REPO/NAME/config.toml` holding that model's `[[models]]` keys but `name`
+    /// and `path`), sorted by name.
+    pub fn from_repository(repo: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read { path: repo.to_owned(), source };
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        if dirs.is_empty() {
+            return Err(invalid("models", format!("no model folder in repository {}", repo.display())));
+        }
+        let mut models = Vec::new();
+        for dir in dirs {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let file = dir.join(REPOSITORY_MODEL_CONFIG);
+            let mut table = match std::fs::read_to_string(&file) {
+                Ok(text) => toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| ConfigError::Parse { path: file.clone(), message: e.to_string() })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+                Err(source) => return Err(ConfigError::Read { path: file, source }),
+            };
+            for key in ["name", "path", "version"] {
+                if table.contains_key(key) {
+                    return Err(ConfigError::Parse {
+                        path: file,
+                        message: format!("`{key}` comes from the folder layout and cannot be set here"),
+                    });
+                }
+            }
+            table.insert("name".into(), name.into());
+            table.insert("path".into(), dir.to_string_lossy().into_owned().into());
+            let model: ModelConfig = table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse { path: file, message: e.to_string() })?;
+            models.push(model);
+        }
+        Ok(Config { models, ..Config::default() })
     }
 
     /// Checks everything that can be checked before loading models.
@@ -233,11 +322,41 @@ impl Config {
             if !names.insert(m.name.as_str()) {
                 return Err(invalid(key("name"), format!("`{}` is configured twice", m.name)));
             }
-            let version = m.version.clone().unwrap_or_else(|| DEFAULT_VERSION.into());
-            check_name(&version).map_err(|r| invalid(key("version"), r))?;
             if m.path.as_os_str().is_empty() {
                 return Err(invalid(key("path"), "is empty"));
             }
+            let source = if m.path.is_dir() {
+                if m.version.is_some() {
+                    return Err(invalid(key("version"), "versions of a version folder come from its subfolders"));
+                }
+                if m.golden.is_some() {
+                    return Err(invalid(key("golden"), "a version folder keeps each version's golden file beside it"));
+                }
+                let policy = match &m.version_policy {
+                    None => VersionPolicy::Latest(1),
+                    Some(VersionPolicyConfig { latest: Some(n), specific: None, all: None }) if *n >= 1 => {
+                        VersionPolicy::Latest(*n)
+                    }
+                    Some(VersionPolicyConfig { latest: None, specific: Some(v), all: None }) if !v.is_empty() => {
+                        VersionPolicy::Specific(v.clone())
+                    }
+                    Some(VersionPolicyConfig { latest: None, specific: None, all: Some(true) }) => VersionPolicy::All,
+                    Some(_) => {
+                        return Err(invalid(
+                            key("version_policy"),
+                            "give exactly one of `latest = N` (N >= 1), `specific = [versions]`, `all = true`",
+                        ));
+                    }
+                };
+                Source::Directory { path: m.path.clone(), policy }
+            } else {
+                if m.version_policy.is_some() {
+                    return Err(invalid(key("version_policy"), "applies to a version folder; this path is a file"));
+                }
+                let version = m.version.clone().unwrap_or_else(|| DEFAULT_VERSION.into());
+                check_name(&version).map_err(|r| invalid(key("version"), r))?;
+                Source::File { path: m.path.clone(), version }
+            };
             let backend = m.backend.clone().unwrap_or_else(|| DEFAULT_BACKEND.into());
             if !["tract", "ort"].contains(&backend.as_str()) {
                 return Err(invalid(key("backend"), format!("`{backend}` is not a backend (tract, ort)")));
@@ -299,9 +418,9 @@ impl Config {
                 (Some(g), false) if !g.is_file() => {
                     return Err(invalid(key("golden"), format!("{} is not a file", g.display())));
                 }
-                (Some(g), false) => Some(g.clone()),
-                (None, true) => None,
-                (None, false) => crate::golden::Golden::beside(&m.path),
+                (Some(g), false) => GoldenSource::File(g.clone()),
+                (None, true) => GoldenSource::Skip,
+                (None, false) => GoldenSource::Beside,
             };
             let batching = match &m.batching {
                 None => None,
@@ -329,8 +448,7 @@ impl Config {
             };
             models.push(ModelSpec {
                 name: m.name.clone(),
-                version,
-                path: m.path.clone(),
+                source,
                 backend,
                 queue_bound,
                 workers,
@@ -405,7 +523,7 @@ mod tests {
     fn defaults_fill_in() {
         let v = parse(ONE).unwrap();
         assert_eq!(v.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(v.models[0].version, "1");
+        assert_eq!(v.models[0].source, Source::File { path: "m.onnx".into(), version: "1".into() });
         assert_eq!(v.models[0].backend, "tract");
         assert_eq!(v.models[0].queue_bound, DEFAULT_QUEUE_BOUND);
         assert_eq!(v.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
@@ -469,7 +587,7 @@ mod tests {
     fn the_sample_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../outpost.toml");
         let v = Config::read(&path).unwrap().validate().unwrap();
-        assert!(v.models.iter().any(|m| m.name == "digits-edge" && m.golden.is_some()));
+        assert!(v.models.iter().any(|m| m.name == "digits-edge" && m.golden == GoldenSource::Beside));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod golden;
 pub mod model;
 pub mod onnx;
 pub mod registry;
+pub mod repository;
 pub mod server;
 pub mod stats;
 pub mod tensor;

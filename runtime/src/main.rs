@@ -62,6 +62,9 @@ struct ServeArgs {
     /// Serve every *.onnx in this folder (default: ./models when neither --config nor --model is given).
     #[arg(long, conflicts_with = "model")]
     model_dir: Option<PathBuf>,
+    /// Serve a model repository: REPO/NAME/<version>/model.onnx, with optional REPO/NAME/config.toml.
+    #[arg(long, conflicts_with_all = ["config", "model", "model_dir"])]
+    model_repository: Option<PathBuf>,
     /// Address to listen on (overrides the configuration), e.g. 127.0.0.1:8000.
     #[arg(long)]
     listen: Option<String>,
@@ -100,6 +103,8 @@ fn init_tracing(format: LogFormat) {
 fn build_config(args: &ServeArgs) -> Result<Config, outpost_runtime::config::ConfigError> {
     let mut config = if let Some(path) = &args.config {
         Config::read(path)?
+    } else if let Some(repo) = &args.model_repository {
+        Config::from_repository(repo)?
     } else if !args.model.is_empty() {
         let models = args
             .model
@@ -148,6 +153,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             signalled.notify_one();
         };
         let mut server = tokio::spawn(server::serve(listener, app.clone(), shutdown));
+        tokio::spawn(reload_on_sighup(app.clone()));
 
         let loader = app.clone();
         let mut loading = tokio::task::spawn_blocking(move || loader.registry.load_all());
@@ -184,6 +190,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// SIGHUP: bring every model in line with its files (new versions in, removed ones out, changed
+/// files reloaded), keeping what serves when a load fails.
+async fn reload_on_sighup(app: Arc<App>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload through the repository API instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading models");
+            let app = app.clone();
+            let failures = tokio::task::spawn_blocking(move || app.registry.load_all()).await.unwrap_or_default();
+            for f in &failures {
+                tracing::error!(error = %f, "reload failed; the previous version keeps serving");
+            }
+            tracing::info!(failures = failures.len(), "reload done");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = app;
 }
 
 async fn wait_for_signal() {

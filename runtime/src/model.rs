@@ -1,15 +1,18 @@
-//! A served model: its slot in the registry, the loaded session, and the bounded queue in front
-//! of its worker threads.
+//! A configured model: the versions it serves now, each a prepared session behind a bounded
+//! queue and its worker threads.
 //!
-//! Requests never wait on a lock here: the loaded model is read through an `ArcSwap`, and a full
-//! queue answers at once. Workers are plain threads (inference is CPU-bound) that take jobs from
-//! the queue and answer through a oneshot channel. Dropping a [`LoadedModel`] closes its queue;
-//! its workers finish the jobs already taken and exit, so a swap never drops a request.
+//! The request path never waits on a lock here: the served versions are read through an
+//! `ArcSwap`, and a full queue answers at once. Loading (start, the repository API, SIGHUP)
+//! prepares and warms new versions beside the ones serving, then swaps the whole set in one
+//! store. A request holds the version it started on; when the last holder lets go, the old
+//! version's queue closes, its workers finish what they took and exit, and its session is freed.
+//! A version that fails to load or warm up never replaces the one serving.
 
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
@@ -18,10 +21,11 @@ use crate::batcher::{self, Job, Reply};
 use crate::config::ModelSpec;
 use crate::golden::Golden;
 use crate::onnx::ModelGraph;
+use crate::repository::{self, Fingerprint, VersionFiles};
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
 
-/// Where a model is in its life.
+/// Where a model or version is in its life, as the repository index shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelState {
     Loading,
@@ -40,16 +44,31 @@ impl ModelState {
     }
 }
 
-/// A configured model: its spec, what is loaded now, and its statistics.
+/// One configured model (by name) and the versions it serves.
 pub struct ModelSlot {
     pub spec: ModelSpec,
-    pub stats: Arc<ModelStats>,
-    current: ArcSwapOption<LoadedModel>,
-    state: Mutex<ModelState>,
+    served: ArcSwap<Vec<Arc<ServedVersion>>>,
+    status: Mutex<Status>,
+    /// Statistics per version, kept across reloads of the same version.
+    stats: Mutex<BTreeMap<String, Arc<ModelStats>>>,
+    /// Serialises loads and unloads of this model (the cold path).
+    changing: Mutex<()>,
 }
 
-/// A model ready to serve.
-pub struct LoadedModel {
+#[derive(Default)]
+struct Status {
+    loading: bool,
+    unloaded: bool,
+    /// The last failure per version (or for the model as a whole, under ""), cleared on success.
+    failures: BTreeMap<String, String>,
+}
+
+/// A version being served.
+pub struct ServedVersion {
+    pub version: String,
+    pub files: VersionFiles,
+    fingerprint: Fingerprint,
+    pub stats: Arc<ModelStats>,
     pub signature: Signature,
     pub backend: &'static str,
     /// The execution provider, for backends that have them.
@@ -57,75 +76,188 @@ pub struct LoadedModel {
     queue: Sender<Job>,
 }
 
-/// The queue is full (or closed by an unload): the caller answers 503.
+/// The queue is full (or closed): the caller answers 503.
 #[derive(Debug)]
 pub struct QueueFull {
     pub bound: usize,
 }
 
-/// Why a model could not be loaded.
+/// Why a model or one of its versions could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("model `{name}`: {source}")]
-    Model { name: String, source: crate::Error },
+    #[error("model `{name}`: {reason}")]
+    Versions { name: String, reason: String },
+    #[error("model `{name}` version {version}: {source}")]
+    Version { name: String, version: String, source: crate::Error },
+}
+
+/// One line of the repository index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexEntry {
+    pub version: Option<String>,
+    pub state: ModelState,
 }
 
 impl ModelSlot {
-    /// An empty slot, in state `Loading`.
+    /// An empty slot (nothing served yet, state `LOADING`).
     pub fn new(spec: ModelSpec) -> ModelSlot {
         ModelSlot {
             spec,
-            stats: Arc::default(),
-            current: ArcSwapOption::empty(),
-            state: Mutex::new(ModelState::Loading),
+            served: ArcSwap::from_pointee(Vec::new()),
+            status: Mutex::new(Status { loading: true, ..Status::default() }),
+            stats: Mutex::default(),
+            changing: Mutex::new(()),
         }
     }
 
-    /// The model being served, if any.
-    pub fn current(&self) -> Option<Arc<LoadedModel>> {
-        self.current.load_full()
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where the model is in its life.
+    /// The versions served now, lowest first.
+    pub fn served(&self) -> Arc<Vec<Arc<ServedVersion>>> {
+        self.served.load_full()
+    }
+
+    /// The version a request names, or the highest one served.
+    pub fn version(&self, version: Option<&str>) -> Option<Arc<ServedVersion>> {
+        let served = self.served.load();
+        match version {
+            None => served.last().cloned(),
+            Some(v) => served.iter().find(|s| s.version == v).cloned(),
+        }
+    }
+
+    /// Whether the model serves at least one version.
+    pub fn is_ready(&self) -> bool {
+        !self.served.load().is_empty()
+    }
+
+    /// The model's state as one word and, when unavailable, why.
     pub fn state(&self) -> ModelState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set_state(&self, s: ModelState) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
-    }
-
-    /// Loads the model (parse, check, prepare, golden check) and starts serving it. On failure
-    /// whatever was served before keeps serving, and the slot records why.
-    pub fn load(&self) -> Result<(), LoadError> {
-        let started = Instant::now();
-        match prepare(&self.spec) {
-            Ok(Prepared { session, backend, golden_diff }) => {
-                let loaded = LoadedModel::start(&self.spec, session, backend, self.stats.clone());
-                self.current.store(Some(Arc::new(loaded)));
-                self.set_state(ModelState::Ready);
-                tracing::info!(
-                    model = %self.spec.name, version = %self.spec.version, backend,
-                    golden_max_diff = golden_diff, load_ms = started.elapsed().as_millis() as u64,
-                    "model ready"
-                );
-                Ok(())
-            }
-            Err(source) => {
-                let err = LoadError::Model { name: self.spec.name.clone(), source };
-                if self.current().is_none() {
-                    self.set_state(ModelState::Unavailable(err.to_string()));
-                }
-                tracing::error!(model = %self.spec.name, version = %self.spec.version, error = %err, "model not loaded");
-                Err(err)
-            }
+        if self.is_ready() {
+            return ModelState::Ready;
+        }
+        let status = self.status();
+        if status.loading {
+            ModelState::Loading
+        } else if status.unloaded {
+            ModelState::Unavailable("unloaded".into())
+        } else {
+            ModelState::Unavailable(status.failures.values().next().cloned().unwrap_or_else(|| "not loaded".into()))
         }
     }
 
-    /// Stops serving the model; requests already queued still finish.
+    /// The repository index lines: each version served, and each that failed and is not served.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let served = self.served();
+        let mut entries: Vec<IndexEntry> =
+            served.iter().map(|s| IndexEntry { version: Some(s.version.clone()), state: ModelState::Ready }).collect();
+        let status = self.status();
+        for (version, reason) in &status.failures {
+            if version.is_empty() || !served.iter().any(|s| &s.version == version) {
+                let version = (!version.is_empty()).then(|| version.clone());
+                entries.push(IndexEntry { version, state: ModelState::Unavailable(reason.clone()) });
+            }
+        }
+        drop(status);
+        if entries.is_empty() {
+            entries.push(IndexEntry { version: None, state: self.state() });
+        }
+        entries
+    }
+
+    /// How many versions (or the model as a whole) failed their last load.
+    pub fn failures(&self) -> usize {
+        self.status().failures.len()
+    }
+
+    /// Statistics of every version seen, by version.
+    pub fn stats(&self) -> BTreeMap<String, Arc<ModelStats>> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stats_for(&self, version: &str) -> Arc<ModelStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(version.to_owned()).or_default().clone()
+    }
+
+    /// Brings the served versions in line with the model's source: loads and warms new or
+    /// changed versions beside the serving ones, then swaps the set at once; drops versions the
+    /// source no longer names. A version that fails keeps its previous session serving, if it
+    /// had one. Returns the failures.
+    pub fn load(&self) -> Vec<LoadError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let name = &self.spec.name;
+        let wanted = match repository::versions(&self.spec) {
+            Ok(v) => v,
+            Err(reason) => {
+                let mut status = self.status();
+                status.loading = false;
+                status.failures.insert(String::new(), reason.clone());
+                tracing::error!(model = %name, error = %reason, "model not loaded");
+                return vec![LoadError::Versions { name: name.clone(), reason }];
+            }
+        };
+        let current = self.served();
+        let mut next: Vec<Arc<ServedVersion>> = Vec::with_capacity(wanted.len());
+        let mut failures = Vec::new();
+        let mut reasons = BTreeMap::new();
+        for files in wanted {
+            let fingerprint = files.fingerprint();
+            let existing = current.iter().find(|s| s.version == files.version);
+            if let Some(s) = existing.filter(|s| s.fingerprint == fingerprint && s.files == files) {
+                next.push(s.clone());
+                continue;
+            }
+            let started = Instant::now();
+            match prepare(&self.spec, &files) {
+                Ok(p) => {
+                    tracing::info!(
+                        model = %name, version = %files.version, backend = p.backend,
+                        provider = p.session.provider().map(|c| c.provider.as_str()),
+                        golden_max_diff = p.golden_diff, load_ms = started.elapsed().as_millis() as u64,
+                        "model version ready"
+                    );
+                    let stats = self.stats_for(&files.version);
+                    next.push(Arc::new(ServedVersion::start(&self.spec, files, fingerprint, p, stats)));
+                }
+                Err(source) => {
+                    let err = LoadError::Version { name: name.clone(), version: files.version.clone(), source };
+                    tracing::error!(model = %name, version = %files.version, error = %err, kept_serving = existing.is_some(), "model version not loaded");
+                    reasons.insert(files.version.clone(), err.to_string());
+                    if let Some(s) = existing {
+                        next.push(s.clone());
+                    }
+                    failures.push(err);
+                }
+            }
+        }
+        if !failures.is_empty() {
+            // A version that failed never replaces what serves: keep every version serving now
+            // that the new set would drop, until a load succeeds.
+            for c in current.iter() {
+                if !next.iter().any(|n| n.version == c.version) {
+                    next.push(c.clone());
+                }
+            }
+        }
+        next.sort_by(|a, b| repository::version_order(&a.version).cmp(&repository::version_order(&b.version)));
+        let removed: Vec<&str> =
+            current.iter().filter(|c| !next.iter().any(|n| Arc::ptr_eq(c, n))).map(|c| c.version.as_str()).collect();
+        if !removed.is_empty() {
+            tracing::info!(model = %name, versions = ?removed, "replaced versions finish their in-flight requests, then close");
+        }
+        self.served.store(Arc::new(next));
+        let mut status = self.status();
+        *status = Status { loading: false, unloaded: false, failures: reasons };
+        failures
+    }
+
+    /// Stops serving every version; requests already queued still finish.
     pub fn unload(&self) {
-        self.current.store(None);
-        self.set_state(ModelState::Unavailable("unloaded".into()));
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.served.store(Arc::new(Vec::new()));
+        *self.status() = Status { loading: false, unloaded: true, failures: BTreeMap::new() };
         tracing::info!(model = %self.spec.name, "model unloaded");
     }
 }
@@ -139,7 +271,7 @@ struct Prepared {
 }
 
 /// Parse, check and prepare on the configured backend, then warm up (the golden check).
-fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
+fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::Error> {
     let backend = backend::by_name(&spec.backend)?;
     let options = SessionOptions {
         intra_op_threads: spec.intra_op_threads,
@@ -148,14 +280,15 @@ fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
         provider_options: spec.provider_options.clone(),
         instances: spec.workers,
     };
-    let graph = ModelGraph::read(&spec.path)?;
+    let graph = ModelGraph::read(&files.model)?;
     backend.check(&graph)?;
     if spec.batching.is_some() {
-        batcher::check_batchable(&graph).map_err(|reason| BackendError::Refused { path: spec.path.clone(), reason })?;
+        batcher::check_batchable(&graph)
+            .map_err(|reason| BackendError::Refused { path: files.model.clone(), reason })?;
     }
     let session: Arc<dyn Session> = backend.prepare(&graph, &options)?.into();
     // Warm-up: the golden inputs where they ship, else one all-zero batch of one.
-    let golden_diff = match &spec.golden {
+    let golden_diff = match &files.golden {
         Some(path) => Some(Golden::read(path)?.check(path, session.as_ref())?),
         None => {
             warm_up(session.as_ref())?;
@@ -165,30 +298,46 @@ fn prepare(spec: &ModelSpec) -> Result<Prepared, crate::Error> {
     Ok(Prepared { session, backend: backend.name(), golden_diff })
 }
 
-impl LoadedModel {
+fn warm_up(session: &dyn Session) -> Result<(), BackendError> {
+    let inputs: Vec<Tensor> = session
+        .signature()
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec.shape.iter().map(|&d| d.max(1) as usize).collect();
+            let bytes = Tensor::shape_elements(&shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
+            Tensor { name: spec.name.clone(), datatype: spec.datatype, shape, data: vec![0; bytes] }
+        })
+        .collect();
+    session.run(&inputs).map(drop)
+}
+
+impl ServedVersion {
     fn start(
         spec: &ModelSpec,
-        session: Arc<dyn Session>,
-        backend: &'static str,
+        files: VersionFiles,
+        fingerprint: Fingerprint,
+        p: Prepared,
         stats: Arc<ModelStats>,
-    ) -> LoadedModel {
+    ) -> ServedVersion {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(spec.queue_bound);
         for i in 0..spec.workers {
-            let rx = rx.clone();
-            let session = session.clone();
-            let stats = stats.clone();
-            let batching = spec.batching.clone();
-            let name = format!("infer-{}-{i}", spec.name);
+            let (rx, session, stats, batching) = (rx.clone(), p.session.clone(), stats.clone(), spec.batching.clone());
+            let name = format!("infer-{}-{}-{i}", spec.name, files.version);
             let spawned =
                 std::thread::Builder::new().name(name).spawn(move || batcher::run_worker(rx, session, stats, batching));
             if let Err(e) = spawned {
                 tracing::error!(model = %spec.name, error = %e, "could not start an inference thread");
             }
         }
-        LoadedModel {
-            signature: session.signature().clone(),
-            backend,
-            provider: session.provider().cloned(),
+        ServedVersion {
+            version: files.version.clone(),
+            files,
+            fingerprint,
+            stats,
+            signature: p.session.signature().clone(),
+            backend: p.backend,
+            provider: p.session.provider().cloned(),
             queue: tx,
         }
     }
@@ -204,18 +353,4 @@ impl LoadedModel {
             }
         }
     }
-}
-
-fn warm_up(session: &dyn Session) -> Result<(), BackendError> {
-    let inputs: Vec<Tensor> = session
-        .signature()
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<usize> = spec.shape.iter().map(|&d| d.max(1) as usize).collect();
-            let bytes = Tensor::shape_elements(&shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
-            Tensor { name: spec.name.clone(), datatype: spec.datatype, shape, data: vec![0; bytes] }
-        })
-        .collect();
-    session.run(&inputs).map(drop)
 }

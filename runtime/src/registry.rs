@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::config::ModelSpec;
-use crate::model::{LoadError, ModelSlot, ModelState};
+use crate::model::{LoadError, ModelSlot};
 
 /// Every configured model, in configuration order.
 pub struct Registry {
@@ -32,12 +32,12 @@ impl Registry {
     pub fn load_all(&self) -> Vec<LoadError> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = self.slots.iter().map(|slot| scope.spawn(move || slot.load())).collect();
-            handles.into_iter().filter_map(|h| h.join().ok().and_then(Result::err)).collect()
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         })
     }
 
     /// Ready when every configured model is loaded and has passed its warm-up.
     pub fn is_ready(&self) -> bool {
-        self.slots.iter().all(|s| s.state() == ModelState::Ready)
+        self.slots.iter().all(|s| s.is_ready())
     }
 }

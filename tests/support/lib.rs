@@ -89,7 +89,11 @@ pub fn outpost_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let bin = dir.join(format!("outpost{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build --workspace --bins; tools/test.sh does)",
+        bin.display()
+    );
     bin
 }
 

@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::error::ApiError;
 use super::request::{self, InferRequest, OutputRequest};
 use crate::App;
+use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::Outcome;
 use crate::tensor::Tensor;
 
@@ -29,27 +30,30 @@ pub async fn infer(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let slot = match app.slot(&path) {
-        Ok(slot) => slot.clone(),
+    let (slot, model) = match app.served(&path) {
+        Ok((slot, model)) => (slot.clone(), model),
         Err(e) => return e.into_response(),
     };
-    let (outcome, response) = match run(&app, &slot, &headers, body).await {
+    let (outcome, response) = match run(&app, &slot, &model, &headers, body).await {
         Ok(r) => (Outcome::Success, r),
         Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => (Outcome::Rejected, e.into_response()),
         Err(e) => {
-            tracing::debug!(model = %slot.spec.name, status = e.status.as_u16(), error = %e.message, "inference request failed");
+            tracing::debug!(model = %slot.spec.name, version = %model.version, status = e.status.as_u16(), error = %e.message, "inference request failed");
             (Outcome::Failure, e.into_response())
         }
     };
-    slot.stats.record(outcome, started.elapsed());
+    model.stats.record(outcome, started.elapsed());
     response
 }
 
-async fn run(app: &App, slot: &crate::model::ModelSlot, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn run(
+    app: &App,
+    slot: &ModelSlot,
+    model: &ServedVersion,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let spec = &slot.spec;
-    let Some(model) = slot.current() else {
-        return Err(ApiError::unavailable(format!("model `{}` is not ready ({})", spec.name, slot.state().as_str())));
-    };
     let header_len =
         match headers.get(HEADER_LENGTH) {
             None => None,
@@ -82,7 +86,7 @@ async fn run(app: &App, slot: &crate::model::ModelSlot, headers: &HeaderMap, bod
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"))?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(encode(&spec.name, &spec.version, id, results, outputs, binary_output))
+    Ok(encode(&spec.name, &model.version, id, results, outputs, binary_output))
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<bytes::Bytes, ApiError> {

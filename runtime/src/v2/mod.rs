@@ -20,7 +20,7 @@ pub use error::ApiError;
 pub use infer::HEADER_LENGTH;
 
 use crate::App;
-use crate::model::ModelSlot;
+use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::METRIC_HEADERS;
 
 /// Extensions this server implements, as `GET /v2` lists them.
@@ -51,22 +51,37 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 impl App {
-    /// The model (and version, when the path names one) a request is for.
+    /// The model a request path names.
     pub(crate) fn slot(&self, path: &HashMap<String, String>) -> Result<&Arc<ModelSlot>, ApiError> {
         let name = path.get("m").map(String::as_str).unwrap_or_default();
-        let slot = self.registry.get(name).ok_or_else(|| {
+        self.registry.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.registry.slots().iter().map(|s| s.spec.name.as_str()).collect();
             ApiError::not_found(format!("unknown model `{name}` (serving: {})", known.join(", ")))
-        })?;
-        if let Some(v) = path.get("v")
-            && *v != slot.spec.version
-        {
-            return Err(ApiError::not_found(format!(
-                "model `{name}` has no version `{v}` (serving version {})",
-                slot.spec.version
-            )));
+        })
+    }
+
+    /// The model and version a request path names (the highest version when it names none).
+    pub(crate) fn served(
+        &self,
+        path: &HashMap<String, String>,
+    ) -> Result<(&Arc<ModelSlot>, Arc<ServedVersion>), ApiError> {
+        let slot = self.slot(path)?;
+        let name = &slot.spec.name;
+        let wanted = path.get("v").map(String::as_str);
+        match slot.version(wanted) {
+            Some(v) => Ok((slot, v)),
+            None if !slot.is_ready() => {
+                Err(ApiError::unavailable(format!("model `{name}` is not ready ({})", slot.state().as_str())))
+            }
+            None => {
+                let serving: Vec<String> = slot.served().iter().map(|s| s.version.clone()).collect();
+                Err(ApiError::not_found(format!(
+                    "model `{name}` has no version `{}` (serving versions: {})",
+                    wanted.unwrap_or_default(),
+                    serving.join(", ")
+                )))
+            }
         }
-        Ok(slot)
     }
 }
 
@@ -82,7 +97,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         .registry
         .slots()
         .iter()
-        .filter(|s| s.current().is_none())
+        .filter(|s| !s.is_ready())
         .map(|s| format!("{} ({})", s.spec.name, s.state().as_str()))
         .collect();
     ApiError::bad_request(format!("not ready: waiting for {}", waiting.join(", "))).into_response()
@@ -96,17 +111,16 @@ async fn model_metadata(
     State(app): State<Arc<App>>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let slot = app.slot(&path)?;
-    let model = slot.current().ok_or_else(|| {
-        ApiError::unavailable(format!("model `{}` is not ready ({})", slot.spec.name, slot.state().as_str()))
-    })?;
+    let (slot, model) = app.served(&path)?;
+    let versions: Vec<String> = slot.served().iter().map(|s| s.version.clone()).collect();
     Ok(Json(json!({
         "name": slot.spec.name,
-        "versions": [slot.spec.version],
+        "versions": versions,
         "platform": "onnx",
         "inputs": model.signature.inputs,
         "outputs": model.signature.outputs,
         "parameters": {
+            "version": model.version,
             "backend": model.backend,
             "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
             "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
@@ -118,29 +132,31 @@ async fn model_ready(
     State(app): State<Arc<App>>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<StatusCode, ApiError> {
-    let slot = app.slot(&path)?;
-    match slot.current() {
-        Some(_) => Ok(StatusCode::OK),
-        None => {
-            Err(ApiError::bad_request(format!("model `{}` is not ready ({})", slot.spec.name, slot.state().as_str())))
-        }
+    match app.served(&path) {
+        Ok(_) => Ok(StatusCode::OK),
+        // Not ready is a 4xx "false" in V2; an unknown version stays a 404.
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => Err(ApiError::bad_request(e.message)),
+        Err(e) => Err(e),
     }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut out = String::from(METRIC_HEADERS);
     for slot in app.registry.slots() {
-        slot.stats.render(&mut out, &slot.spec.name, &slot.spec.version);
+        for (version, stats) in slot.stats() {
+            stats.render(&mut out, &slot.spec.name, &version);
+        }
     }
-    out.push_str(
-        "# HELP outpost_model_ready Whether the model is loaded and serving.\n# TYPE outpost_model_ready gauge\n",
-    );
+    out.push_str("# HELP outpost_model_ready Versions loaded and serving.\n# TYPE outpost_model_ready gauge\n");
     for slot in app.registry.slots() {
-        let up = slot.current().is_some() as u8;
-        out.push_str(&format!(
-            "outpost_model_ready{{model=\"{}\",version=\"{}\"}} {up}\n",
-            slot.spec.name, slot.spec.version
-        ));
+        for s in slot.served().iter() {
+            out.push_str(&format!("outpost_model_ready{{model=\"{}\",version=\"{}\"}} 1\n", slot.spec.name, s.version));
+        }
+    }
+    out.push_str("# HELP outpost_model_load_failures Versions that failed their last load.\n# TYPE outpost_model_load_failures gauge\n");
+    for slot in app.registry.slots() {
+        let failed = slot.failures();
+        out.push_str(&format!("outpost_model_load_failures{{model=\"{}\"}} {failed}\n", slot.spec.name));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::App;
-use crate::model::{ModelSlot, ModelState};
-use crate::stats::Histogram;
+use crate::model::ModelState;
+use crate::stats::{Histogram, ModelStats};
 
 pub async fn index(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
     // Triton's clients POST `{"ready": true}` to list only ready models; the body is optional.
@@ -33,20 +33,22 @@ pub async fn index(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resu
             }
         }
     };
-    let entries: Vec<Value> = app
-        .registry
-        .slots()
-        .iter()
-        .filter(|s| !ready_only || s.current().is_some())
-        .map(|s| {
-            let state = s.state();
-            let mut e = json!({ "name": s.spec.name, "version": s.spec.version, "state": state.as_str() });
-            if let ModelState::Unavailable(reason) = state {
+    let mut entries = Vec::new();
+    for slot in app.registry.slots() {
+        for entry in slot.index() {
+            if ready_only && entry.state != ModelState::Ready {
+                continue;
+            }
+            let mut e = json!({ "name": slot.spec.name, "state": entry.state.as_str() });
+            if let Some(v) = entry.version {
+                e["version"] = json!(v);
+            }
+            if let ModelState::Unavailable(reason) = entry.state {
                 e["reason"] = json!(reason);
             }
-            e
-        })
-        .collect();
+            entries.push(e);
+        }
+    }
     Ok(Json(Value::Array(entries)))
 }
 
@@ -55,11 +57,13 @@ pub async fn load(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<StatusCode, ApiError> {
     let slot = app.slot(&path)?.clone();
-    tokio::task::spawn_blocking(move || slot.load())
+    let failures = tokio::task::spawn_blocking(move || slot.load())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::bad_request(format!("load failed: {e}")))?;
-    Ok(StatusCode::OK)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match failures.first() {
+        None => Ok(StatusCode::OK),
+        Some(first) => Err(ApiError::bad_request(format!("load failed (what was serving still serves): {first}"))),
+    }
 }
 
 pub async fn unload(
@@ -75,21 +79,36 @@ pub async fn model_stats(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = app.slot(&path)?;
-    Ok(Json(json!({ "model_stats": [stats_of(slot)] })))
+    let wanted = path.get("v");
+    let stats: Vec<Value> = slot
+        .stats()
+        .iter()
+        .filter(|(v, _)| wanted.is_none_or(|w| w == *v))
+        .map(|(v, s)| stats_of(&slot.spec.name, v, s))
+        .collect();
+    if stats.is_empty() && wanted.is_some() {
+        return Err(ApiError::not_found(format!("model `{}` has no statistics for that version", slot.spec.name)));
+    }
+    Ok(Json(json!({ "model_stats": stats })))
 }
 
 pub async fn all_stats(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "model_stats": app.registry.slots().iter().map(|s| stats_of(s)).collect::<Vec<_>>() }))
+    let stats: Vec<Value> = app
+        .registry
+        .slots()
+        .iter()
+        .flat_map(|slot| slot.stats().into_iter().map(|(v, s)| stats_of(&slot.spec.name, &v, &s)).collect::<Vec<_>>())
+        .collect();
+    Json(json!({ "model_stats": stats }))
 }
 
-/// One model's statistics in the layout of Triton's statistics extension.
-fn stats_of(slot: &ModelSlot) -> Value {
-    let s = &slot.stats;
+/// One version's statistics in the layout of Triton's statistics extension.
+fn stats_of(name: &str, version: &str, s: &ModelStats) -> Value {
     let h = |h: &Histogram| json!({ "count": h.count(), "ns": h.sum_ns() });
     let zero = json!({ "count": 0, "ns": 0 });
     json!({
-        "name": slot.spec.name,
-        "version": slot.spec.version,
+        "name": name,
+        "version": version,
         "last_inference": s.last_inference_ms.load(Relaxed),
         "inference_count": s.success.load(Relaxed),
         "execution_count": s.executions.load(Relaxed),
