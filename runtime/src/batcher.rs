@@ -76,9 +76,9 @@ pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<Mo
     loop {
         let first = match carried.take() {
             Some(job) => job,
-            None => match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+            None => match next_job(&queue) {
+                Some(job) => job,
+                None => return,
             },
         };
         stats.queue.observe(first.enqueued.elapsed());
@@ -93,7 +93,7 @@ pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<Mo
         let mut rows = first.rows();
         let mut jobs = vec![first];
         while rows < b.max_batch_size && !b.preferred_batch_sizes.contains(&rows) {
-            let next = match queue.recv_deadline(deadline) {
+            let next = match recv_until(&queue, deadline) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             };
@@ -109,6 +109,50 @@ pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<Mo
             jobs.push(next);
         }
         execute(session.as_ref(), &stats, jobs);
+    }
+}
+
+/// How long an idle worker polls its queue before it sleeps. A sleeping thread costs a futex wake
+/// on the next request, tens of microseconds on a small box; a short poll keeps a steady stream
+/// of requests off that path (see docs/benchmarks.md).
+const IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The next job: polled for [`IDLE_SPIN`], then waited for. `None` when the queue is closed.
+fn next_job(queue: &Receiver<Job>) -> Option<Job> {
+    let spin_until = Instant::now() + IDLE_SPIN;
+    loop {
+        match queue.try_recv() {
+            Ok(job) => return Some(job),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+            Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < spin_until => std::hint::spin_loop(),
+            Err(crossbeam_channel::TryRecvError::Empty) => return queue.recv().ok(),
+        }
+    }
+}
+
+/// Sleeping until a deadline wakes late (timer slack, the futex wake): sleep until this long
+/// before it, then poll, so a batch never waits much past `max_queue_delay`.
+const DEADLINE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// The next job before `deadline`.
+fn recv_until(queue: &Receiver<Job>, deadline: Instant) -> Result<Job, RecvTimeoutError> {
+    if let Some(sleep_until) = deadline.checked_sub(DEADLINE_SPIN)
+        && Instant::now() < sleep_until
+    {
+        match queue.recv_deadline(sleep_until) {
+            Err(RecvTimeoutError::Timeout) => {}
+            other => return other,
+        }
+    }
+    loop {
+        match queue.try_recv() {
+            Ok(job) => return Ok(job),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+            Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() >= deadline => {
+                return Err(RecvTimeoutError::Timeout);
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
     }
 }
 
