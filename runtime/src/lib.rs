@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod batcher;
 pub mod config;
+pub mod escalation;
 pub mod golden;
 pub mod model;
 pub mod onnx;
@@ -37,6 +38,8 @@ pub struct App {
     pub registry: registry::Registry,
     pub max_body_bytes: usize,
     pub auth_token: Option<String>,
+    /// Where uploaded hard examples go; `None`: this server does not collect them.
+    pub hard_example_sink: Option<std::path::PathBuf>,
 }
 
 impl App {
@@ -50,6 +53,7 @@ impl App {
             registry: registry::Registry::new(config.models.clone()),
             max_body_bytes: config.max_body_bytes,
             auth_token: config.auth_token.clone(),
+            hard_example_sink: config.hard_example_sink.clone(),
         })
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use outpost_runtime::config::{Config, DEFAULT_MODEL_DIR, ModelConfig};
+use outpost_runtime::config::{Config, DEFAULT_MODEL_DIR, EscalationConfig, ModelConfig};
 use outpost_runtime::onnx::ModelGraph;
 use outpost_runtime::{App, backend, server, v2};
 
@@ -72,6 +72,24 @@ struct ServeArgs {
     /// this build has it).
     #[arg(long, conflicts_with = "config")]
     backend: Option<String>,
+    /// Escalate unsure cases of the --model models to this central V2 server (http://host:port).
+    #[arg(long, requires = "model", conflicts_with = "config")]
+    central: Option<String>,
+    /// The central model's name (default: the local model's name).
+    #[arg(long, requires = "central")]
+    central_model: Option<String>,
+    /// Escalate when the confidence is below this.
+    #[arg(long, requires = "central", default_value_t = 0.9)]
+    threshold: f64,
+    /// Confidence measure: max_probability, margin or entropy.
+    #[arg(long, requires = "central", default_value = "max_probability")]
+    policy: String,
+    /// Keep hard examples here while the central is unreachable.
+    #[arg(long, requires = "central")]
+    hard_example_queue: Option<PathBuf>,
+    /// Collect hard examples uploaded by edges (POST /v2/hard-examples) in this folder.
+    #[arg(long, conflicts_with = "config")]
+    hard_example_sink: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +143,21 @@ fn build_config(args: &ServeArgs) -> Result<Config, outpost_runtime::config::Con
         for m in &mut config.models {
             m.backend = Some(backend.clone());
         }
+    }
+    if let Some(central) = &args.central {
+        for m in &mut config.models {
+            m.escalation = Some(EscalationConfig {
+                central_url: central.clone(),
+                central_model: args.central_model.clone().unwrap_or_else(|| m.name.clone()),
+                threshold: args.threshold,
+                policy: Some(args.policy.clone()),
+                queue_dir: args.hard_example_queue.as_ref().map(|q| q.join(&m.name)),
+                ..EscalationConfig::default()
+            });
+        }
+    }
+    if let Some(sink) = &args.hard_example_sink {
+        config.server.hard_example_sink = Some(sink.clone());
     }
     Ok(config)
 }

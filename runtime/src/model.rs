@@ -9,7 +9,7 @@
 //! A version that fails to load or warm up never replaces the one serving.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use crate::backend::{self, BackendError, ProviderChoice, Session, SessionOptions, Signature};
 use crate::batcher::{self, Job, Reply};
 use crate::config::ModelSpec;
+use crate::escalation::Escalator;
 use crate::golden::Golden;
 use crate::onnx::ModelGraph;
 use crate::repository::{self, Fingerprint, VersionFiles};
@@ -53,6 +54,8 @@ pub struct ModelSlot {
     stats: Mutex<BTreeMap<String, Arc<ModelStats>>>,
     /// Serialises loads and unloads of this model (the cold path).
     changing: Mutex<()>,
+    /// Escalation to the central model, when configured (started at the first load).
+    escalator: OnceLock<Arc<Escalator>>,
 }
 
 #[derive(Default)]
@@ -107,7 +110,13 @@ impl ModelSlot {
             status: Mutex::new(Status { loading: true, ..Status::default() }),
             stats: Mutex::default(),
             changing: Mutex::new(()),
+            escalator: OnceLock::new(),
         }
+    }
+
+    /// Escalation to the central model, when configured and started.
+    pub fn escalator(&self) -> Option<&Arc<Escalator>> {
+        self.escalator.get()
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
@@ -188,6 +197,22 @@ impl ModelSlot {
     pub fn load(&self) -> Vec<LoadError> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let name = &self.spec.name;
+        if let Some(config) = &self.spec.escalation
+            && self.escalator.get().is_none()
+        {
+            match Escalator::start(config) {
+                Ok(e) => {
+                    let _ = self.escalator.set(e);
+                }
+                Err(io) => {
+                    let reason = format!("cannot open the hard-example queue: {io}");
+                    let mut status = self.status();
+                    status.loading = false;
+                    status.failures.insert(String::new(), reason.clone());
+                    return vec![LoadError::Versions { name: name.clone(), reason }];
+                }
+            }
+        }
         let wanted = match repository::versions(&self.spec) {
             Ok(v) => v,
             Err(reason) => {

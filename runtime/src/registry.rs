@@ -30,8 +30,20 @@ impl Registry {
     /// Loads every model, on as many threads as there are models (loading is CPU-bound and
     /// independent). Returns the failures.
     pub fn load_all(&self) -> Vec<LoadError> {
+        // Loading starts background work (draining hard examples) on the caller's runtime.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         std::thread::scope(|scope| {
-            let handles: Vec<_> = self.slots.iter().map(|slot| scope.spawn(move || slot.load())).collect();
+            let handles: Vec<_> = self
+                .slots
+                .iter()
+                .map(|slot| {
+                    let runtime = runtime.clone();
+                    scope.spawn(move || {
+                        let _entered = runtime.as_ref().map(|r| r.enter());
+                        slot.load()
+                    })
+                })
+                .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         })
     }

@@ -52,6 +52,11 @@ impl Histogram {
         self.record(v as f64, v);
     }
 
+    /// Records a fractional value; the sum keeps millionths.
+    pub fn record_value(&self, v: f64) {
+        self.record(v, (v * 1e6).max(0.0) as u64);
+    }
+
     fn record(&self, bucket_value: f64, sum: u64) {
         if let Some(i) = self.bounds.iter().position(|&b| bucket_value <= b) {
             self.counts[i].fetch_add(1, Relaxed);
@@ -70,7 +75,8 @@ impl Histogram {
         self.sum.load(Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str, sum_scale: f64) {
+    /// Appends the histogram in Prometheus text form; `sum_scale` converts the stored sum.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str, sum_scale: f64) {
         let mut cumulative = 0;
         for (bound, c) in self.bounds.iter().zip(&self.counts) {
             cumulative += c.load(Relaxed);

@@ -1,77 +1,14 @@
-//! Building V2 inference requests and reading responses, in JSON and with the binary tensor
-//! extension: shared by the benchmark and the end-to-end tests.
+//! V2 requests and responses for `outpostctl` and the tests: the runtime's client side, read
+//! from a [`Reply`].
 
-use outpost_runtime::tensor::{DataType, Tensor};
+use outpost_runtime::tensor::Tensor;
 use outpost_runtime::v2::HEADER_LENGTH;
-use serde_json::{Value, json};
+pub use outpost_runtime::v2::client::{Body, binary_request, json_request};
 
 use crate::http::Reply;
 
-/// A request body and the headers it needs.
-pub struct Body {
-    pub bytes: Vec<u8>,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-/// A JSON request with every input's `data` inline.
-pub fn json_request(inputs: &[Tensor]) -> Body {
-    let inputs: Vec<Value> = inputs
-        .iter()
-        .map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.to_json() }))
-        .collect();
-    let bytes = json!({ "inputs": inputs }).to_string().into_bytes();
-    Body { bytes, headers: vec![("content-type", "application/json".into())] }
-}
-
-/// A binary-extension request: inputs as raw bytes after the JSON header, outputs asked as binary.
-pub fn binary_request(inputs: &[Tensor]) -> Body {
-    let specs: Vec<Value> = inputs
-        .iter()
-        .map(|t| {
-            json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape,
-                    "parameters": { "binary_data_size": t.data.len() } })
-        })
-        .collect();
-    let header = json!({ "inputs": specs, "parameters": { "binary_data_output": true } }).to_string();
-    let mut bytes = header.clone().into_bytes();
-    for t in inputs {
-        bytes.extend_from_slice(&t.data);
-    }
-    Body {
-        bytes,
-        headers: vec![("content-type", "application/octet-stream".into()), (HEADER_LENGTH, header.len().to_string())],
-    }
-}
-
 /// The outputs of a successful response, JSON or binary.
 pub fn outputs(reply: &Reply) -> Result<Vec<Tensor>, String> {
-    let header_len = match reply.headers.get(HEADER_LENGTH) {
-        Some(v) => v.to_str().ok().and_then(|s| s.parse::<usize>().ok()).ok_or("bad header length")?,
-        None => reply.body.len(),
-    };
-    if header_len > reply.body.len() {
-        return Err("header length beyond the body".into());
-    }
-    let doc: Value = serde_json::from_slice(&reply.body[..header_len]).map_err(|e| e.to_string())?;
-    let mut binary = &reply.body[header_len..];
-    let mut out = Vec::new();
-    for o in doc["outputs"].as_array().ok_or("no outputs")? {
-        let datatype = o["datatype"].as_str().and_then(DataType::parse).ok_or("bad datatype")?;
-        let shape: Vec<usize> =
-            o["shape"].as_array().ok_or("no shape")?.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect();
-        let data = match o["parameters"]["binary_data_size"].as_u64() {
-            Some(n) => {
-                let n = n as usize;
-                if n > binary.len() {
-                    return Err("binary output beyond the body".into());
-                }
-                let (mine, rest) = binary.split_at(n);
-                binary = rest;
-                mine.to_vec()
-            }
-            None => Tensor::encode_json(datatype, o["data"].as_array().ok_or("no data")?).map_err(|e| e.to_string())?,
-        };
-        out.push(Tensor { name: o["name"].as_str().unwrap_or_default().into(), datatype, shape, data });
-    }
-    Ok(out)
+    let header_len = reply.headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("?"));
+    outpost_runtime::v2::client::parse_response(header_len, &reply.body).map(|(_, outputs)| outputs)
 }

@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::error::ApiError;
 use super::request::{self, InferRequest, OutputRequest};
 use crate::App;
+use crate::escalation::Overrides;
 use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::Outcome;
 use crate::tensor::Tensor;
@@ -62,9 +63,16 @@ async fn run(
             })?),
         };
     let body = read_body(body, headers, app.max_body_bytes).await?;
-    let InferRequest { id, inputs, outputs, binary_output, .. } = request::parse(&body, header_len)?;
+    let InferRequest { id, inputs, outputs, binary_output, parameters } = request::parse(&body, header_len)?;
     drop(body);
+    let overrides = Overrides::parse(&parameters).map_err(ApiError::bad_request)?;
+    let escalator = slot.escalator();
+    if overrides.any() && escalator.is_none() {
+        return Err(ApiError::bad_request(format!("model `{}` has no central model to escalate to", spec.name)));
+    }
     let inputs = request::bind(inputs, &spec.name, &model.signature, spec.allow_non_finite)?;
+    // The central gets the same inputs: keep a copy only when it may need them.
+    let forwarded = escalator.map(|_| inputs.clone());
     if let Some(wanted) = &outputs
         && let Some(unknown) = wanted.iter().find(|o| !model.signature.outputs.iter().any(|s| s.name == o.name))
     {
@@ -86,7 +94,14 @@ async fn run(
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"))?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(encode(&spec.name, &model.version, id, results, outputs, binary_output))
+    let (results, parameters) = match (escalator, forwarded) {
+        (Some(e), Some(inputs)) => {
+            let (results, outcome) = e.resolve(&spec.name, &model.version, &inputs, results, overrides).await;
+            (results, Some(outcome.parameters()))
+        }
+        _ => (results, None),
+    };
+    Ok(encode(&spec.name, &model.version, id, parameters, results, outputs, binary_output))
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<bytes::Bytes, ApiError> {
@@ -109,6 +124,7 @@ fn encode(
     model: &str,
     version: &str,
     id: Option<String>,
+    parameters: Option<Value>,
     results: Vec<Tensor>,
     wanted: Option<Vec<OutputRequest>>,
     binary_default: bool,
@@ -145,6 +161,9 @@ fn encode(
     doc.insert("model_version".into(), json!(version));
     if let Some(id) = id {
         doc.insert("id".into(), json!(id));
+    }
+    if let Some(p) = parameters {
+        doc.insert("parameters".into(), p);
     }
     doc.insert("outputs".into(), Value::Array(outputs));
     let mut body = serde_json::to_vec(&Value::Object(doc)).unwrap_or_default();

@@ -1,7 +1,9 @@
 //! The KServe V2 (Open Inference Protocol) REST API, with Triton's binary tensor, model
 //! repository and statistics extensions, and Prometheus `/metrics`.
 
+pub mod client;
 mod error;
+mod hard_examples;
 mod infer;
 mod repository;
 pub mod request;
@@ -44,6 +46,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v2/repository/index", get(repository::index).post(repository::index))
         .route("/v2/repository/models/{m}/load", post(repository::load))
         .route("/v2/repository/models/{m}/unload", post(repository::unload))
+        .route("/v2/hard-examples", post(hard_examples::upload))
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
@@ -145,6 +148,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     for slot in app.registry.slots() {
         for (version, stats) in slot.stats() {
             stats.render(&mut out, &slot.spec.name, &version);
+        }
+    }
+    out.push_str(crate::escalation::METRIC_HEADERS);
+    for slot in app.registry.slots() {
+        if let Some(e) = slot.escalator() {
+            e.render(&mut out, &slot.spec.name);
         }
     }
     out.push_str("# HELP outpost_model_ready Versions loaded and serving.\n# TYPE outpost_model_ready gauge\n");
