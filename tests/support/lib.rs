@@ -112,7 +112,11 @@ impl Daemon {
     /// Starts `outpost serve ARGS --listen 127.0.0.1:PORT` from the repository root and waits
     /// until it is ready. Panics with its stderr if it exits first.
     pub fn serve(args: &[&str]) -> Daemon {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Daemon::serve_at(format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
+    }
+
+    /// Like [`Daemon::serve`], on a given address.
+    pub fn serve_at(addr: SocketAddr, args: &[&str]) -> Daemon {
         let child = Command::new(outpost_bin())
             .arg("serve")
             .args(args)

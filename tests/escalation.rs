@@ -1,0 +1,235 @@
+//! Escalation to a central model, with a real second `outpost` (serving digits-central) as the
+//! central: confident cases stay local, unsure ones go central; a dead or slow central gives a
+//! flagged local answer within the timeout; the breaker opens and recovers; hard examples survive
+//! a restart and drain when the central returns; the queue's bounds hold.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use outpost_runtime::golden::max_abs_diff;
+use outpost_runtime::tensor::Tensor;
+use outpost_tests::{Daemon, Server, free_port, repo_root};
+use outpost_tools::http::Conn;
+use outpost_tools::v2client;
+use serde_json::{Value, json};
+
+fn test_rows(n: usize) -> Vec<Vec<f32>> {
+    let text = std::fs::read_to_string(repo_root().join("models/digits-test.csv")).unwrap();
+    text.lines().skip(1).take(n).map(|l| l.split(',').skip(1).map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("outpost-esc-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn central(addr: SocketAddr, sink: Option<&Path>) -> Daemon {
+    let mut args = vec!["--model", "models/digits-central.onnx"];
+    if let Some(s) = sink {
+        args.extend(["--hard-example-sink", s.to_str().unwrap()]);
+    }
+    Daemon::serve_at(addr, &args)
+}
+
+fn edge_config(central: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"digits\"\npath = \"models/digits-edge.onnx\"\n\
+         [models.escalation]\ncentral_url = \"http://{central}\"\ncentral_model = \"digits-central\"\n\
+         threshold = 0.99\ntimeout_ms = 300\n{extra}"
+    )
+}
+
+/// One row through the edge: (status, parameters, probabilities, elapsed).
+async fn ask(conn: &mut Conn, row: &[f32], params: Value) -> (u16, Value, Option<Tensor>, Duration) {
+    let body =
+        json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}], "parameters": params});
+    let t = Instant::now();
+    let r = conn.post_json("/v2/models/digits/infer", &body).await.unwrap();
+    let elapsed = t.elapsed();
+    let out = v2client::outputs(&r).ok().and_then(|mut o| o.pop());
+    (r.status, r.json()["parameters"].clone(), out, elapsed)
+}
+
+async fn metric(conn: &mut Conn, line_start: &str) -> f64 {
+    let text = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+    let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no metric {line_start}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confident_cases_stay_local_and_unsure_ones_go_central() {
+    let central_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _central = central(central_addr, None);
+    let edge = Server::start(&edge_config(central_addr, "")).await;
+    let mut conn = edge.conn().await;
+    let mut direct = Conn::connect(central_addr).await.unwrap();
+    let (mut local, mut escalated) = (0, 0);
+    for row in test_rows(60) {
+        let (status, params, out, _) = ask(&mut conn, &row, json!({})).await;
+        assert_eq!(status, 200);
+        let out = out.unwrap();
+        let confidence = params["confidence"].as_f64().unwrap();
+        let (_, _, forced_local, _) = ask(&mut conn, &row, json!({"escalation": "local"})).await;
+        match params["served_by"].as_str().unwrap() {
+            "local" => {
+                assert!(confidence >= 0.99, "{params}");
+                assert_eq!(params["escalation"], "not_needed");
+                assert_eq!(out, forced_local.unwrap());
+                local += 1;
+            }
+            "central" => {
+                assert!(confidence < 0.99, "{params}");
+                assert_eq!(params["escalation"], "ok");
+                let body = json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]});
+                let r = direct.post_json("/v2/models/digits-central/infer", &body).await.unwrap();
+                let central_out = &v2client::outputs(&r).unwrap()[0];
+                assert!(max_abs_diff(central_out, &out) <= 1e-6, "the central's answer is passed on");
+                escalated += 1;
+            }
+            other => panic!("served_by {other}"),
+        }
+    }
+    println!("{local} answered locally, {escalated} by the central");
+    assert!(local > 0 && escalated > 0, "{local} local, {escalated} escalated");
+    assert_eq!(metric(&mut conn, "outpost_escalations_total{model=\"digits\"}").await, escalated as f64);
+
+    // Per-request overrides.
+    let (_, params, _, _) = ask(&mut conn, &test_rows(1)[0], json!({"escalation": "central"})).await;
+    assert_eq!(params["served_by"], "central");
+    let (status, _, _, _) = ask(&mut conn, &test_rows(1)[0], json!({"escalation": "sometimes"})).await;
+    assert_eq!(status, 400);
+    let (_, params, _, _) = ask(&mut conn, &test_rows(1)[0], json!({"escalation_threshold": 1.0})).await;
+    assert_eq!(params["served_by"], "central", "every confidence is below 1.0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_central_gives_a_flagged_local_answer_within_the_timeout() {
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge = Server::start(&edge_config(nowhere, "")).await;
+    let mut conn = edge.conn().await;
+    let (status, params, out, elapsed) = ask(&mut conn, &test_rows(1)[0], json!({"escalation": "central"})).await;
+    assert_eq!(status, 200);
+    assert!(out.is_some());
+    assert_eq!((params["served_by"].as_str(), params["escalation"].as_str()), (Some("local"), Some("failed")));
+    assert!(params["escalation_error"].as_str().unwrap().contains("cannot reach the central"), "{params}");
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_central_is_cut_off_at_the_timeout() {
+    // A central that accepts connections and never answers: a fault a real server won't produce
+    // on demand.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let edge = Server::start(&edge_config(addr, "")).await;
+    let mut conn = edge.conn().await;
+    let (status, params, _, elapsed) = ask(&mut conn, &test_rows(1)[0], json!({"escalation": "central"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(params["escalation"], "failed");
+    assert!(params["escalation_error"].as_str().unwrap().contains("no answer within 300ms"), "{params}");
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2), "took {elapsed:?}");
+    assert_eq!(metric(&mut conn, "outpost_central_failures_total{model=\"digits\",kind=\"timeout\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_breaker_opens_after_failures_and_recovers() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge = Server::start(&edge_config(addr, "breaker_failures = 3\nbreaker_cooldown_ms = 300\n")).await;
+    let mut conn = edge.conn().await;
+    let row = &test_rows(1)[0];
+    for _ in 0..3 {
+        let (_, params, _, _) = ask(&mut conn, row, json!({"escalation": "central"})).await;
+        assert!(params["escalation_error"].as_str().unwrap().contains("cannot reach"), "{params}");
+    }
+    let (_, params, _, _) = ask(&mut conn, row, json!({"escalation": "central"})).await;
+    assert!(params["escalation_error"].as_str().unwrap().contains("circuit breaker open"), "{params}");
+    assert_eq!(metric(&mut conn, "outpost_central_breaker_state{model=\"digits\"}").await, 1.0);
+
+    let _central = tokio::task::spawn_blocking(move || central(addr, None)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let (_, params, _, _) = ask(&mut conn, row, json!({"escalation": "central"})).await;
+    assert_eq!(params["served_by"], "central", "the probe after the cool-down gets through: {params}");
+    assert_eq!(metric(&mut conn, "outpost_central_breaker_state{model=\"digits\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hard_examples_survive_a_restart_and_drain_when_the_central_returns() {
+    let dir = scratch("drain");
+    let (queue, sink) = (dir.join("queue"), dir.join("sink"));
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = edge_config(addr, &format!("queue_dir = {queue:?}\nbreaker_failures = 100\n"));
+    let edge = Server::start(&config).await;
+    let mut conn = edge.conn().await;
+    for row in test_rows(4) {
+        let (_, params, _, _) = ask(&mut conn, &row, json!({"escalation": "central"})).await;
+        assert_eq!(params["escalation"], "failed");
+    }
+    assert_eq!(metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await, 4.0);
+    drop(conn);
+    drop(edge);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let edge = Server::start(&config).await;
+    let mut conn = edge.conn().await;
+    assert_eq!(
+        metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await,
+        4.0,
+        "kept across the restart"
+    );
+
+    let sink_dir = sink.clone();
+    let _central = tokio::task::spawn_blocking(move || central(addr, Some(&sink_dir))).await.unwrap();
+    let mut stored = 0;
+    for _ in 0..200 {
+        stored = std::fs::read_dir(&sink).map(|d| d.count()).unwrap_or(0);
+        if stored == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, 4, "every hard example reached the central side");
+    assert_eq!(metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await, 0.0);
+    let example: Value = serde_json::from_slice(
+        &std::fs::read(std::fs::read_dir(&sink).unwrap().next().unwrap().unwrap().path()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(example["model"], "digits");
+    assert_eq!(example["inputs"][0]["shape"], json!([1, 64]));
+    assert_eq!(example["local_outputs"][0]["name"], "probabilities");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hard_example_queue_keeps_its_bounds() {
+    let dir = scratch("bounds");
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = edge_config(nowhere, &format!("queue_dir = {:?}\nqueue_max_items = 2\n", dir.join("queue")));
+    let edge = Server::start(&config).await;
+    let mut conn = edge.conn().await;
+    for row in test_rows(5) {
+        ask(&mut conn, &row, json!({"escalation": "central"})).await;
+    }
+    assert_eq!(metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await, 2.0);
+    assert_eq!(metric(&mut conn, "outpost_hard_examples_dropped_total{model=\"digits\"}").await, 3.0);
+    assert_eq!(std::fs::read_dir(dir.join("queue")).unwrap().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escalation_parameters_on_a_model_without_a_central_are_refused() {
+    let server = Server::start("[[models]]\nname = \"digits\"\npath = \"models/digits-edge.onnx\"\n").await;
+    let mut conn = server.conn().await;
+    let (status, _, _, _) = ask(&mut conn, &test_rows(1)[0], json!({"escalation": "central"})).await;
+    assert_eq!(status, 400);
+    let (status, params, _, _) = ask(&mut conn, &test_rows(1)[0], json!({})).await;
+    assert_eq!((status, params), (200, Value::Null), "plain models answer plain V2");
+}
