@@ -233,3 +233,36 @@ async fn escalation_parameters_on_a_model_without_a_central_are_refused() {
     let (status, params, _, _) = ask(&mut conn, &test_rows(1)[0], json!({})).await;
     assert_eq!((status, params), (200, Value::Null), "plain models answer plain V2");
 }
+
+#[test]
+fn outpostctl_eval_sweeps_thresholds_and_writes_a_plot() {
+    let central_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _central = central(central_addr, None);
+    let central_url = format!("http://{central_addr}");
+    let edge = Daemon::serve(&[
+        "--model",
+        "models/digits-edge.onnx:digits",
+        "--central",
+        &central_url,
+        "--central-model",
+        "digits-central",
+    ]);
+    let dir = scratch("eval");
+    let plot = dir.join("escalation.svg");
+    let ctl = outpost_tests::outpost_bin().with_file_name(format!("outpostctl{}", std::env::consts::EXE_SUFFIX));
+    let out = std::process::Command::new(ctl)
+        .args(["eval", "--edge", &edge.addr.to_string(), "--central", &central_addr.to_string()])
+        .args(["--limit", "30", "--thresholds", "0.9,0.999", "--plot", plot.to_str().unwrap()])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("30 labelled rows"), "{stdout}");
+    assert!(stdout.contains("| edge only |") && stdout.contains("| central only |"), "{stdout}");
+    assert_eq!(stdout.matches("| cascade |").count(), 6, "3 policies x 2 thresholds: {stdout}");
+    assert!(stdout.contains("| cascade | margin | 0.999 |"), "{stdout}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

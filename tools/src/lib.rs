@@ -1,6 +1,7 @@
 //! `outpostctl`'s library: the HTTP client and V2 request helpers it shares with the end-to-end
-//! tests, and the benchmark.
+//! tests, the benchmark and the escalation evaluation.
 
 pub mod bench;
+pub mod eval;
 pub mod http;
 pub mod v2client;

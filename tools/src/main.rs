@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, v2client};
+use outpost_tools::{bench, eval, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -20,6 +20,39 @@ enum Command {
     /// Load a running server with N keep-alive clients and print latency percentiles and
     /// requests/s, next to the raw backend call on the same input.
     Bench(BenchArgs),
+    /// Run the labelled held-out set through a running edge and its central, sweep escalation
+    /// policies and thresholds, print a table and write a plot.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The edge server (escalation configured for --model).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    edge: SocketAddr,
+    /// The model on the edge.
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// The central server, for the central-only baseline.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    central: SocketAddr,
+    #[arg(long, default_value = "digits-central")]
+    central_model: String,
+    /// Labelled rows: label, then the pixels.
+    #[arg(long, default_value = "models/digits-test.csv")]
+    data: PathBuf,
+    /// Use only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Comma-separated thresholds to try for each policy.
+    #[arg(long, value_delimiter = ',')]
+    thresholds: Vec<f64>,
+    /// Where to write the SVG plot.
+    #[arg(long, default_value = "escalation.svg")]
+    plot: PathBuf,
+    /// Accuracy margin (percentage points) to the central model for picking the best point.
+    #[arg(long, default_value_t = 0.5)]
+    within: f64,
 }
 
 #[derive(clap::Args)]
@@ -56,7 +89,34 @@ struct BenchArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => run_bench(args),
+        Command::Eval(args) => run_eval(args),
     }
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let rows = eval::read_rows(&args.data, args.limit)?;
+    let thresholds =
+        if args.thresholds.is_empty() { eval::DEFAULT_THRESHOLDS.to_vec() } else { args.thresholds.clone() };
+    let target =
+        eval::Target { edge: args.edge, model: args.model, central: args.central, central_model: args.central_model };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let points = runtime.block_on(eval::sweep(&target, &rows, &thresholds))?;
+    println!("{} labelled rows from {}\n", rows.len(), args.data.display());
+    print!("{}", eval::table(&points));
+    match eval::best(&points, args.within / 100.0) {
+        Some(b) => println!(
+            "\nbest: {} at {} escalates {:.1}% for {:.2}% accuracy (central only: {:.2}%)",
+            b.policy.unwrap_or("-"),
+            b.threshold.unwrap_or(0.0),
+            b.escalated * 100.0,
+            b.accuracy * 100.0,
+            points[1].accuracy * 100.0
+        ),
+        None => println!("\nno threshold comes within {} points of the central model", args.within),
+    }
+    std::fs::write(&args.plot, eval::plot(&points)).with_context(|| format!("writing {}", args.plot.display()))?;
+    println!("plot: {}", args.plot.display());
+    Ok(())
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {

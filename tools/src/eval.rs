@@ -1,0 +1,368 @@
+//! `outpostctl eval`: the labelled held-out set through a running edge and its central, with a
+//! sweep of escalation policies and thresholds, as a table and an SVG plot of accuracy against
+//! the fraction escalated.
+//!
+//! Every figure comes from real requests: each row is sent one at a time to the edge with the
+//! policy and threshold as request parameters, so the edge decides, calls the central when it is
+//! unsure, and says in `parameters.served_by` who answered. Bytes sent upstream are read from the
+//! edge's `outpost_central_bytes_sent_total` before and after each point.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::http::Conn;
+use crate::v2client;
+
+/// Thresholds tried for every policy unless given.
+pub const DEFAULT_THRESHOLDS: [f64; 9] = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999];
+/// The policies the edge knows.
+pub const POLICIES: [&str; 3] = ["max_probability", "margin", "entropy"];
+
+/// One labelled row.
+pub struct Row {
+    pub label: usize,
+    pub pixels: Vec<f32>,
+}
+
+/// Reads `label,p0..p63` rows.
+pub fn read_rows(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let mut fields = line.split(',');
+        let label = fields.next().and_then(|f| f.parse().ok()).with_context(|| format!("line {}: no label", i + 1))?;
+        let pixels = fields
+            .map(|f| f.parse::<f32>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("line {}", i + 1))?;
+        rows.push(Row { label, pixels });
+        if limit.is_some_and(|l| rows.len() >= l) {
+            break;
+        }
+    }
+    if rows.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    Ok(rows)
+}
+
+/// One point of the sweep (or a baseline).
+#[derive(Clone, Debug)]
+pub struct Point {
+    pub name: String,
+    pub policy: Option<&'static str>,
+    pub threshold: Option<f64>,
+    pub accuracy: f64,
+    pub escalated: f64,
+    pub bytes_up: u64,
+    pub mean: Duration,
+    pub p99: Duration,
+}
+
+/// Where to send requests.
+pub struct Target {
+    pub edge: SocketAddr,
+    pub model: String,
+    pub central: SocketAddr,
+    pub central_model: String,
+}
+
+fn argmax(t: &outpost_runtime::tensor::Tensor) -> usize {
+    let v = t.to_f64();
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0)
+}
+
+async fn run_point(
+    conn: &mut Conn,
+    path: &str,
+    rows: &[Row],
+    params: Value,
+    metrics: Option<&mut Conn>,
+) -> anyhow::Result<(f64, f64, u64, Duration, Duration)> {
+    let mut metrics = metrics;
+    let bytes_before = match metrics.as_deref_mut() {
+        Some(m) => bytes_sent(m).await?,
+        None => 0,
+    };
+    let (mut correct, mut escalated) = (0usize, 0usize);
+    let mut latencies = Vec::with_capacity(rows.len());
+    for row in rows {
+        let body = json!({
+            "inputs": [{"name": "input", "shape": [1, row.pixels.len()], "datatype": "FP32", "data": row.pixels}],
+            "parameters": params,
+        });
+        let t = Instant::now();
+        let r = conn.post_json(path, &body).await?;
+        latencies.push(t.elapsed());
+        if r.status != 200 {
+            bail!("{path} answered {}: {}", r.status, r.error());
+        }
+        let outputs = v2client::outputs(&r).map_err(anyhow::Error::msg)?;
+        let probs = outputs.first().context("no output")?;
+        correct += (argmax(probs) == row.label) as usize;
+        escalated += (r.json()["parameters"]["served_by"] == "central") as usize;
+    }
+    let bytes_after = match metrics.as_deref_mut() {
+        Some(m) => bytes_sent(m).await?,
+        None => 0,
+    };
+    latencies.sort_unstable();
+    let n = rows.len() as f64;
+    let mean = latencies.iter().sum::<Duration>() / latencies.len() as u32;
+    let p99 = latencies[((latencies.len() as f64 * 0.99).ceil() as usize).clamp(1, latencies.len()) - 1];
+    Ok((correct as f64 / n, escalated as f64 / n, bytes_after.saturating_sub(bytes_before), mean, p99))
+}
+
+async fn bytes_sent(conn: &mut Conn) -> anyhow::Result<u64> {
+    let text = String::from_utf8(conn.get("/metrics").await?.body.to_vec())?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("outpost_central_bytes_sent_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Runs the sweep: edge-only, central-only, then every policy at every threshold.
+pub async fn sweep(target: &Target, rows: &[Row], thresholds: &[f64]) -> anyhow::Result<Vec<Point>> {
+    let mut edge =
+        Conn::connect(target.edge).await.with_context(|| format!("connecting to the edge at {}", target.edge))?;
+    let mut edge_metrics = Conn::connect(target.edge).await?;
+    let mut central = Conn::connect(target.central)
+        .await
+        .with_context(|| format!("connecting to the central at {}", target.central))?;
+    let edge_path = format!("/v2/models/{}/infer", target.model);
+    let central_path = format!("/v2/models/{}/infer", target.central_model);
+    let mut points = Vec::new();
+    let (acc, esc, _, mean, p99) = run_point(&mut edge, &edge_path, rows, json!({"escalation": "local"}), None).await?;
+    points.push(Point {
+        name: "edge only".into(),
+        policy: None,
+        threshold: None,
+        accuracy: acc,
+        escalated: esc,
+        bytes_up: 0,
+        mean,
+        p99,
+    });
+    let (acc, _, _, mean, p99) = run_point(&mut central, &central_path, rows, json!({}), None).await?;
+    let per_row = v2client::binary_request(&[outpost_runtime::tensor::Tensor::from_f32(
+        "input",
+        vec![1, rows[0].pixels.len()],
+        &rows[0].pixels,
+    )])
+    .bytes
+    .len();
+    points.push(Point {
+        name: "central only".into(),
+        policy: None,
+        threshold: None,
+        accuracy: acc,
+        escalated: 1.0,
+        bytes_up: (per_row * rows.len()) as u64,
+        mean,
+        p99,
+    });
+    for policy in POLICIES {
+        for &t in thresholds {
+            let params = json!({"escalation_policy": policy, "escalation_threshold": t});
+            let (acc, esc, bytes, mean, p99) =
+                run_point(&mut edge, &edge_path, rows, params, Some(&mut edge_metrics)).await?;
+            points.push(Point {
+                name: "cascade".into(),
+                policy: Some(policy),
+                threshold: Some(t),
+                accuracy: acc,
+                escalated: esc,
+                bytes_up: bytes,
+                mean,
+                p99,
+            });
+        }
+    }
+    Ok(points)
+}
+
+/// The cascade point that escalates least while staying within `within` (e.g. 0.005) of the
+/// central-only accuracy.
+pub fn best(points: &[Point], within: f64) -> Option<&Point> {
+    let central = points.iter().find(|p| p.name == "central only")?.accuracy;
+    points
+        .iter()
+        .filter(|p| p.policy.is_some() && p.accuracy >= central - within - 1e-12)
+        .min_by(|a, b| a.escalated.total_cmp(&b.escalated).then(b.accuracy.total_cmp(&a.accuracy)))
+}
+
+/// The table as Markdown.
+pub fn table(points: &[Point]) -> String {
+    let mut s = String::from(
+        "| what | policy | threshold | accuracy | escalated | bytes up | mean latency | p99 latency |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.2}% | {:.1}% | {} | {:.0} µs | {:.0} µs |",
+            p.name,
+            p.policy.unwrap_or("-"),
+            p.threshold.map_or("-".into(), |t| t.to_string()),
+            p.accuracy * 100.0,
+            p.escalated * 100.0,
+            p.bytes_up,
+            p.mean.as_secs_f64() * 1e6,
+            p.p99.as_secs_f64() * 1e6
+        );
+    }
+    s
+}
+
+/// An SVG line chart: accuracy against the fraction escalated, one line per policy, and the
+/// edge-only and central-only accuracies as dashed lines.
+pub fn plot(points: &[Point]) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 170.0, 30.0, 60.0);
+    let lowest = points.iter().map(|p| p.accuracy).fold(1.0, f64::min);
+    let y_min = ((lowest * 100.0).floor() - 1.0).max(0.0) / 100.0;
+    let y_max = 1.0;
+    let x = |f: f64| left + f * (w - left - right);
+    let y = |a: f64| top + (y_max - a) / (y_max - y_min) * (h - top - bottom);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Cascade accuracy vs fraction escalated</text>\n",
+        (left + w - right) / 2.0
+    );
+    for i in 0..=10 {
+        let f = i as f64 / 10.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"#eee\"/><text x=\"{0}\" y=\"{3}\" text-anchor=\"middle\">{4:.0}%</text>",
+            x(f),
+            top,
+            h - bottom,
+            h - bottom + 16.0,
+            f * 100.0
+        );
+    }
+    let steps = ((y_max - y_min) * 100.0).round() as usize;
+    for i in 0..=steps {
+        let a = y_min + i as f64 / 100.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"#eee\"/><text x=\"{3}\" y=\"{4}\" text-anchor=\"end\">{5:.0}%</text>",
+            left,
+            y(a),
+            w - right,
+            left - 6.0,
+            y(a) + 4.0,
+            a * 100.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">fraction of requests escalated</text>",
+        (left + w - right) / 2.0,
+        h - 20.0
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"16\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {0})\">accuracy</text>",
+        (top + h - bottom) / 2.0
+    );
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    for (i, policy) in POLICIES.iter().enumerate() {
+        let mut pts: Vec<&Point> = points.iter().filter(|p| p.policy == Some(policy)).collect();
+        pts.sort_by(|a, b| a.escalated.total_cmp(&b.escalated));
+        let line: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", x(p.escalated), y(p.accuracy))).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
+            colors[i],
+            line.join(" ")
+        );
+        for p in &pts {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
+                x(p.escalated),
+                y(p.accuracy),
+                colors[i]
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/><text x=\"{4}\" y=\"{5}\">{6}</text>",
+            w - right + 10.0,
+            top + 20.0 + i as f64 * 20.0,
+            w - right + 30.0,
+            colors[i],
+            w - right + 36.0,
+            top + 24.0 + i as f64 * 20.0,
+            policy
+        );
+    }
+    for (name, dash) in [("edge only", "6,4"), ("central only", "2,3")] {
+        if let Some(p) = points.iter().find(|p| p.name == name) {
+            let _ = writeln!(
+                s,
+                "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"#555\" stroke-dasharray=\"{3}\"/><text x=\"{4}\" y=\"{5}\" fill=\"#555\">{6} {7:.2}%</text>",
+                left,
+                y(p.accuracy),
+                w - right,
+                dash,
+                w - right + 10.0,
+                y(p.accuracy) + 4.0,
+                name,
+                p.accuracy * 100.0
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(policy: Option<&'static str>, name: &str, accuracy: f64, escalated: f64) -> Point {
+        Point {
+            name: name.into(),
+            policy,
+            threshold: Some(0.9),
+            accuracy,
+            escalated,
+            bytes_up: 0,
+            mean: Duration::ZERO,
+            p99: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn the_best_point_escalates_least_within_the_margin() {
+        let points = vec![
+            point(None, "central only", 0.98, 1.0),
+            point(Some("margin"), "cascade", 0.970, 0.05),
+            point(Some("margin"), "cascade", 0.976, 0.12),
+            point(Some("entropy"), "cascade", 0.979, 0.30),
+        ];
+        let b = best(&points, 0.005).unwrap();
+        assert_eq!((b.accuracy, b.escalated), (0.976, 0.12));
+        assert!(best(&points, 0.0).is_none());
+    }
+
+    #[test]
+    fn the_plot_is_an_svg_with_a_line_per_policy() {
+        let points = vec![
+            point(None, "edge only", 0.96, 0.0),
+            point(None, "central only", 0.98, 1.0),
+            point(Some("margin"), "cascade", 0.97, 0.1),
+        ];
+        let svg = plot(&points);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(svg.contains("central only 98.00%"));
+    }
+}
