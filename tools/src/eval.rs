@@ -107,7 +107,7 @@ async fn run_point(
         correct += (argmax(probs) == row.label) as usize;
         escalated += (r.json()["parameters"]["served_by"] == "central") as usize;
     }
-    let bytes_after = match metrics.as_deref_mut() {
+    let bytes_after = match metrics {
         Some(m) => bytes_sent(m).await?,
         None => 0,
     };
