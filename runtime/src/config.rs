@@ -121,8 +121,10 @@ pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 64 << 20;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscalationConfig {
-    /// The central V2 server, `http://host:port`.
+    /// The central V2 server, `http://host:port` or `https://host:port`.
     pub central_url: String,
+    /// PEM file of the certificate authorities that sign the central's certificate (https).
+    pub central_ca: Option<PathBuf>,
     pub central_model: String,
     pub central_version: Option<String>,
     /// Bearer token for the central.
@@ -179,6 +181,8 @@ impl Policy {
 pub struct Escalation {
     /// `host:port` of the central.
     pub central_authority: String,
+    /// The CA file when the central speaks https; `None`: plain http.
+    pub central_tls_ca: Option<PathBuf>,
     pub central_model: String,
     pub central_version: Option<String>,
     pub central_token: Option<String>,
@@ -203,15 +207,28 @@ pub struct QueueLimits {
 
 impl EscalationConfig {
     fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<Escalation, ConfigError> {
-        let authority = match self.central_url.strip_prefix("http://") {
-            Some(rest) => rest.trim_end_matches('/'),
-            None if self.central_url.starts_with("https://") => {
+        let (authority, tls) = if let Some(rest) = self.central_url.strip_prefix("http://") {
+            (rest.trim_end_matches('/'), false)
+        } else if let Some(rest) = self.central_url.strip_prefix("https://") {
+            (rest.trim_end_matches('/'), true)
+        } else {
+            return Err(invalid(key("escalation.central_url"), "must look like http://host:port or https://host:port"));
+        };
+        let central_tls_ca = match (tls, &self.central_ca) {
+            (true, None) => {
                 return Err(invalid(
-                    key("escalation.central_url"),
-                    "https is not supported yet: use http on a trusted link or a local TLS proxy",
+                    key("escalation.central_ca"),
+                    "required for an https central_url: a PEM file of the CAs that sign the central's certificate",
                 ));
             }
-            None => return Err(invalid(key("escalation.central_url"), "must look like http://host:port")),
+            (true, Some(ca)) if !ca.is_file() => {
+                return Err(invalid(key("escalation.central_ca"), format!("{} is not a file", ca.display())));
+            }
+            (true, Some(ca)) => Some(ca.clone()),
+            (false, Some(_)) => {
+                return Err(invalid(key("escalation.central_ca"), "applies to an https central_url only"));
+            }
+            (false, None) => None,
         };
         if authority.is_empty() || authority.contains('/') || authority.parse::<hyper::http::uri::Authority>().is_err()
         {
@@ -255,6 +272,7 @@ impl EscalationConfig {
         };
         Ok(Escalation {
             central_authority: authority.to_owned(),
+            central_tls_ca,
             central_model: self.central_model.clone(),
             central_version: self.central_version.clone(),
             central_token: self.central_token.clone(),
@@ -763,7 +781,7 @@ mod tests {
         assert!(err(&esc("policy = \"vibes\"\n")).starts_with("models[0].escalation.policy: `vibes`"));
         assert!(err(&esc("timeout_ms = 0\n")).starts_with("models[0].escalation.timeout_ms"));
         let https = esc("").replace("http://", "https://");
-        assert!(err(&https).contains("https is not supported yet"));
+        assert!(err(&https).starts_with("models[0].escalation.central_ca: required for an https central_url"));
         let bad = esc("").replace("http://127.0.0.1:8001", "http://host:8001/path");
         assert!(err(&bad).starts_with("models[0].escalation.central_url"));
         let bad = esc("").replace("threshold = 0.9", "threshold = 1.5");

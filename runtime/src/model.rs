@@ -205,7 +205,7 @@ impl ModelSlot {
                     let _ = self.escalator.set(e);
                 }
                 Err(io) => {
-                    let reason = format!("cannot open the hard-example queue: {io}");
+                    let reason = format!("cannot start escalation: {io}");
                     let mut status = self.status();
                     status.loading = false;
                     status.failures.insert(String::new(), reason.clone());

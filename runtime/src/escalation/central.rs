@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::http::{Request, StatusCode, header};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -58,7 +59,8 @@ impl CentralError {
 
 /// A central model endpoint.
 pub struct Central {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: &'static str,
     config: Escalation,
     in_flight: Arc<Semaphore>,
     pub breaker: Breaker,
@@ -72,21 +74,27 @@ pub struct CentralAnswer {
 }
 
 impl Central {
-    pub fn new(config: &Escalation) -> Central {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.timeout));
+    /// A client for the configured central; fails when the CA file cannot be read.
+    pub fn new(config: &Escalation) -> std::io::Result<Central> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout));
+        http.enforce_http(false);
+        let tls = tls_config(config.central_tls_ca.as_deref())?;
+        let connector =
+            HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
-        Central {
+        Ok(Central {
             client,
+            scheme: if config.central_tls_ca.is_some() { "https" } else { "http" },
             in_flight: Arc::new(Semaphore::new(config.max_concurrency)),
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
             config: config.clone(),
-        }
+        })
     }
 
     fn uri(&self, path: &str) -> String {
-        format!("http://{}{path}", self.config.central_authority)
+        format!("{}://{}{path}", self.scheme, self.config.central_authority)
     }
 
     /// Runs `inputs` on the central model.
@@ -173,4 +181,30 @@ impl Central {
         let bytes = limited.collect().await.map_err(|e| CentralError::BadResponse(e.to_string()))?.to_bytes();
         Ok((status, header_len, bytes))
     }
+}
+
+/// TLS settings trusting only the configured CAs (none: an empty store, for plain http).
+fn tls_config(ca: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(bad(format!("{}: no certificate in it", path.display())));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }

@@ -144,12 +144,12 @@ pub struct Escalator {
 }
 
 impl Escalator {
-    /// Opens the hard-example queue (when configured) and, inside a tokio runtime, starts
-    /// draining it.
+    /// Reads the central's CA file (https), opens the hard-example queue (when configured) and,
+    /// inside a tokio runtime, starts draining it.
     pub fn start(config: &Escalation) -> std::io::Result<Arc<Escalator>> {
         let queue = config.queue.clone().map(HardExampleQueue::open).transpose()?;
         let e = Arc::new(Escalator {
-            central: Central::new(config),
+            central: Central::new(config)?,
             config: config.clone(),
             queue,
             stats: Default::default(),
