@@ -266,3 +266,109 @@ fn outpostctl_eval_sweeps_thresholds_and_writes_a_plot() {
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `openssl ARGS` (split on spaces) in `dir`, failing the test with its output if it fails.
+fn openssl(dir: &Path, args: &str) {
+    let out = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+/// A CA in `dir` (`NAME.pem`, `NAME.key`).
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    openssl(dir, &format!("req -x509 {EC_KEY} -days 2 -subj /CN={name} -keyout {name}.key -out {name}.pem"));
+    dir.join(format!("{name}.pem"))
+}
+
+/// TLS in front of a plain-HTTP central: socat with a server certificate for 127.0.0.1 signed
+/// by the CA `ca` in `dir`; killed on drop.
+struct TlsFront {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl TlsFront {
+    fn start(dir: &Path, ca: &str, backend: SocketAddr) -> TlsFront {
+        openssl(dir, &format!("req {EC_KEY} -subj /CN=central -keyout server.key -out server.csr"));
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &format!(
+                "x509 -req -in server.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -days 2 \
+                 -extfile server.ext -out server.pem"
+            ),
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen = format!(
+            "OPENSSL-LISTEN:{},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            addr.port(),
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        );
+        let child = std::process::Command::new("socat")
+            .args([listen, format!("TCP:{backend}")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("socat runs (Debian package socat)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "socat did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsFront { child, addr }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn https_edge_config(front: SocketAddr, ca: &Path) -> String {
+    format!(
+        "[[models]]\nname = \"digits\"\npath = \"models/digits-edge.onnx\"\n\
+         [models.escalation]\ncentral_url = \"https://{front}\"\ncentral_model = \"digits-central\"\n\
+         central_ca = \"{}\"\nthreshold = 0.99\ntimeout_ms = 2000\n",
+        ca.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_central_is_trusted_only_through_the_configured_ca() {
+    let dir = scratch("tls");
+    let ca = make_ca(&dir, "fleet-ca");
+    let stranger = make_ca(&dir, "other-ca");
+    let central_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _central = central(central_addr, None);
+    let front = TlsFront::start(&dir, "fleet-ca", central_addr);
+    let row = &test_rows(1)[0];
+
+    let edge = Server::start(&https_edge_config(front.addr, &ca)).await;
+    let mut conn = edge.conn().await;
+    for _ in 0..3 {
+        let (status, params, out, _) = ask(&mut conn, row, json!({"escalation": "central"})).await;
+        assert_eq!(status, 200);
+        assert!(out.is_some());
+        assert_eq!((params["served_by"].as_str(), params["escalation"].as_str()), (Some("central"), Some("ok")));
+    }
+
+    let wrong = Server::start(&https_edge_config(front.addr, &stranger)).await;
+    let mut conn = wrong.conn().await;
+    let (status, params, out, elapsed) = ask(&mut conn, row, json!({"escalation": "central"})).await;
+    assert_eq!(status, 200);
+    assert!(out.is_some(), "a local answer all the same");
+    assert_eq!((params["served_by"].as_str(), params["escalation"].as_str()), (Some("local"), Some("failed")));
+    assert!(params["escalation_error"].as_str().unwrap().contains("certificate"), "{params}");
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+}

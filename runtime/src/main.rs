@@ -34,7 +34,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve models over HTTP. With no options, serves every model in ./models.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show a model's inputs, outputs and operators, and whether this build can run it.
     Inspect {
         model: PathBuf,
@@ -72,12 +72,16 @@ struct ServeArgs {
     /// this build has it).
     #[arg(long, conflicts_with = "config")]
     backend: Option<String>,
-    /// Escalate unsure cases of the --model models to this central V2 server (http://host:port).
+    /// Escalate unsure cases of the --model models to this central V2 server (http://host:port
+    /// or https://host:port with --central-ca).
     #[arg(long, requires = "model", conflicts_with = "config")]
     central: Option<String>,
     /// The central model's name (default: the local model's name).
     #[arg(long, requires = "central")]
     central_model: Option<String>,
+    /// PEM file of the CAs that sign an https central's certificate.
+    #[arg(long, requires = "central")]
+    central_ca: Option<PathBuf>,
     /// Escalate when the confidence is below this.
     #[arg(long, requires = "central", default_value_t = 0.9)]
     threshold: f64,
@@ -96,7 +100,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Inspect { model, backend } => inspect(&model, &backend),
         Command::Infer { model, input, backend } => infer(&model, &input, &backend),
     };
@@ -151,6 +155,7 @@ fn build_config(args: &ServeArgs) -> Result<Config, outpost_runtime::config::Con
                 central_model: args.central_model.clone().unwrap_or_else(|| m.name.clone()),
                 threshold: args.threshold,
                 policy: Some(args.policy.clone()),
+                central_ca: args.central_ca.clone(),
                 queue_dir: args.hard_example_queue.as_ref().map(|q| q.join(&m.name)),
                 ..EscalationConfig::default()
             });
