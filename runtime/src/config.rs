@@ -40,6 +40,25 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// Signed releases: where the device keeps them and who it is.
+    pub updates: Option<UpdatesConfig>,
+}
+
+/// `[updates]`: the on-disk store of signed releases and the device's identity. The active
+/// release's models are served at start, in place of configured models of the same name.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesConfig {
+    /// The store (blobs, documents, the trusted state); e.g. /var/lib/outpost.
+    pub state_dir: PathBuf,
+    /// The fleet and group this device belongs to; releases for others are refused.
+    pub fleet: String,
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+fn default_group() -> String {
+    "default".into()
 }
 
 /// `[server]`.
@@ -357,6 +376,7 @@ pub struct Validated {
     pub max_body_bytes: usize,
     pub drain_timeout: Duration,
     pub models: Vec<ModelSpec>,
+    pub updates: Option<UpdatesConfig>,
 }
 
 /// A model folder's optional settings file in a repository (`REPO/NAME/config.toml`).
@@ -411,6 +431,9 @@ impl Config {
             if let Some(g) = m.golden.as_mut().filter(|g| g.is_relative()) {
                 *g = base.join(&*g);
             }
+        }
+        if let Some(u) = config.updates.as_mut().filter(|u| u.state_dir.is_relative()) {
+            u.state_dir = base.join(&u.state_dir);
         }
         if let Some(repo) = &config.server.model_repository {
             let repo = base.join(repo);
@@ -502,8 +525,15 @@ impl Config {
         if drain > 3600 {
             return Err(invalid("server.drain_timeout_secs", "must be at most 3600"));
         }
-        if self.models.is_empty() {
-            return Err(invalid("models", "no model is configured: add a [[models]] entry"));
+        if let Some(u) = &self.updates {
+            check_name(&u.fleet).map_err(|r| invalid("updates.fleet", r))?;
+            check_name(&u.group).map_err(|r| invalid("updates.group", r))?;
+        }
+        if self.models.is_empty() && self.updates.is_none() {
+            return Err(invalid(
+                "models",
+                "no model is configured: add a [[models]] entry (or [updates] to serve releases)",
+            ));
         }
         let mut names = HashSet::new();
         let mut models = Vec::new();
@@ -665,6 +695,7 @@ impl Config {
             max_body_bytes,
             drain_timeout: Duration::from_secs(drain),
             models,
+            updates: self.updates.clone(),
         })
     }
 }

@@ -29,6 +29,7 @@ pub mod repository;
 pub mod server;
 pub mod stats;
 pub mod tensor;
+pub mod update;
 pub mod v2;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct App {
     pub auth_token: Option<String>,
     /// Where uploaded hard examples go; `None`: this server does not collect them.
     pub hard_example_sink: Option<std::path::PathBuf>,
+    /// Signed releases, when `[updates]` is configured and the store is open.
+    pub updates: std::sync::OnceLock<Arc<update::Updates>>,
 }
 
 impl App {
@@ -54,6 +57,7 @@ impl App {
             max_body_bytes: config.max_body_bytes,
             auth_token: config.auth_token.clone(),
             hard_example_sink: config.hard_example_sink.clone(),
+            updates: std::sync::OnceLock::new(),
         })
     }
 }

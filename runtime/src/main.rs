@@ -12,6 +12,9 @@ use outpost_runtime::config::{Config, DEFAULT_MODEL_DIR, EscalationConfig, Model
 use outpost_runtime::onnx::ModelGraph;
 use outpost_runtime::{App, backend, server, v2};
 
+#[path = "bin_update.rs"]
+mod update_cmd;
+
 /// Exit status for a bad configuration or command line (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -49,6 +52,8 @@ enum Command {
         #[arg(long, default_value = backend::DEFAULT_BACKEND)]
         backend: String,
     },
+    /// Signed releases: provision the trusted root, apply a release directory, show the state.
+    Update(update_cmd::UpdateArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Inspect { model, backend } => inspect(&model, &backend),
         Command::Infer { model, input, backend } => infer(&model, &input, &backend),
+        Command::Update(args) => update_cmd::run(args),
     };
     match result {
         Ok(code) => code,
@@ -182,6 +188,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let app = App::new(&config);
+        if let Some(u) = &config.updates {
+            let updates = outpost_runtime::update::Updates::open(u, &app)
+                .with_context(|| format!("cannot open the release store {}", u.state_dir.display()))?;
+            let _ = app.updates.set(updates);
+        }
         tracing::info!(listen = %config.listen, models = config.models.len(), "outpost listening; loading models");
 
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -194,7 +205,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(reload_on_sighup(app.clone()));
 
         let loader = app.clone();
-        let mut loading = tokio::task::spawn_blocking(move || loader.registry.load_all());
+        let mut loading = tokio::task::spawn_blocking(move || {
+            let failures = loader.registry.load_all();
+            // The active release's models replace configured ones of the same name once loaded;
+            // one that does not load leaves the configured models serving.
+            if let Some(updates) = loader.updates.get() {
+                match updates.serve_active() {
+                    Ok(Some(fell_back)) => tracing::error!(report = %fell_back, "release store"),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "the active release is not served"),
+                }
+            }
+            failures
+        });
         tokio::select! {
             failures = &mut loading => {
                 let failures = failures.context("model loading panicked")?;

@@ -1,30 +1,48 @@
-//! The models this server is configured with, by name. The set is fixed at start; what each slot
-//! serves changes through load, unload and (later) updates.
+//! The models this server serves, by name: those of the configuration, and those of the active
+//! release (which take the place of configured models of the same name). What each slot serves
+//! changes through load and unload; the set of slots changes when a release is activated.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::config::ModelSpec;
 use crate::model::{LoadError, ModelSlot};
 
 /// Every configured model, in configuration order.
 pub struct Registry {
-    slots: Vec<Arc<ModelSlot>>,
+    /// The configured models.
+    base: Vec<Arc<ModelSlot>>,
+    /// What is served: the release's models, then the configured models it does not replace.
+    slots: ArcSwap<Vec<Arc<ModelSlot>>>,
 }
 
 impl Registry {
     /// Empty slots for the given models (nothing loaded yet).
     pub fn new(specs: Vec<ModelSpec>) -> Registry {
-        Registry { slots: specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect() }
+        let base: Vec<Arc<ModelSlot>> = specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect();
+        Registry { slots: ArcSwap::from_pointee(base.clone()), base }
     }
 
     /// The slot of a model.
-    pub fn get(&self, name: &str) -> Option<&Arc<ModelSlot>> {
-        self.slots.iter().find(|s| s.spec.name == name)
+    pub fn get(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        self.slots.load().iter().find(|s| s.spec.name == name).cloned()
     }
 
-    /// All slots in configuration order.
-    pub fn slots(&self) -> &[Arc<ModelSlot>] {
-        &self.slots
+    /// All slots served now: the release's, then the configured ones.
+    pub fn slots(&self) -> Arc<Vec<Arc<ModelSlot>>> {
+        self.slots.load_full()
+    }
+
+    /// Serves a release's (loaded) models in place of the previous release's, at once; a
+    /// configured model of the same name steps aside. Requests already holding a version of a
+    /// replaced slot finish on it.
+    pub fn set_release(&self, release: Vec<Arc<ModelSlot>>) {
+        let mut next = release;
+        let kept: Vec<Arc<ModelSlot>> =
+            self.base.iter().filter(|b| !next.iter().any(|r| r.spec.name == b.spec.name)).cloned().collect();
+        next.extend(kept);
+        self.slots.store(Arc::new(next));
     }
 
     /// Loads every model, on as many threads as there are models (loading is CPU-bound and
@@ -32,9 +50,9 @@ impl Registry {
     pub fn load_all(&self) -> Vec<LoadError> {
         // Loading starts background work (draining hard examples) on the caller's runtime.
         let runtime = tokio::runtime::Handle::try_current().ok();
+        let slots = self.slots();
         std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .slots
+            let handles: Vec<_> = slots
                 .iter()
                 .map(|slot| {
                     let runtime = runtime.clone();
@@ -50,6 +68,6 @@ impl Registry {
 
     /// Ready when every configured model is loaded and has passed its warm-up.
     pub fn is_ready(&self) -> bool {
-        self.slots.iter().all(|s| s.is_ready())
+        self.slots.load().iter().all(|s| s.is_ready())
     }
 }

@@ -4,4 +4,5 @@
 pub mod bench;
 pub mod eval;
 pub mod http;
+pub mod releases;
 pub mod v2client;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, eval, v2client};
+use outpost_tools::{bench, eval, releases, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -23,6 +23,23 @@ enum Command {
     /// Run the labelled held-out set through a running edge and its central, sweep escalation
     /// policies and thresholds, print a table and write a plot.
     Eval(EvalArgs),
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(releases::KeysCommand),
+    /// Root documents: the fleet's root keys and the release role.
+    #[command(subcommand)]
+    Root(releases::RootCommand),
+    /// Add a key's signature to a signed-envelope file (a root document or release.json).
+    Sign {
+        file: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Release directories: create, sign, verify, show.
+    #[command(subcommand)]
+    Release(releases::ReleaseCommand),
+    /// Add zstd patch-from deltas against earlier releases to an unsigned release.
+    Delta(releases::DeltaArgs),
 }
 
 #[derive(clap::Args)]
@@ -90,6 +107,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => run_bench(args),
         Command::Eval(args) => run_eval(args),
+        Command::Keys(c) => releases::keys(c),
+        Command::Root(c) => releases::root(c),
+        Command::Sign { file, key } => releases::sign(&file, &key),
+        Command::Release(c) => releases::release(c),
+        Command::Delta(a) => releases::delta(a),
     }
 }
 

@@ -7,6 +7,7 @@ mod hard_examples;
 mod infer;
 mod repository;
 pub mod request;
+mod update;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v2/repository/models/{m}/load", post(repository::load))
         .route("/v2/repository/models/{m}/unload", post(repository::unload))
         .route("/v2/hard-examples", post(hard_examples::upload))
+        .route("/v2/update/apply", post(update::apply))
+        .route("/v2/update/status", get(update::status))
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
@@ -55,10 +58,11 @@ pub fn router(app: Arc<App>) -> Router {
 
 impl App {
     /// The model a request path names.
-    pub(crate) fn slot(&self, path: &HashMap<String, String>) -> Result<&Arc<ModelSlot>, ApiError> {
+    pub(crate) fn slot(&self, path: &HashMap<String, String>) -> Result<Arc<ModelSlot>, ApiError> {
         let name = path.get("m").map(String::as_str).unwrap_or_default();
         self.registry.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.registry.slots().iter().map(|s| s.spec.name.as_str()).collect();
+            let slots = self.registry.slots();
+            let known: Vec<&str> = slots.iter().map(|s| s.spec.name.as_str()).collect();
             ApiError::not_found(format!("unknown model `{name}` (serving: {})", known.join(", ")))
         })
     }
@@ -67,7 +71,7 @@ impl App {
     pub(crate) fn served(
         &self,
         path: &HashMap<String, String>,
-    ) -> Result<(&Arc<ModelSlot>, Arc<ServedVersion>), ApiError> {
+    ) -> Result<(Arc<ModelSlot>, Arc<ServedVersion>), ApiError> {
         let slot = self.slot(path)?;
         let name = &slot.spec.name;
         let wanted = path.get("v").map(String::as_str);
@@ -145,25 +149,25 @@ async fn model_ready(
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut out = String::from(METRIC_HEADERS);
-    for slot in app.registry.slots() {
+    for slot in app.registry.slots().iter() {
         for (version, stats) in slot.stats() {
             stats.render(&mut out, &slot.spec.name, &version);
         }
     }
     out.push_str(crate::escalation::METRIC_HEADERS);
-    for slot in app.registry.slots() {
+    for slot in app.registry.slots().iter() {
         if let Some(e) = slot.escalator() {
             e.render(&mut out, &slot.spec.name);
         }
     }
     out.push_str("# HELP outpost_model_ready Versions loaded and serving.\n# TYPE outpost_model_ready gauge\n");
-    for slot in app.registry.slots() {
+    for slot in app.registry.slots().iter() {
         for s in slot.served().iter() {
             out.push_str(&format!("outpost_model_ready{{model=\"{}\",version=\"{}\"}} 1\n", slot.spec.name, s.version));
         }
     }
     out.push_str("# HELP outpost_model_load_failures Versions that failed their last load.\n# TYPE outpost_model_load_failures gauge\n");
-    for slot in app.registry.slots() {
+    for slot in app.registry.slots().iter() {
         let failed = slot.failures();
         out.push_str(&format!("outpost_model_load_failures{{model=\"{}\"}} {failed}\n", slot.spec.name));
     }

@@ -34,7 +34,7 @@ pub async fn index(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resu
         }
     };
     let mut entries = Vec::new();
-    for slot in app.registry.slots() {
+    for slot in app.registry.slots().iter() {
         for entry in slot.index() {
             if ready_only && entry.state != ModelState::Ready {
                 continue;
@@ -56,7 +56,7 @@ pub async fn load(
     State(app): State<Arc<App>>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<StatusCode, ApiError> {
-    let slot = app.slot(&path)?.clone();
+    let slot = app.slot(&path)?;
     let failures = tokio::task::spawn_blocking(move || slot.load())
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;

@@ -1,0 +1,146 @@
+//! Signed releases in the runtime: the runtime's side of `outpost-updater`'s [`ModelHost`]
+//! (stage = load, warm up and golden-check beside what serves; activate = swap the slots), and
+//! the daemon's update service (the store, opened and locked for the daemon's life).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+
+use outpost_updater::apply::{Applied, ModelHost, StagedModel, Updater, staged_models};
+use outpost_updater::release::Target;
+use outpost_updater::store::{Store, StoreBusy};
+use outpost_updater::{Refusal, envelope::Envelope};
+use serde_json::{Value, json};
+
+use crate::App;
+use crate::config::{Config, ModelConfig, ModelSpec, UpdatesConfig};
+use crate::model::ModelSlot;
+
+/// Stages release models into an [`App`]'s registry.
+pub struct RuntimeHost {
+    app: Weak<App>,
+}
+
+/// The runtime's model specs for a release's models (their config keys are the `[[models]]`
+/// keys; name, path, version and golden come from the release).
+pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, String> {
+    let mut configs = Vec::new();
+    for m in models {
+        let mut obj = m.config.clone();
+        obj.insert("name".into(), json!(m.name));
+        obj.insert("path".into(), json!(m.model));
+        obj.insert("version".into(), json!(m.version));
+        if let Some(g) = &m.golden {
+            obj.insert("golden".into(), json!(g));
+        }
+        let config: ModelConfig =
+            serde_json::from_value(Value::Object(obj)).map_err(|e| format!("model `{}`: config: {e}", m.name))?;
+        configs.push(config);
+    }
+    let config = Config { models: configs, ..Config::default() };
+    config.validate().map(|v| v.models).map_err(|e| e.to_string())
+}
+
+impl ModelHost for RuntimeHost {
+    type Staged = Vec<Arc<ModelSlot>>;
+
+    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String> {
+        let specs = release_specs(models)?;
+        let slots: Vec<Arc<ModelSlot>> = specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect();
+        for slot in &slots {
+            if let Some(first) = slot.load().into_iter().next() {
+                // Dropping the staged slots stops their workers: nothing else saw them.
+                return Err(first.to_string());
+            }
+        }
+        Ok(slots)
+    }
+
+    fn activate(&self, staged: Self::Staged) {
+        if let Some(app) = self.app.upgrade() {
+            let names: Vec<&str> = staged.iter().map(|s| s.spec.name.as_str()).collect();
+            tracing::info!(models = ?names, "release models serving");
+            app.registry.set_release(staged);
+        }
+    }
+}
+
+/// The update service of one process: the locked store and the runtime it stages into.
+pub struct Updates {
+    updater: Mutex<Updater>,
+    host: RuntimeHost,
+}
+
+/// Why the update service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Busy(#[from] StoreBusy),
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+}
+
+impl Updates {
+    /// Opens and locks the store for `app`.
+    pub fn open(config: &UpdatesConfig, app: &Arc<App>) -> Result<Arc<Updates>, OpenError> {
+        let store = Store::open(&config.state_dir)?;
+        let target = Target { fleet: config.fleet.clone(), group: config.group.clone() };
+        Ok(Arc::new(Updates {
+            updater: Mutex::new(Updater { store, target }),
+            host: RuntimeHost { app: Arc::downgrade(app) },
+        }))
+    }
+
+    fn updater(&self) -> std::sync::MutexGuard<'_, Updater> {
+        self.updater.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// At start: checks the active release's blobs (falling back to the previous release when
+    /// they are damaged) and serves its models. Returns what was found, for the log.
+    pub fn serve_active(&self) -> Result<Option<String>, String> {
+        let updater = self.updater();
+        let check = updater.store.check_at_start().map_err(|e| e.to_string())?;
+        let Some((sha, doc)) = check.active else { return Ok(check.fell_back) };
+        let staged = self
+            .host
+            .stage(&staged_models(&updater.store, &doc))
+            .map_err(|e| format!("release {} ({}) does not load: {e}", doc.number, &sha[..12]))?;
+        self.host.activate(staged);
+        tracing::info!(number = doc.number, release = &sha[..12], "serving the active release");
+        Ok(check.fell_back)
+    }
+
+    /// Provisions the first trusted root.
+    pub fn provision(&self, root: &Path) -> Result<String, Refusal> {
+        let bytes = std::fs::read(root).map_err(|e| {
+            Refusal::new(outpost_updater::error::RefusalKind::Missing, format!("{}: {e}", root.display()))
+        })?;
+        let root = self.updater().store.provision(&Envelope::parse(&bytes)?)?;
+        Ok(format!("trusting root version {} of fleet {}", root.doc.version, root.doc.fleet))
+    }
+
+    /// Applies a release directory (one update at a time).
+    pub fn apply(&self, dir: &Path) -> Result<Applied, Refusal> {
+        self.updater().apply_dir(dir, &self.host)
+    }
+
+    /// The trusted state and the last update's outcome.
+    pub fn status(&self) -> Value {
+        let updater = self.updater();
+        let store = &updater.store;
+        let current = store.current().ok().flatten();
+        let active = current.as_ref().and_then(|c| c.active.as_ref()).and_then(|a| store.release(a).ok());
+        let last =
+            std::fs::read(store.dir().join("status.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        json!({
+            "fleet": updater.target.fleet,
+            "group": updater.target.group,
+            "provisioned": current.is_some(),
+            "active": active.as_ref().map(|d| json!({
+                "number": d.number,
+                "models": d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect::<Vec<_>>(),
+            })),
+            "last_number": current.as_ref().and_then(|c| c.last_number),
+            "last_update": last,
+        })
+    }
+}

@@ -1,0 +1,48 @@
+//! `POST /v2/update/apply` and `GET /v2/update/status`: signed releases applied by the running
+//! daemon (what `outpost update apply DIR` sends when the daemon holds the store). A refusal is a
+//! 422 naming its kind (`{"error": ..., "refusal": "rollback"}`); nothing served changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::App;
+use crate::update::Updates;
+
+fn service(app: &App) -> Result<Arc<Updates>, ApiError> {
+    app.updates.get().cloned().ok_or_else(|| ApiError::not_found("this server takes no updates (configure [updates])"))
+}
+
+pub async fn apply(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let updates = service(&app)?;
+    let doc: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    let Some(dir) = doc["release_dir"].as_str().filter(|d| d.starts_with('/')) else {
+        return Err(ApiError::bad_request("`release_dir` must be an absolute path to a release directory"));
+    };
+    let dir = PathBuf::from(dir);
+    let result = tokio::task::spawn_blocking(move || updates.apply(&dir))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the update task failed: {e}")))?;
+    Ok(match result {
+        Ok(applied) => (StatusCode::OK, Json(json!({ "applied": applied }))).into_response(),
+        Err(refusal) => {
+            let status = match refusal.kind {
+                outpost_updater::error::RefusalKind::Storage => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            (status, Json(json!({ "error": refusal.to_string(), "refusal": refusal.kind.as_str() }))).into_response()
+        }
+    })
+}
+
+pub async fn status(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let updates = service(&app)?;
+    Ok(Json(tokio::task::spawn_blocking(move || updates.status()).await.unwrap_or(Value::Null)))
+}

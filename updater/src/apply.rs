@@ -1,0 +1,274 @@
+//! Applying a release directory on a device: verify, fetch into the store (delta or full blob),
+//! stage in the runtime (load, warm up, golden check), commit, activate. Any failure before the
+//! commit leaves the trusted state and what is served as they were, and is reported.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use crate::envelope::{Envelope, MAX_ENVELOPE_BYTES};
+use crate::error::{RefusalKind, refuse};
+use crate::release::{BlobRef, ReleaseDoc, Target};
+use crate::root::Root;
+use crate::store::{Current, Store};
+use crate::{Refusal, delta, time};
+
+/// A model of a release, as the runtime gets it to stage.
+#[derive(Clone, Debug)]
+pub struct StagedModel {
+    pub name: String,
+    pub version: String,
+    pub model: PathBuf,
+    pub golden: Option<PathBuf>,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What the updater needs from the runtime. Staging loads and checks models beside what serves
+/// (nothing served changes); activation swaps them in at once; dropping a staged set rolls it
+/// back.
+pub trait ModelHost {
+    type Staged;
+    /// Load, warm up and run the golden inputs of every model; the reason when any fails.
+    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String>;
+    /// Serve the staged models in place of the previous release's.
+    fn activate(&self, staged: Self::Staged);
+}
+
+/// What an applied release changed, and what it cost.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Applied {
+    pub number: u64,
+    pub release: String,
+    pub models: Vec<(String, String)>,
+    /// Blobs taken whole, rebuilt from deltas, and already held.
+    pub full: usize,
+    pub from_delta: usize,
+    pub reused: usize,
+    /// Bytes read from the release directory.
+    pub bytes_read: u64,
+    pub millis: u64,
+}
+
+/// The staged models of a stored release (paths into the store).
+pub fn staged_models(store: &Store, doc: &ReleaseDoc) -> Vec<StagedModel> {
+    doc.models
+        .iter()
+        .map(|m| StagedModel {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            model: store.blob_path(&m.blob.sha256),
+            golden: m.golden.as_ref().map(|g| store.blob_path(&g.sha256)),
+            config: m.config.clone(),
+        })
+        .collect()
+}
+
+/// Reads at most `limit` bytes of a file; more is refused (endless data).
+fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Refusal> {
+    let f =
+        File::open(path).map_err(|e| Refusal::new(RefusalKind::Missing, format!("{what} {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    f.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return refuse(RefusalKind::WrongLength, format!("{what} is longer than its {limit}-byte limit"));
+    }
+    Ok(bytes)
+}
+
+/// The root versions in `dir/root/` above `trusted`, in order; a gap is refused.
+fn root_chain(dir: &Path, trusted: u64) -> Result<Vec<(u64, PathBuf)>, Refusal> {
+    let mut found: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir.join("root")) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json")?.parse::<u64>().ok().map(|v| (v, e.path()))
+            })
+            .filter(|(v, _)| *v > trusted)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    found.sort();
+    for (i, (v, _)) in found.iter().enumerate() {
+        let want = trusted + 1 + i as u64;
+        if *v != want {
+            return refuse(RefusalKind::RootVersion, format!("root version {v} offered but version {want} is missing"));
+        }
+    }
+    Ok(found)
+}
+
+/// Applies release directories to one store for one device.
+pub struct Updater {
+    pub store: Store,
+    pub target: Target,
+}
+
+impl Updater {
+    /// Verifies the release in `dir` and everything it names, then stages, commits and
+    /// activates it; on failure nothing trusted or served changes, and `status.json` says why.
+    pub fn apply_dir<H: ModelHost>(&self, dir: &Path, host: &H) -> Result<Applied, Refusal> {
+        let started = Instant::now();
+        // Expiry is judged against one time, fixed when the update starts.
+        let now = SystemTime::now();
+        let result = self.apply_at(dir, host, now, started);
+        let status = match &result {
+            Ok(a) => serde_json::json!({"result": "applied", "at": time::format(now), "applied": a}),
+            Err(e) => {
+                serde_json::json!({"result": "refused", "at": time::format(now), "kind": e.kind.as_str(), "reason": e.detail})
+            }
+        };
+        self.store.write_status(&status);
+        match &result {
+            Ok(a) => {
+                tracing::info!(number = a.number, ms = a.millis, full = a.full, delta = a.from_delta, "release applied")
+            }
+            Err(e) => tracing::warn!(kind = e.kind.as_str(), reason = %e.detail, "release refused; nothing changed"),
+        }
+        result
+    }
+
+    fn apply_at<H: ModelHost>(
+        &self,
+        dir: &Path,
+        host: &H,
+        now: SystemTime,
+        started: Instant,
+    ) -> Result<Applied, Refusal> {
+        let store = &self.store;
+        let Some(current) = store.current()? else {
+            return refuse(RefusalKind::Missing, "this device has no trusted root yet (outpost update provision ROOT)");
+        };
+        let env =
+            Envelope::parse(&read_bounded(&dir.join("release.json"), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
+
+        // Walk the root chain one version at a time.
+        let mut root: Root = store.root(&current)?;
+        let mut new_roots = Vec::new();
+        for (_, path) in root_chain(dir, root.doc.version)? {
+            let next_env = Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?;
+            root = root.rotate(&next_env)?;
+            new_roots.push(next_env);
+        }
+        let doc = ReleaseDoc::verify(&env, &root, now, &self.target, current.last_number)?;
+
+        let mut added = Vec::new();
+        let fetched = self.fetch_all(dir, &doc, &mut added);
+        let (full, from_delta, reused, bytes_read) = match fetched {
+            Ok(counts) => counts,
+            Err(e) => {
+                store.discard_blobs(&added);
+                return Err(e);
+            }
+        };
+
+        let staged = match host.stage(&staged_models(store, &doc)) {
+            Ok(s) => s,
+            Err(reason) => {
+                store.discard_blobs(&added);
+                return refuse(RefusalKind::HealthCheck, reason);
+            }
+        };
+
+        // Commit: the documents first, then the state that names them, in one rename.
+        let mut root_sha = current.root.clone();
+        for r in &new_roots {
+            root_sha = store.put_doc(r)?;
+        }
+        let release_sha = store.put_doc(&env)?;
+        let next = Current {
+            root: root_sha,
+            active: Some(release_sha.clone()),
+            previous: current.active.clone().filter(|a| *a != release_sha),
+            last_number: Some(doc.number),
+        };
+        store.commit(&next)?;
+        host.activate(staged);
+        if let Err(e) = store.collect_garbage() {
+            tracing::warn!(error = %e, "garbage collection failed; it is retried after the next update");
+        }
+        Ok(Applied {
+            number: doc.number,
+            release: release_sha,
+            models: doc.models.iter().map(|m| (m.name.clone(), m.version.clone())).collect(),
+            full,
+            from_delta,
+            reused,
+            bytes_read,
+            millis: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Brings every blob of the release into the store: reused when held and intact, rebuilt
+    /// from a delta when the release has one against a held base, else copied whole.
+    fn fetch_all(
+        &self,
+        dir: &Path,
+        doc: &ReleaseDoc,
+        added: &mut Vec<String>,
+    ) -> Result<(usize, usize, usize, u64), Refusal> {
+        let (mut full, mut from_delta, mut reused, mut bytes) = (0, 0, 0, 0u64);
+        let mut seen = std::collections::BTreeSet::new();
+        for blob in doc.blobs() {
+            if !seen.insert(&blob.sha256) {
+                continue;
+            }
+            if self.store.has_blob(&blob.sha256) {
+                if self.store.blob_intact(&blob.sha256) {
+                    reused += 1;
+                    continue;
+                }
+                // Damaged copy: replaced below like a missing one.
+                let _ = std::fs::remove_file(self.store.blob_path(&blob.sha256));
+            }
+            let delta = doc.deltas.iter().find(|d| d.target == blob.sha256 && self.store.blob_intact(&d.base));
+            match delta {
+                Some(d) => {
+                    bytes += self.rebuild(dir, d, blob)?;
+                    from_delta += 1;
+                }
+                None => {
+                    bytes += self.copy_full(dir, blob)?;
+                    full += 1;
+                }
+            }
+            added.push(blob.sha256.clone());
+        }
+        Ok((full, from_delta, reused, bytes))
+    }
+
+    fn copy_full(&self, dir: &Path, blob: &BlobRef) -> Result<u64, Refusal> {
+        let path = dir.join("blobs").join(&blob.sha256);
+        let f = File::open(&path)
+            .map_err(|e| Refusal::new(RefusalKind::Missing, format!("blob {}: {e}", path.display())))?;
+        // Length first: a file longer than signed is refused before it is read.
+        let len = f.metadata().map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?.len();
+        if len > blob.length {
+            return refuse(
+                RefusalKind::WrongLength,
+                format!("blob {} is {len} bytes, {} signed", &blob.sha256[..12], blob.length),
+            );
+        }
+        // Reading stops one byte past the signed length whatever the file claims (a pipe or a
+        // growing file), so endless data costs at most that.
+        self.store.add_blob(&blob.sha256, blob.length, |w| {
+            std::io::copy(&mut f.take(blob.length + 1), w)
+                .map(drop)
+                .map_err(|e| Refusal::new(RefusalKind::Storage, format!("copying {}: {e}", path.display())))
+        })?;
+        Ok(blob.length)
+    }
+
+    fn rebuild(&self, dir: &Path, d: &crate::release::DeltaEntry, blob: &BlobRef) -> Result<u64, Refusal> {
+        let bytes = read_bounded(&dir.join("deltas").join(&d.sha256), d.length, "delta")?;
+        if bytes.len() as u64 != d.length || crate::sha256_hex(&bytes) != d.sha256 {
+            return refuse(RefusalKind::HashMismatch, format!("delta {} differs from the signed one", &d.sha256[..12]));
+        }
+        let base = std::fs::read(self.store.blob_path(&d.base))
+            .map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?;
+        self.store
+            .add_blob(&blob.sha256, blob.length, |w| delta::apply(&bytes[..], &base, d, blob.length, w).map(drop))?;
+        Ok(d.length)
+    }
+}

@@ -1,0 +1,149 @@
+//! The root document: the fleet's root keys and threshold, and the release role it delegates to
+//! (keys, threshold, expiry). A device is provisioned with one root; version N+1 replaces it only
+//! when signed by a threshold of version N's root keys *and* of its own, one version at a time.
+//! Revoking a key is a new root version that lists it under `revoked` (and in no role).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Envelope, ROOT_TYPE, Signers};
+use crate::error::{RefusalKind, refuse};
+use crate::keys::PublicKey;
+use crate::{Refusal, time};
+
+/// The root document as signed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootDoc {
+    pub fleet: String,
+    pub version: u64,
+    pub expires: String,
+    /// Every key a role uses, by id.
+    pub keys: BTreeMap<String, String>,
+    pub root: Role,
+    pub release: Role,
+    /// Key ids that must never be trusted again.
+    #[serde(default)]
+    pub revoked: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    pub keyids: Vec<String>,
+    pub threshold: usize,
+    /// When signatures of this role stop counting (the release role; root uses the document's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// A checked root: every key parsed and strong, every role consistent.
+#[derive(Clone, Debug)]
+pub struct Root {
+    pub doc: RootDoc,
+    keys: BTreeMap<String, PublicKey>,
+    pub expires: SystemTime,
+    pub release_expires: Option<SystemTime>,
+}
+
+impl Root {
+    /// Parses the payload of a root envelope and checks its internal consistency (not its
+    /// signatures: see [`Root::trust_first`] and [`Root::rotate`]).
+    pub fn parse(env: &Envelope) -> Result<Root, Refusal> {
+        let payload = env.payload(ROOT_TYPE)?;
+        let doc: RootDoc = serde_json::from_slice(&payload)
+            .map_err(|e| Refusal::new(RefusalKind::Malformed, format!("root document: {e}")))?;
+        let mut keys = BTreeMap::new();
+        for (id, hex) in &doc.keys {
+            let key = PublicKey::from_hex(hex)?;
+            if key.id() != *id {
+                return refuse(RefusalKind::Malformed, format!("root: key id {id} is not the SHA-256 of its key"));
+            }
+            keys.insert(id.clone(), key);
+        }
+        for (name, role) in [("root", &doc.root), ("release", &doc.release)] {
+            if role.threshold == 0 || role.threshold > role.keyids.len() {
+                return refuse(
+                    RefusalKind::Malformed,
+                    format!("root: {name} threshold {} with {} keys", role.threshold, role.keyids.len()),
+                );
+            }
+            for id in &role.keyids {
+                if !keys.contains_key(id) {
+                    return refuse(RefusalKind::Malformed, format!("root: {name} role lists unknown key {id}"));
+                }
+                if doc.revoked.contains(id) {
+                    return refuse(RefusalKind::Malformed, format!("root: {name} role lists revoked key {id}"));
+                }
+            }
+        }
+        let bad_time = |e: String| Refusal::new(RefusalKind::Malformed, format!("root: {e}"));
+        let expires = time::parse(&doc.expires).map_err(bad_time)?;
+        let release_expires = doc.release.expires.as_deref().map(time::parse).transpose().map_err(bad_time)?;
+        Ok(Root { doc, keys, expires, release_expires })
+    }
+
+    fn signers<'a>(&'a self, role_name: &'a str, role: &'a Role) -> Signers<'a> {
+        Signers {
+            role: role_name,
+            keys: role.keyids.iter().filter_map(|id| self.keys.get(id).map(|k| (id.clone(), k))).collect(),
+            revoked: &self.doc.revoked,
+            threshold: role.threshold,
+        }
+    }
+
+    /// The first root a device trusts (provisioning): it must be signed by a threshold of its
+    /// own root keys.
+    pub fn trust_first(env: &Envelope) -> Result<Root, Refusal> {
+        let root = Root::parse(env)?;
+        env.verify(&root.signers("root", &root.doc.root))?;
+        Ok(root)
+    }
+
+    /// The next root version, signed by a threshold of this root's keys and of its own.
+    pub fn rotate(&self, env: &Envelope) -> Result<Root, Refusal> {
+        let next = Root::parse(env)?;
+        if next.doc.version != self.doc.version + 1 {
+            return refuse(
+                RefusalKind::RootVersion,
+                format!("root version {} does not follow the trusted version {}", next.doc.version, self.doc.version),
+            );
+        }
+        if next.doc.fleet != self.doc.fleet {
+            return refuse(
+                RefusalKind::WrongTarget,
+                format!("root for fleet `{}`, not `{}`", next.doc.fleet, self.doc.fleet),
+            );
+        }
+        // Revocations are permanent: a later root may add to the list, never take from it.
+        if let Some(id) = self.doc.revoked.iter().find(|id| !next.doc.revoked.contains(*id)) {
+            return refuse(RefusalKind::Malformed, format!("root version {} un-revokes key {id}", next.doc.version));
+        }
+        env.verify(&self.signers("root (old keys)", &self.doc.root))?;
+        env.verify(&next.signers("root (new keys)", &next.doc.root))?;
+        Ok(next)
+    }
+
+    /// Checks that the root and its release role are unexpired at `now`.
+    pub fn check_expiry(&self, now: SystemTime) -> Result<(), Refusal> {
+        if self.expires <= now {
+            return refuse(
+                RefusalKind::Expired,
+                format!("root version {} expired at {}", self.doc.version, self.doc.expires),
+            );
+        }
+        if let Some(t) = self.release_expires
+            && t <= now
+        {
+            return refuse(RefusalKind::Expired, format!("the release role expired at {}", time::format(t)));
+        }
+        Ok(())
+    }
+
+    /// Verifies a release envelope's signatures against the release role.
+    pub fn verify_release(&self, env: &Envelope) -> Result<(), Refusal> {
+        env.verify(&self.signers("release", &self.doc.release))
+    }
+}
