@@ -12,13 +12,16 @@ to this file:
   SHA256SUMS            sha256 of every model and data file
   README.md             the model card, with the measured accuracies
 and, under hazards/, models that are deliberately in a form some backends get wrong (tests use
-them to check that outpost refuses them rather than serving wrong answers).
+them to check that outpost refuses them rather than serving wrong answers); under successors/,
+later versions of digits-edge (a retrained head, one layer re-quantized, a full retrain), each
+with its golden file, to measure delta updates against the original.
 
 Every model takes raw pixel intensities (0..16, FP32) so a client can send the digits data as is:
 the MLPs take `input` [batch, 64], the CNNs take `input` [batch, 1, 8, 8]; every model answers
 `probabilities` [batch, 10] (softmax over the ten digits).
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -49,6 +52,12 @@ GOLDEN_SAMPLES = 16
 GOLDEN_TOLERANCE = 1e-4
 # The digits data are 0..16; fold the scaling into the first layer so clients send raw pixels.
 PIXEL_MAX = 16.0
+# Successors of digits-edge. A head fine-tune of this many epochs moves most of the head's INT8
+# weights (its scale changes) while the hidden layer stays bit-for-bit the same.
+HEAD_EPOCHS = 50
+# The full retrain only changes the seed: the edge MLP converges well before max_iter, so more
+# iterations alone would give the same weights.
+RETRAIN_SEED = SEED + 1
 
 
 def load_split():
@@ -81,6 +90,35 @@ def mlp_graph(name, mlp, in_dim):
             prev = f"fc{i}.relu"
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"))
     return finish_graph(name, nodes, inits, ["batch", in_dim])
+
+
+def finetune_head(mlp, x, y, epochs, seed):
+    """A copy of `mlp` whose last layer has had `epochs` more epochs of sklearn's own solver and
+    defaults (Adam, learning rate 1e-3, batches of 200, L2 1e-4), the hidden layers frozen: the
+    way a deployed model's classifier is refreshed without touching its feature extractor."""
+    mlp = copy.deepcopy(mlp)
+    h = x / PIXEL_MAX
+    for w, b in zip(mlp.coefs_[:-1], mlp.intercepts_[:-1]):
+        h = np.maximum(h @ w + b, 0)
+    w, b = mlp.coefs_[-1].copy(), mlp.intercepts_[-1].copy()
+    onehot = np.eye(w.shape[1])[y]
+    moments = [[np.zeros_like(p), np.zeros_like(p)] for p in (w, b)]
+    rng, step = np.random.default_rng(seed), 0
+    for _ in range(epochs):
+        order = rng.permutation(len(h))
+        for start in range(0, len(h), 200):
+            i = order[start:start + 200]
+            z = h[i] @ w + b
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            g = (p / p.sum(axis=1, keepdims=True) - onehot[i]) / len(i)
+            grads = (h[i].T @ g + 1e-4 * w / len(i), g.sum(axis=0))
+            step += 1
+            for param, grad, (m, v) in zip((w, b), grads, moments):
+                m[:] = 0.9 * m + 0.1 * grad
+                v[:] = 0.999 * v + 0.001 * grad * grad
+                param -= 1e-3 * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
+    mlp.coefs_[-1], mlp.intercepts_[-1] = w, b
+    return mlp
 
 
 def finish_graph(name, nodes, inits, in_shape):
@@ -156,9 +194,10 @@ class Calibration(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantize(model, kind, calib, tmp, quantize_softmax=False):
+def quantize(model, kind, calib, tmp, quantize_softmax=False, overrides=None):
     """kind: qdq (static, QuantizeLinear/DequantizeLinear pairs), qop (static QOperator:
-    QLinearMatMul/QLinearConv) or dynamic (MatMulInteger/ConvInteger + DynamicQuantizeLinear)."""
+    QLinearMatMul/QLinearConv) or dynamic (MatMulInteger/ConvInteger + DynamicQuantizeLinear).
+    overrides: ONNX Runtime's TensorQuantOverrides, to quantize single tensors differently."""
     src = os.path.join(tmp, "float.onnx")
     dst = os.path.join(tmp, f"{kind}.onnx")
     onnx.save(model, src)
@@ -170,16 +209,40 @@ def quantize(model, kind, calib, tmp, quantize_softmax=False):
         ops = ["MatMul", "Conv", "Add", "Relu", "MaxPool"] if kind == "qdq" else ["MatMul", "Conv"]
         if quantize_softmax:
             ops.append("Softmax")
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        if overrides:
+            # Only when given, so the other models are quantized with exactly the options
+            # they were made with.
+            extra["TensorQuantOverrides"] = overrides
         quantize_static(
             src, dst, Calibration(calib),
             quant_format=QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator,
             op_types_to_quantize=ops,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            extra_options=extra,
         )
     out = onnx.load(dst)
     out.producer_name = "outpost-models"
     return out
+
+
+def successor_plan(edge_mlp, edge_f, x_train, y_train):
+    """digits-edge's successors, each quantized like it (static QDQ, same calibration images) so
+    that what differs between the files is what changed in the model: (name, float model,
+    TensorQuantOverrides, form)."""
+    head = finetune_head(edge_mlp, x_train, y_train, HEAD_EPOCHS, seed=SEED + 1)
+    retrain = MLPClassifier(hidden_layer_sizes=(32,), max_iter=600, random_state=RETRAIN_SEED).fit(
+        x_train / PIXEL_MAX, y_train)
+    return [
+        ("digits-edge-head", mlp_graph("digits-edge-head", head, 64), None,
+         "INT8, static QDQ; head (fc1) fine-tuned"),
+        # Same float graph; per-channel scales for the first MatMul's weights only. Calibration
+        # runs on the float model, so every activation's scale and zero point stay as they were.
+        ("digits-edge-requant", edge_f, {"fc0.weight": [{"axis": 1}]},
+         "INT8, static QDQ; fc0 weights per-channel"),
+        ("digits-edge-retrain", mlp_graph("digits-edge-retrain", retrain, 64), None,
+         "INT8, static QDQ; retrained"),
+    ]
 
 
 def unknown_op_model():
@@ -260,6 +323,7 @@ def main():
     cnn_f = cnn_graph("digits-cnn", filters, head)
 
     rows = []  # name, file, form, ops, float acc, model acc, inputs
+    successor_rows = []  # the same, for successors/
     with tempfile.TemporaryDirectory() as tmp:
         mlp_in = (x_train[:calib.shape[0]], x_test, x_test[:GOLDEN_SAMPLES])
         cnn_in = (x_cnn_train[:calib.shape[0]], x_cnn_test, x_cnn_test[:GOLDEN_SAMPLES])
@@ -286,6 +350,15 @@ def main():
         write_model(hazards, "digits-edge-qsoftmax", qsoft, x_test[:GOLDEN_SAMPLES])
         onnx.save(unknown_op_model(), os.path.join(hazards, "unknown-op.onnx"))
 
+        successors = os.path.join(HERE, "successors")
+        os.makedirs(successors, exist_ok=True)
+        for name, float_model, overrides, form in successor_plan(edge_mlp, edge_f, x_train, y_train):
+            model = quantize(float_model, "qdq", calib, tmp, overrides=overrides)
+            model.graph.name = name
+            path = write_model(successors, name, model, x_test[:GOLDEN_SAMPLES])
+            successor_rows.append((name, path, form, ops_of(model), accuracy(float_model, x_test, y_test),
+                                   accuracy(model, x_test, y_test), "[batch, 64]"))
+
     with open(os.path.join(HERE, "digits-test.csv"), "w") as f:
         f.write("label," + ",".join(f"p{i}" for i in range(64)) + "\n")
         for label, row in zip(y_test, x_test.astype(int)):
@@ -293,26 +366,31 @@ def main():
 
     files = sorted(
         [os.path.relpath(p, HERE) for p in
-         [os.path.join(d, f) for d in (HERE, os.path.join(HERE, "hazards")) for f in os.listdir(d)]
+         [os.path.join(d, f) for d in (HERE, hazards, successors) for f in os.listdir(d)]
          if p.endswith((".onnx", ".golden.json", ".csv"))])
     with open(os.path.join(HERE, "SHA256SUMS"), "w") as f:
         for rel in files:
             f.write(f"{sha256(os.path.join(HERE, rel))}  {rel}\n")
 
-    write_card(rows, len(y_test))
-    for name, path, form, ops, facc, qacc, _ in rows:
+    write_card(rows, successor_rows, len(y_test))
+    for name, path, form, ops, facc, qacc, _ in rows + successor_rows:
         print(f"{name:22} {os.path.getsize(path):>8} B  float {facc:.4f}  model {qacc:.4f}  {form}")
 
 
-def write_card(rows, n_test):
+def model_table(rows):
     table = ["| model | form | input | size | float accuracy | accuracy | ops | sha256 |",
              "|---|---|---|---|---|---|---|---|"]
     for name, path, form, ops, facc, qacc, shape in rows:
         table.append(f"| `{name}` | {form} | `input` {shape} | {os.path.getsize(path):,} B | "
                      f"{facc:.2%} | {qacc:.2%} | {', '.join(ops)} | `{sha256(path)[:16]}…` |")
+    return "\n".join(table)
+
+
+def write_card(rows, successor_rows, n_test):
     with open(os.path.join(HERE, "CARD.in.md")) as f:
         template = f.read()
-    card = template.replace("{{TABLE}}", "\n".join(table)).replace("{{N_TEST}}", str(n_test))
+    card = template.replace("{{TABLE}}", model_table(rows)).replace("{{N_TEST}}", str(n_test))
+    card = card.replace("{{SUCCESSORS}}", model_table(successor_rows))
     card = card.replace("{{ORT}}", ort.__version__)
     with open(os.path.join(HERE, "README.md"), "w") as f:
         f.write(card)

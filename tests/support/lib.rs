@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: a server in this process on an ephemeral loopback port, or
 //! the real `outpost` binary as a child process, each torn down on drop.
 
+pub mod releases;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
