@@ -106,7 +106,7 @@ fn every_attack_is_refused_and_changes_nothing() {
     let fleet = Fleet::new();
     let addr = format!("127.0.0.1:{}", free_port());
     let state = dir.join("state");
-    let config = store_config(&dir, &state, &addr);
+    let config = store_config(&state, &addr);
     std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
     let out = std::process::Command::new(outpost_bin())
         .args(["update", "provision"])

@@ -141,9 +141,9 @@ pub fn trusted_state(state_dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// A daemon configuration with a store at `state_dir`, listening on `listen`.
-pub fn store_config(dir: &Path, state_dir: &Path, listen: &str) -> PathBuf {
-    let path = dir.join("outpost.toml");
+/// A daemon configuration (`STATE_DIR.toml`) with a store at `state_dir`, listening on `listen`.
+pub fn store_config(state_dir: &Path, listen: &str) -> PathBuf {
+    let path = state_dir.with_extension("toml");
     std::fs::write(
         &path,
         format!("[server]\nlisten = \"{listen}\"\n[updates]\nstate_dir = {state_dir:?}\nfleet = \"{FLEET}\"\n"),
