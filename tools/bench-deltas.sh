@@ -36,8 +36,8 @@ n=2
 for s in head requant retrain; do
   model=models/successors/digits-edge-$s
   release $n "$model"
-  echo "== digits-edge-$s ($(stat -c %s $model.onnx) bytes; zstd -19 alone: $(zstd -19 -q -c $model.onnx | wc -c);" \
-    "zstd -19 --patch-from: $(zstd -19 -q -c --patch-from=$base $model.onnx | wc -c))"
+  echo "== digits-edge-$s ($(stat -c %s $model.onnx) bytes; zstd -19 alone: $(zstd -19 -q -c $model.onnx 2>/dev/null | wc -c);" \
+    "zstd -19 --patch-from: $(zstd -19 -q -c --patch-from=$base $model.onnx 2>/dev/null | wc -c))"
   $C delta "$W/r$n" --base "$W/r1"
   $C release sign "$W/r$n" --key "$W/rel.key" >/dev/null
   # A fresh device holding release 1, then the delta update.

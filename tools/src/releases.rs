@@ -199,22 +199,18 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
 }
 
 pub fn delta(a: DeltaArgs) -> anyhow::Result<()> {
-    println!("{:<12} {:<14} {:>10} {:>10} {:>7} {:>6}", "model", "base", "full B", "delta B", "ratio", "ms");
+    println!(
+        "{:<12} {:<7} {:<14} {:>10} {:>10} {:>7} {:>6}",
+        "model", "blob", "base", "full B", "delta B", "ratio", "ms"
+    );
     for base in &a.bases {
         for r in author::add_deltas(&a.dir, base, a.level).map_err(|e| anyhow!(e))? {
             let (delta, ratio) = match r.delta_bytes {
                 Some(d) => (d.to_string(), format!("{:.1}%", d as f64 * 100.0 / r.full_bytes as f64)),
                 None => ("(full)".into(), "-".into()),
             };
-            println!(
-                "{:<12} {:<14} {:>10} {:>10} {:>7} {:>6}",
-                r.model,
-                &r.base[..12],
-                r.full_bytes,
-                delta,
-                ratio,
-                r.millis
-            );
+            let (model, blob, base, full, ms) = (&r.model, r.blob, &r.base[..12], r.full_bytes, r.millis);
+            println!("{model:<12} {blob:<7} {base:<14} {full:>10} {delta:>10} {ratio:>7} {ms:>6}");
         }
     }
     Ok(())

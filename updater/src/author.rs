@@ -120,6 +120,8 @@ pub fn read_release(dir: &Path) -> Result<(Envelope, ReleaseDoc), String> {
 #[derive(Debug, serde::Serialize)]
 pub struct DeltaReport {
     pub model: String,
+    /// `model` or `golden`.
+    pub blob: &'static str,
     pub base: String,
     pub full_bytes: u64,
     pub delta_bytes: Option<u64>,
@@ -138,8 +140,9 @@ pub fn add_deltas(dir: &Path, base_dir: &Path, level: i32) -> Result<Vec<DeltaRe
     let mut reports = Vec::new();
     for m in &doc.models.clone() {
         let Some(old) = base_doc.models.iter().find(|b| b.name == m.name) else { continue };
-        let pairs = std::iter::once((&old.blob, &m.blob)).chain(old.golden.as_ref().zip(m.golden.as_ref()));
-        for (b, t) in pairs {
+        let pairs = std::iter::once(("model", &old.blob, &m.blob))
+            .chain(old.golden.as_ref().zip(m.golden.as_ref()).map(|(b, t)| ("golden", b, t)));
+        for (what, b, t) in pairs {
             if b.sha256 == t.sha256 || doc.deltas.iter().any(|d| d.base == b.sha256 && d.target == t.sha256) {
                 continue;
             }
@@ -163,6 +166,7 @@ pub fn add_deltas(dir: &Path, base_dir: &Path, level: i32) -> Result<Vec<DeltaRe
             }
             reports.push(DeltaReport {
                 model: m.name.clone(),
+                blob: what,
                 base: b.sha256.clone(),
                 full_bytes: t.length,
                 delta_bytes: kept.map(|d| d.len() as u64),
