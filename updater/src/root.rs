@@ -147,3 +147,86 @@ impl Root {
         env.verify(&self.signers("release", &self.doc.release))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::author::{RootParams, root_doc};
+    use crate::error::RefusalKind;
+    use crate::keys::SecretKey;
+
+    fn root(version: u64, root_keys: &[&SecretKey], threshold: usize, revoked: &[String]) -> Envelope {
+        let publics: Vec<_> = root_keys.iter().map(|k| k.public()).collect();
+        let release = [SecretKey::generate().unwrap().public()];
+        root_doc(&RootParams {
+            fleet: "demo",
+            version,
+            expires_in_days: 30,
+            root_keys: &publics,
+            root_threshold: threshold,
+            release_keys: &release,
+            release_threshold: 1,
+            release_expires_in_days: 30,
+            revoked,
+        })
+    }
+
+    #[test]
+    fn rotation_needs_a_threshold_of_old_and_new_keys() {
+        let (old, new) = (SecretKey::generate().unwrap(), SecretKey::generate().unwrap());
+        let mut v1 = root(1, &[&old], 1, &[]);
+        v1.sign(&old).unwrap();
+        let trusted = Root::trust_first(&v1).unwrap();
+
+        let mut only_old = root(2, &[&new], 1, &[]);
+        only_old.sign(&old).unwrap();
+        assert_eq!(trusted.rotate(&only_old).unwrap_err().kind, RefusalKind::UnknownKey);
+        let mut only_new = root(2, &[&new], 1, &[]);
+        only_new.sign(&new).unwrap();
+        assert_eq!(trusted.rotate(&only_new).unwrap_err().kind, RefusalKind::UnknownKey);
+        let mut both = root(2, &[&new], 1, &[]);
+        both.sign(&old).unwrap();
+        both.sign(&new).unwrap();
+        assert_eq!(trusted.rotate(&both).unwrap().doc.version, 2);
+
+        let mut skipped = root(3, &[&new], 1, &[]);
+        skipped.sign(&old).unwrap();
+        skipped.sign(&new).unwrap();
+        assert_eq!(trusted.rotate(&skipped).unwrap_err().kind, RefusalKind::RootVersion);
+    }
+
+    #[test]
+    fn a_threshold_counts_distinct_listed_keys_and_revocations_stick() {
+        let (a, b) = (SecretKey::generate().unwrap(), SecretKey::generate().unwrap());
+        let mut two = root(1, &[&a, &b], 2, &[]);
+        two.sign(&a).unwrap();
+        two.sign(&a).unwrap(); // signing twice replaces, it does not count twice
+        assert_eq!(Root::trust_first(&two).unwrap_err().kind, RefusalKind::ThresholdNotMet);
+        two.sign(&b).unwrap();
+        let trusted = Root::trust_first(&two).unwrap();
+
+        let gone = b.public().id();
+        let mut v2 = root(2, &[&a], 1, std::slice::from_ref(&gone));
+        v2.sign(&a).unwrap();
+        assert_eq!(trusted.rotate(&v2).unwrap_err().kind, RefusalKind::ThresholdNotMet, "the old threshold is 2");
+        v2.sign(&b).unwrap(); // the outgoing key signs its own revocation
+        let v2 = trusted.rotate(&v2).unwrap();
+        let mut v3 = root(3, &[&a], 1, &[]);
+        v3.sign(&a).unwrap();
+        assert!(v2.rotate(&v3).unwrap_err().detail.contains("un-revokes"));
+        let mut listed = root(3, &[&a, &b], 1, std::slice::from_ref(&gone));
+        listed.sign(&a).unwrap();
+        assert!(v2.rotate(&listed).unwrap_err().detail.contains("revoked key"));
+    }
+
+    #[test]
+    fn an_expired_root_or_release_role_is_refused() {
+        let k = SecretKey::generate().unwrap();
+        let mut v1 = root(1, &[&k], 1, &[]);
+        v1.sign(&k).unwrap();
+        let r = Root::trust_first(&v1).unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(31 * 86_400);
+        assert_eq!(r.check_expiry(later).unwrap_err().kind, RefusalKind::Expired);
+        assert!(r.check_expiry(SystemTime::now()).is_ok());
+    }
+}
