@@ -188,4 +188,11 @@ fn a_damaged_active_release_falls_back_to_the_previous_at_start() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(status["active"]["number"], 1, "{status}");
     assert!(status["fell_back"].as_str().unwrap().contains("damaged"), "{status}");
+    // The same signed release repairs the box, although its number is not above the last one.
+    let (code, answer, err) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+    assert_eq!(code, 0, "{answer} {err}");
+    assert_eq!(active_after_restart(&config), 2);
+    // Once repaired, the allowance is gone: the same release again is a replay.
+    let (code, answer, _) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+    assert_eq!((code, answer["refusal"].as_str()), (2, Some("rollback")), "{answer}");
 }

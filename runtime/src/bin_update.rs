@@ -68,7 +68,10 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             let dir = std::fs::canonicalize(&release_dir).with_context(|| release_dir.display().to_string())?;
             let answer = match local {
                 Some(u) => {
-                    load_active(&u)?;
+                    // A broken active release must not stop the release that fixes it.
+                    if let Err(e) = load_active(&u) {
+                        eprintln!("outpost: warning: {e}");
+                    }
                     match u.apply(&dir) {
                         Ok(a) => json!({ "applied": a }),
                         Err(e) => json!({ "error": e.to_string(), "refusal": e.kind.as_str() }),

@@ -28,6 +28,8 @@ pub mod registry;
 pub mod repository;
 pub mod server;
 pub mod stats;
+#[cfg(target_os = "linux")]
+pub mod systemd;
 pub mod tensor;
 pub mod update;
 pub mod v2;

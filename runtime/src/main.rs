@@ -194,6 +194,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let _ = app.updates.set(updates);
         }
         tracing::info!(listen = %config.listen, models = config.models.len(), "outpost listening; loading models");
+        let notifier = outpost_runtime::systemd::Notifier::from_env().map(Arc::new);
+        let notify = |message: &str| {
+            if let Some(n) = &notifier {
+                n.send(message);
+            }
+        };
+        notify(&format!("STATUS=loading {} models", config.models.len()));
 
         let stop = Arc::new(tokio::sync::Notify::new());
         let signalled = stop.clone();
@@ -225,6 +232,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     bail!("{} of {} models failed to load; first: {first}", failures.len(), config.models.len());
                 }
                 tracing::info!(ready_ms = started.elapsed().as_millis() as u64, "all models ready");
+                let serving = app.registry.slots().len();
+                notify(&format!("READY=1\nSTATUS=serving {serving} models on {}", config.listen));
+                if let (Some(n), Some(interval)) = (&notifier, outpost_runtime::systemd::watchdog_interval()) {
+                    let mut probe = config.listen;
+                    if probe.ip().is_unspecified() {
+                        probe.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                    }
+                    tokio::spawn(outpost_runtime::systemd::feed_watchdog(n.clone(), probe, interval));
+                }
             }
             _ = stop.notified() => {
                 tracing::info!("signal received while loading models; stopping");
@@ -242,6 +258,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout_s = config.drain_timeout.as_secs(),
             "stopping: no new connections, finishing in-flight requests"
         );
+        notify("STOPPING=1\nSTATUS=draining in-flight requests");
         match tokio::time::timeout(config.drain_timeout, server).await {
             Ok(result) => {
                 result??;

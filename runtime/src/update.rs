@@ -103,9 +103,9 @@ impl Updates {
         let staged = self
             .host
             .stage(&staged_models(&updater.store, &doc))
-            .map_err(|e| format!("release {} ({}) does not load: {e}", doc.number, &sha[..12]))?;
+            .map_err(|e| format!("release {} ({}) does not load: {e}", doc.number, outpost_updater::short(&sha)))?;
         self.host.activate(staged);
-        tracing::info!(number = doc.number, release = &sha[..12], "serving the active release");
+        tracing::info!(number = doc.number, release = outpost_updater::short(&sha), "serving the active release");
         Ok(check.fell_back)
     }
 
@@ -114,7 +114,8 @@ impl Updates {
         let bytes = std::fs::read(root).map_err(|e| {
             Refusal::new(outpost_updater::error::RefusalKind::Missing, format!("{}: {e}", root.display()))
         })?;
-        let root = self.updater().store.provision(&Envelope::parse(&bytes)?)?;
+        let updater = self.updater();
+        let root = updater.store.provision(&Envelope::parse(&bytes)?, &updater.target.fleet)?;
         Ok(format!("trusting root version {} of fleet {}", root.doc.version, root.doc.fleet))
     }
 

@@ -135,7 +135,10 @@ pub fn root(cmd: RootCommand) -> anyhow::Result<()> {
             let env = Envelope::parse(&std::fs::read(&file)?).map_err(|e| anyhow!("{e}"))?;
             let payload = env.payload(ROOT_TYPE).map_err(|e| anyhow!("{e}"))?;
             println!("{}", String::from_utf8_lossy(&payload));
-            println!("signed by: {:?}", env.signatures.iter().map(|s| &s.keyid[..12]).collect::<Vec<_>>());
+            println!(
+                "signed by: {:?}",
+                env.signatures.iter().map(|s| outpost_updater::short(&s.keyid)).collect::<Vec<_>>()
+            );
             Ok(())
         }
     }
@@ -144,7 +147,7 @@ pub fn root(cmd: RootCommand) -> anyhow::Result<()> {
 pub fn sign(file: &Path, key: &Path) -> anyhow::Result<()> {
     let key = SecretKey::read(key).map_err(|e| anyhow!(e))?;
     author::sign_file(file, &key).map_err(|e| anyhow!(e))?;
-    println!("{}: signed by key {}", file.display(), &key.public().id()[..12]);
+    println!("{}: signed by key {}", file.display(), outpost_updater::short(&key.public().id()));
     Ok(())
 }
 
@@ -192,7 +195,10 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
         ReleaseCommand::Show { dir } => {
             let (env, _) = author::read_release(&dir).map_err(|e| anyhow!(e))?;
             println!("{}", String::from_utf8_lossy(&env.payload(RELEASE_TYPE).map_err(|e| anyhow!("{e}"))?));
-            println!("signed by: {:?}", env.signatures.iter().map(|s| &s.keyid[..12]).collect::<Vec<_>>());
+            println!(
+                "signed by: {:?}",
+                env.signatures.iter().map(|s| outpost_updater::short(&s.keyid)).collect::<Vec<_>>()
+            );
             Ok(())
         }
     }
@@ -209,7 +215,8 @@ pub fn delta(a: DeltaArgs) -> anyhow::Result<()> {
                 Some(d) => (d.to_string(), format!("{:.1}%", d as f64 * 100.0 / r.full_bytes as f64)),
                 None => ("(full)".into(), "-".into()),
             };
-            let (model, blob, base, full, ms) = (&r.model, r.blob, &r.base[..12], r.full_bytes, r.millis);
+            let (model, blob, base, full, ms) =
+                (&r.model, r.blob, outpost_updater::short(&r.base), r.full_bytes, r.millis);
             println!("{model:<12} {blob:<7} {base:<14} {full:>10} {delta:>10} {ratio:>7} {ms:>6}");
         }
     }

@@ -64,10 +64,28 @@ pub fn staged_models(store: &Store, doc: &ReleaseDoc) -> Vec<StagedModel> {
         .collect()
 }
 
+/// Opens a regular file of a release directory without blocking: a FIFO or device (which could
+/// stall the update or feed it endless data) is refused before any read.
+fn open_regular(path: &Path, what: &str) -> Result<File, Refusal> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK (the same value on every Linux architecture Outpost targets): opening a FIFO
+    // must not wait for a writer.
+    const O_NONBLOCK: i32 = 0o4000;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Refusal::new(RefusalKind::Missing, format!("{what} {}: {e}", path.display())))?;
+    let meta = f.metadata().map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?;
+    if !meta.is_file() {
+        return refuse(RefusalKind::Malformed, format!("{what} {} is not a regular file", path.display()));
+    }
+    Ok(f)
+}
+
 /// Reads at most `limit` bytes of a file; more is refused (endless data).
 fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Refusal> {
-    let f =
-        File::open(path).map_err(|e| Refusal::new(RefusalKind::Missing, format!("{what} {}: {e}", path.display())))?;
+    let f = open_regular(path, what)?;
     let mut bytes = Vec::new();
     f.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?;
     if bytes.len() as u64 > limit {
@@ -151,7 +169,10 @@ impl Updater {
             root = root.rotate(&next_env)?;
             new_roots.push(next_env);
         }
-        let doc = ReleaseDoc::verify(&env, &root, now, &self.target, current.last_number)?;
+        // The very document found damaged at start may be applied again to repair it.
+        let repairing = current.repair.as_deref() == Some(crate::sha256_hex(&env.to_bytes()).as_str());
+        let last_number = if repairing { None } else { current.last_number };
+        let doc = ReleaseDoc::verify(&env, &root, now, &self.target, last_number)?;
 
         let mut added = Vec::new();
         let fetched = self.fetch_all(dir, &doc, &mut added);
@@ -181,9 +202,16 @@ impl Updater {
             root: root_sha,
             active: Some(release_sha.clone()),
             previous: current.active.clone().filter(|a| *a != release_sha),
-            last_number: Some(doc.number),
+            last_number: Some(doc.number.max(current.last_number.unwrap_or(0))),
+            repair: None,
         };
-        store.commit(&next)?;
+        if let Err(e) = store.commit(&next) {
+            // Past the rename the new state is what a restart finds: treat it as committed.
+            if store.current().ok().flatten().as_ref() != Some(&next) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "the commit's directory sync failed after the rename; continuing as committed");
+        }
         host.activate(staged);
         if let Err(e) = store.collect_garbage() {
             tracing::warn!(error = %e, "garbage collection failed; it is retried after the next update");
@@ -214,15 +242,14 @@ impl Updater {
             if !seen.insert(&blob.sha256) {
                 continue;
             }
-            if self.store.has_blob(&blob.sha256) {
-                if self.store.blob_intact(&blob.sha256) {
-                    reused += 1;
-                    continue;
-                }
-                // Damaged copy: replaced below like a missing one.
-                let _ = std::fs::remove_file(self.store.blob_path(&blob.sha256));
+            // A damaged copy is not removed: the verified replacement is renamed over it.
+            let held = self.store.has_blob(&blob.sha256);
+            if held && self.store.blob_intact(&blob.sha256)? {
+                reused += 1;
+                continue;
             }
-            let delta = doc.deltas.iter().find(|d| d.target == blob.sha256 && self.store.blob_intact(&d.base));
+            let delta =
+                doc.deltas.iter().find(|d| d.target == blob.sha256 && self.store.blob_intact(&d.base).unwrap_or(false));
             match delta {
                 Some(d) => {
                     bytes += self.rebuild(dir, d, blob)?;
@@ -233,21 +260,22 @@ impl Updater {
                     full += 1;
                 }
             }
-            added.push(blob.sha256.clone());
+            if !held {
+                added.push(blob.sha256.clone());
+            }
         }
         Ok((full, from_delta, reused, bytes))
     }
 
     fn copy_full(&self, dir: &Path, blob: &BlobRef) -> Result<u64, Refusal> {
         let path = dir.join("blobs").join(&blob.sha256);
-        let f = File::open(&path)
-            .map_err(|e| Refusal::new(RefusalKind::Missing, format!("blob {}: {e}", path.display())))?;
+        let f = open_regular(&path, "blob")?;
         // Length first: a file longer than signed is refused before it is read.
         let len = f.metadata().map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?.len();
         if len > blob.length {
             return refuse(
                 RefusalKind::WrongLength,
-                format!("blob {} is {len} bytes, {} signed", &blob.sha256[..12], blob.length),
+                format!("blob {} is {len} bytes, {} signed", crate::short(&blob.sha256), blob.length),
             );
         }
         // Reading stops one byte past the signed length whatever the file claims (a pipe or a
@@ -263,7 +291,10 @@ impl Updater {
     fn rebuild(&self, dir: &Path, d: &crate::release::DeltaEntry, blob: &BlobRef) -> Result<u64, Refusal> {
         let bytes = read_bounded(&dir.join("deltas").join(&d.sha256), d.length, "delta")?;
         if bytes.len() as u64 != d.length || crate::sha256_hex(&bytes) != d.sha256 {
-            return refuse(RefusalKind::HashMismatch, format!("delta {} differs from the signed one", &d.sha256[..12]));
+            return refuse(
+                RefusalKind::HashMismatch,
+                format!("delta {} differs from the signed one", crate::short(&d.sha256)),
+            );
         }
         let base = std::fs::read(self.store.blob_path(&d.base))
             .map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?;

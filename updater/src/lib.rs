@@ -29,3 +29,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+/// The first 12 characters of an id or hash, for messages (the whole string when shorter).
+pub fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}

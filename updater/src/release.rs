@@ -18,6 +18,19 @@ use crate::{Refusal, is_sha256_hex, time};
 
 /// Largest blob a release may name (a model, a golden file, a delta).
 pub const MAX_BLOB_BYTES: u64 = 4 << 30;
+/// The model settings a release may carry: how a model is run, never where the daemon writes
+/// or sends data (escalation, queues), nor whether its health check runs.
+pub const CONFIG_KEYS: [&str; 8] = [
+    "backend",
+    "workers",
+    "queue_bound",
+    "intra_op_threads",
+    "inter_op_threads",
+    "execution_providers",
+    "allow_non_finite",
+    "batching",
+];
+
 /// Largest zstd window a delta may ask for: the device's decode memory is the base blob plus
 /// `2^window_log` bytes (plus zstd's own ~130 KiB), so 2^27 bounds it to 128 MiB + base.
 pub const MAX_WINDOW_LOG: u32 = 27;
@@ -111,13 +124,18 @@ impl ReleaseDoc {
             if m.format != "onnx" {
                 return bad(format!("model `{}`: format `{}` (only onnx)", m.name, m.format));
             }
+            if m.golden.is_none() {
+                return bad(format!("model `{}`: a golden set is required (it is the health check)", m.name));
+            }
             for b in std::iter::once(&m.blob).chain(&m.golden) {
                 check_blob_ref(&b.sha256, b.length)?;
             }
-            for key in ["name", "path", "version", "golden"] {
-                if m.config.contains_key(key) {
-                    return bad(format!("model `{}`: config may not set `{key}` (the release does)", m.name));
-                }
+            if let Some(key) = m.config.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
+                return bad(format!(
+                    "model `{}`: config key `{key}` is not one a release may set ({})",
+                    m.name,
+                    CONFIG_KEYS.join(", ")
+                ));
             }
         }
         for d in &self.deltas {
@@ -203,7 +221,7 @@ mod tests {
                 version: "2".into(),
                 format: "onnx".into(),
                 blob: BlobRef { sha256: "a".repeat(64), length: 100 },
-                golden: None,
+                golden: Some(BlobRef { sha256: "b".repeat(64), length: 10 }),
                 config: Default::default(),
             }],
             deltas: vec![],
@@ -220,8 +238,13 @@ mod tests {
         let mut bad = sample();
         bad.models[0].blob.sha256 = "../../x".into();
         assert!(ReleaseDoc::parse(&serde_json::to_vec(&bad).unwrap()).is_err());
+        for key in ["path", "escalation", "skip_golden", "golden"] {
+            let mut bad = sample();
+            bad.models[0].config.insert(key.into(), "/etc/passwd".into());
+            assert!(ReleaseDoc::parse(&serde_json::to_vec(&bad).unwrap()).is_err(), "{key}");
+        }
         let mut bad = sample();
-        bad.models[0].config.insert("path".into(), "/etc/passwd".into());
+        bad.models[0].golden = None;
         assert!(ReleaseDoc::parse(&serde_json::to_vec(&bad).unwrap()).is_err());
         let mut bad = sample();
         bad.deltas.push(DeltaEntry {

@@ -81,7 +81,10 @@ impl Root {
         }
         let bad_time = |e: String| Refusal::new(RefusalKind::Malformed, format!("root: {e}"));
         let expires = time::parse(&doc.expires).map_err(bad_time)?;
-        let release_expires = doc.release.expires.as_deref().map(time::parse).transpose().map_err(bad_time)?;
+        let Some(release_expiry) = doc.release.expires.as_deref() else {
+            return refuse(RefusalKind::Malformed, "root: the release role needs an expiry");
+        };
+        let release_expires = Some(time::parse(release_expiry).map_err(bad_time)?);
         Ok(Root { doc, keys, expires, release_expires })
     }
 

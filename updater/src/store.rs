@@ -28,9 +28,9 @@ use crate::release::ReleaseDoc;
 use crate::root::Root;
 use crate::{Refusal, is_sha256_hex, sha256_hex};
 
-/// Test hook for crash-consistency tests: with `OUTPOST_UPDATE_PAUSE_AT=N`, the process stops
-/// before its N-th durable step (write, fsync, rename, fsync-dir, remove), says so on stderr and
-/// waits to be killed. Unset, it costs one comparison per step.
+/// Test hook for crash-consistency tests, compiled in only with the `test-hooks` feature: with
+/// `OUTPOST_UPDATE_PAUSE_AT=N`, the process stops before its N-th durable step (write, fsync,
+/// rename, fsync-dir, remove), says so on stderr and waits to be killed.
 pub const PAUSE_ENV: &str = "OUTPOST_UPDATE_PAUSE_AT";
 
 /// The trusted state.
@@ -42,6 +42,20 @@ pub struct Current {
     pub active: Option<String>,
     pub previous: Option<String>,
     pub last_number: Option<u64>,
+    /// A release found damaged at start (by hash): the same signed document may be applied
+    /// again to repair it, although its number is not above `last_number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
+}
+
+impl Current {
+    fn check(&self) -> Result<(), String> {
+        let ids = std::iter::once(&self.root).chain(&self.active).chain(&self.previous).chain(&self.repair);
+        match ids.into_iter().find(|id| !is_sha256_hex(id)) {
+            Some(bad) => Err(format!("`{bad}` is not a document hash")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The store, locked for this process.
@@ -89,10 +103,10 @@ impl Store {
         &self.dir
     }
 
-    /// Counts a durable step (and pauses there under the test hook).
+    /// Counts a durable step (and, in builds with the `test-hooks` feature, pauses there).
     fn step(&self, what: &str, path: &Path) {
         let n = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.pause_at == Some(n) {
+        if cfg!(feature = "test-hooks") && self.pause_at == Some(n) {
             eprintln!("outpost: paused before update step {n}: {what} {}", path.display());
             loop {
                 std::thread::park();
@@ -146,9 +160,15 @@ impl Store {
         self.blob_path(sha256).is_file()
     }
 
-    /// Whether a stored blob still hashes to its name.
-    pub fn blob_intact(&self, sha256: &str) -> bool {
-        hash_file(&self.blob_path(sha256)).is_ok_and(|(h, _)| h == sha256)
+    /// Whether a stored blob is there and still hashes to its name. A read error other than
+    /// "not found" is an error, not damage: nothing is repaired or dropped on its account.
+    pub fn blob_intact(&self, sha256: &str) -> Result<bool, Refusal> {
+        let path = self.blob_path(sha256);
+        match hash_file(&path) {
+            Ok((h, _)) => Ok(h == sha256),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(path.display(), e)),
+        }
     }
 
     /// Writes a new blob: `fill` writes its bytes into a temp file; the result must be exactly
@@ -190,7 +210,8 @@ impl Store {
         let bytes = env.to_bytes();
         let sha = sha256_hex(&bytes);
         let path = self.doc_path(&sha);
-        if !path.is_file() {
+        let intact = fs::read(&path).is_ok_and(|held| sha256_hex(&held) == sha);
+        if !intact {
             self.write_atomic(&path, &bytes)?;
         }
         Ok(sha)
@@ -209,9 +230,12 @@ impl Store {
     pub fn current(&self) -> Result<Option<Current>, Refusal> {
         let path = self.dir.join("current.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Refusal::new(RefusalKind::Storage, format!("{}: {e}", path.display()))),
+            Ok(bytes) => {
+                let bad = |e: String| Refusal::new(RefusalKind::Storage, format!("{}: {e}", path.display()));
+                let current: Current = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                current.check().map_err(bad)?;
+                Ok(Some(current))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(path.display(), e)),
         }
@@ -235,11 +259,18 @@ impl Store {
 
     /// Provisions the first trusted root (self-signed by a threshold of its root keys). Refused
     /// when the store already trusts a root: rotation goes through releases.
-    pub fn provision(&self, root_env: &Envelope) -> Result<Root, Refusal> {
+    pub fn provision(&self, root_env: &Envelope, fleet: &str) -> Result<Root, Refusal> {
         if self.current()?.is_some() {
             return refuse(RefusalKind::RootVersion, "this device already trusts a root; rotate it with a release");
         }
         let root = Root::trust_first(root_env)?;
+        if root.doc.fleet != fleet {
+            return refuse(
+                RefusalKind::WrongTarget,
+                format!("root of fleet `{}`, this device is in `{fleet}`", root.doc.fleet),
+            );
+        }
+        root.check_expiry(std::time::SystemTime::now())?;
         let sha = self.put_doc(root_env)?;
         self.commit(&Current { root: sha, ..Current::default() })?;
         Ok(root)
@@ -251,17 +282,21 @@ impl Store {
     pub fn check_at_start(&self) -> Result<StartCheck, Refusal> {
         let Some(mut current) = self.current()? else { return Ok(StartCheck::default()) };
         let Some(active) = current.active.clone() else { return Ok(StartCheck::default()) };
-        let damage = match self.release_damage(&active) {
+        let damage = match self.release_damage(&active)? {
             None => return Ok(StartCheck { active: Some((active.clone(), self.release(&active)?)), fell_back: None }),
             Some(d) => d,
         };
-        let previous = current.previous.clone().filter(|p| self.release_damage(p).is_none());
+        let previous = match current.previous.clone() {
+            Some(p) if self.release_damage(&p)?.is_none() => Some(p),
+            _ => None,
+        };
         let report = format!(
             "active release {} is damaged ({damage}); {}",
-            &active[..12],
+            crate::short(&active),
             if previous.is_some() { "fell back to the previous release" } else { "no intact release to fall back to" }
         );
         tracing::error!(report, "store check at start");
+        current.repair = Some(active.clone());
         current.active = previous.clone();
         current.previous = None;
         self.commit(&current)?;
@@ -272,21 +307,30 @@ impl Store {
         Ok(StartCheck { active, fell_back: Some(report) })
     }
 
-    /// What is wrong with a stored release, if anything.
-    fn release_damage(&self, sha: &str) -> Option<String> {
-        let doc = match self.release(sha) {
-            Ok(d) => d,
-            Err(e) => return Some(e.to_string()),
+    /// What is wrong with a stored release, if anything (an I/O error is not damage).
+    fn release_damage(&self, sha: &str) -> Result<Option<String>, Refusal> {
+        let path = self.doc_path(sha);
+        let doc = match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some(format!("{} is missing", path.display())));
+            }
+            Err(e) => return Err(io_err(path.display(), e)),
+            Ok(bytes) if sha256_hex(&bytes) != sha => return Ok(Some(format!("{} is altered", path.display()))),
+            Ok(_) => self.release(sha)?,
         };
-        doc.blobs()
-            .find(|b| !self.blob_intact(&b.sha256))
-            .map(|b| format!("blob {} is missing or altered", &b.sha256[..12]))
+        for b in doc.blobs() {
+            if !self.blob_intact(&b.sha256)? {
+                return Ok(Some(format!("blob {} is missing or altered", crate::short(&b.sha256))));
+            }
+        }
+        Ok(None)
     }
 
     /// Removes blobs and documents that the trusted state no longer refers to.
     pub fn collect_garbage(&self) -> Result<usize, Refusal> {
         let Some(current) = self.current()? else { return Ok(0) };
         let mut keep_docs: BTreeSet<String> = BTreeSet::from([current.root.clone()]);
+        keep_docs.extend(current.repair.clone());
         let mut keep_blobs = BTreeSet::new();
         for r in current.active.iter().chain(&current.previous) {
             keep_docs.insert(r.clone());
