@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use outpost_runtime::golden::{Golden, max_abs_diff};
-use outpost_tests::{Server, models_dir, repo_root, sample_models};
+use outpost_tests::{Daemon, Server, models_dir, repo_root, sample_models};
+use outpost_tools::http::Conn;
 use outpost_tools::v2client;
 
 /// What each backend claims to run: every sample model, and for ONNX Runtime also the quantized
@@ -33,10 +34,35 @@ async fn every_model_matches_onnx_runtime_on_ort() {
 async fn run_suite(backend: &str) {
     let models = suite(backend);
     let server = Server::models_on(backend, &models).await;
-    let mut conn = server.conn().await;
+    check_models(&mut server.conn().await, backend, &models).await;
+}
+
+/// The static musl build of `outpost` (tract backend), as `cross/build-static.sh x86_64` makes
+/// it: the same suite through the real binary.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_in_the_static_musl_binary() {
+    let bin = repo_root().join("target/x86_64-unknown-linux-musl/release/outpost");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with cross/build-static.sh x86_64 (tools/test.sh does)",
+        bin.display()
+    );
+    let mut models = suite("tract");
+    models.extend(
+        ["successors/digits-edge-head", "successors/digits-edge-requant", "successors/digits-edge-retrain"]
+            .map(|m| PathBuf::from(format!("models/{m}.onnx"))),
+    );
+    let args: Vec<String> = models.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::serve_with(&bin, &args);
+    let mut conn = Conn::connect(daemon.addr).await.unwrap();
+    check_models(&mut conn, "tract", &models).await;
+}
+
+async fn check_models(conn: &mut Conn, backend: &str, models: &[PathBuf]) {
     for path in models {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let golden = Golden::read(&Golden::beside(&repo_root().join(&path)).expect("a golden file")).unwrap();
+        let golden = Golden::read(&Golden::beside(&repo_root().join(path)).expect("a golden file")).unwrap();
         let meta = conn.get(&format!("/v2/models/{name}")).await.unwrap().json();
         assert_eq!(meta["parameters"]["backend"], backend, "{name}");
         let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();

@@ -15,6 +15,10 @@ use outpost_runtime::{App, backend, server, v2};
 #[path = "bin_update.rs"]
 mod update_cmd;
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a bad configuration or command line (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 

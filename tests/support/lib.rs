@@ -119,7 +119,16 @@ impl Daemon {
 
     /// Like [`Daemon::serve`], on a given address.
     pub fn serve_at(addr: SocketAddr, args: &[&str]) -> Daemon {
-        let child = Command::new(outpost_bin())
+        Daemon::start(&outpost_bin(), addr, args)
+    }
+
+    /// Like [`Daemon::serve`], with another build of the binary (a static or cross build).
+    pub fn serve_with(bin: &Path, args: &[&str]) -> Daemon {
+        Daemon::start(bin, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
+    }
+
+    fn start(bin: &Path, addr: SocketAddr, args: &[&str]) -> Daemon {
+        let child = Command::new(bin)
             .arg("serve")
             .args(args)
             .args(["--listen", &addr.to_string()])
