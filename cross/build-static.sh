@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A static `outpost` (tract backend, no ONNX Runtime) for one target:
-#   cross/build-static.sh x86_64    ->  target/x86_64-unknown-linux-musl/release/outpost
+#   cross/build-static.sh x86_64    ->  target/x86_64-unknown-linux-musl/small/outpost
 # Needs: rustup target add x86_64-unknown-linux-musl; Debian's musl-tools (musl-gcc, for the C
 # in zstd, ring and mimalloc).
 set -euo pipefail
@@ -12,5 +12,5 @@ case "${1:-x86_64}" in
     exit 64
     ;;
 esac
-cargo build --release --quiet -p outpost-runtime --target "$target"
-echo "target/$target/release/outpost"
+cargo build --profile small --quiet -p outpost-runtime --target "$target"
+echo "target/$target/small/outpost"

@@ -41,7 +41,7 @@ async fn run_suite(backend: &str) {
 /// it: the same suite through the real binary.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_model_matches_onnx_runtime_in_the_static_musl_binary() {
-    let bin = repo_root().join("target/x86_64-unknown-linux-musl/release/outpost");
+    let bin = repo_root().join("target/x86_64-unknown-linux-musl/small/outpost");
     assert!(
         bin.is_file(),
         "{} is missing: build it with cross/build-static.sh x86_64 (tools/test.sh does)",
