@@ -68,8 +68,9 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             let dir = std::fs::canonicalize(&release_dir).with_context(|| release_dir.display().to_string())?;
             let answer = match local {
                 Some(u) => {
-                    // A broken active release must not stop the release that fixes it.
-                    if let Err(e) = load_active(&u) {
+                    // The store check of a start (staging needs nothing of the active models);
+                    // a broken active release must not stop the release that fixes it.
+                    if let Err(e) = u.check_store() {
                         eprintln!("outpost: warning: {e}");
                     }
                     match u.apply(&dir) {

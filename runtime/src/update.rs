@@ -94,6 +94,12 @@ impl Updates {
         self.updater.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Checks the active release's blobs (falling back to the previous release when they are
+    /// damaged) without loading anything. Returns what was found.
+    pub fn check_store(&self) -> Result<Option<String>, String> {
+        self.updater().store.check_at_start().map(|c| c.fell_back).map_err(|e| e.to_string())
+    }
+
     /// At start: checks the active release's blobs (falling back to the previous release when
     /// they are damaged) and serves its models. Returns what was found, for the log.
     pub fn serve_active(&self) -> Result<Option<String>, String> {

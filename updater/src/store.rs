@@ -74,16 +74,24 @@ impl Store {
     /// Opens (creating) the store at `dir` and takes its lock; fails when another process
     /// holds it (a running daemon: send it the update instead).
     pub fn open(dir: &Path) -> Result<Store, StoreBusy> {
+        let io = |p: &Path, e: std::io::Error| StoreBusy::Io(format!("{}: {e}", p.display()));
+        let fresh = !dir.join("docs").is_dir();
         for sub in ["", "docs", "blobs", "tmp"] {
-            fs::create_dir_all(dir.join(sub))
-                .map_err(|e| StoreBusy::Io(format!("{}: {e}", dir.join(sub).display())))?;
+            fs::create_dir_all(dir.join(sub)).map_err(|e| io(&dir.join(sub), e))?;
+        }
+        if fresh {
+            // The new folders must survive a power cut before anything in them is trusted.
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            for d in [dir, parent] {
+                File::open(d).and_then(|f| f.sync_all()).map_err(|e| io(d, e))?;
+            }
         }
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(dir.join("lock"))
-            .map_err(|e| StoreBusy::Io(format!("{}: {e}", dir.join("lock").display())))?;
+            .map_err(|e| io(&dir.join("lock"), e))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StoreBusy::Locked),
@@ -112,11 +120,6 @@ impl Store {
                 std::thread::park();
             }
         }
-    }
-
-    /// Durable steps taken so far (for tests and logs).
-    pub fn steps(&self) -> u64 {
-        self.steps.load(Ordering::SeqCst)
     }
 
     fn tmp_path(&self, name: &str) -> PathBuf {
