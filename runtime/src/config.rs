@@ -55,10 +55,46 @@ pub struct UpdatesConfig {
     pub fleet: String,
     #[serde(default = "default_group")]
     pub group: String,
+    /// Pull releases over MQTT (`[updates.mqtt]`).
+    pub mqtt: Option<MqttConfig>,
 }
 
 fn default_group() -> String {
     "default".into()
+}
+
+/// `[updates.mqtt]`: the agent that hears this device's desired release, downloads it in
+/// chunks and reports state. Durations in seconds unless the name says otherwise.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `host:port` (port 1883, or 8883 with `ca_file`, when missing).
+    pub broker: String,
+    /// This device's id: its MQTT client id, its topics, and by default its user name.
+    pub device_id: String,
+    pub username: Option<String>,
+    /// A file holding the MQTT password (kept out of this file, which is often world-readable).
+    pub password_file: Option<PathBuf>,
+    /// Connect with TLS, trusting only this CA (PEM).
+    pub ca_file: Option<PathBuf>,
+    pub topic_prefix: Option<String>,
+    pub report_interval_secs: Option<u64>,
+    pub keep_alive_secs: Option<u64>,
+    /// Chunk requests in flight at once (default 4).
+    pub chunk_window: Option<usize>,
+    pub chunk_timeout_secs: Option<u64>,
+    /// Tries per chunk before the download fails (default 5).
+    pub chunk_tries: Option<u32>,
+    /// Download cap (default: none).
+    pub max_bytes_per_second: Option<u64>,
+    /// Minimum throughput over `watchdog_secs` before the download fails (default 64 B/s over 60 s).
+    pub min_bytes_per_second: Option<u64>,
+    pub watchdog_secs: Option<u64>,
+    pub reconnect_min_ms: Option<u64>,
+    pub reconnect_max_secs: Option<u64>,
+    /// First wait after a failed download (doubling per attempt), and the attempts per offer.
+    pub retry_after_secs: Option<u64>,
+    pub max_attempts: Option<u32>,
 }
 
 /// `[server]`.
@@ -432,8 +468,17 @@ impl Config {
                 *g = base.join(&*g);
             }
         }
-        if let Some(u) = config.updates.as_mut().filter(|u| u.state_dir.is_relative()) {
-            u.state_dir = base.join(&u.state_dir);
+        if let Some(u) = config.updates.as_mut() {
+            if u.state_dir.is_relative() {
+                u.state_dir = base.join(&u.state_dir);
+            }
+            if let Some(m) = u.mqtt.as_mut() {
+                for p in [&mut m.password_file, &mut m.ca_file].into_iter().flatten() {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
         }
         if let Some(repo) = &config.server.model_repository {
             let repo = base.join(repo);
@@ -528,6 +573,9 @@ impl Config {
         if let Some(u) = &self.updates {
             check_name(&u.fleet).map_err(|r| invalid("updates.fleet", r))?;
             check_name(&u.group).map_err(|r| invalid("updates.group", r))?;
+            if let Some(m) = &u.mqtt {
+                crate::agent::agent_config(u, m).map_err(|(k, r)| invalid(format!("updates.mqtt.{k}"), r))?;
+            }
         }
         if self.models.is_empty() && self.updates.is_none() {
             return Err(invalid(

@@ -17,6 +17,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod backend;
 pub mod batcher;
 pub mod config;
@@ -45,6 +46,8 @@ pub struct App {
     pub hard_example_sink: Option<std::path::PathBuf>,
     /// Signed releases, when `[updates]` is configured and the store is open.
     pub updates: std::sync::OnceLock<Arc<update::Updates>>,
+    /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
+    pub agent: std::sync::OnceLock<outpost_updater::mqtt::agent::Agent>,
 }
 
 impl App {
@@ -60,6 +63,7 @@ impl App {
             auth_token: config.auth_token.clone(),
             hard_example_sink: config.hard_example_sink.clone(),
             updates: std::sync::OnceLock::new(),
+            agent: std::sync::OnceLock::new(),
         })
     }
 }

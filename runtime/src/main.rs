@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use outpost_runtime::config::{Config, DEFAULT_MODEL_DIR, EscalationConfig, ModelConfig};
 use outpost_runtime::onnx::ModelGraph;
@@ -236,6 +236,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     bail!("{} of {} models failed to load; first: {first}", failures.len(), config.models.len());
                 }
                 tracing::info!(ready_ms = started.elapsed().as_millis() as u64, "all models ready");
+                if let Some(u) = config.updates.as_ref().filter(|u| u.mqtt.is_some()) {
+                    start_agent(&app, u)?;
+                }
                 let serving = app.registry.slots().len();
                 notify(&format!("READY=1\nSTATUS=serving {serving} models on {}", config.listen));
                 if let (Some(n), Some(interval)) = (&notifier, outpost_runtime::systemd::watchdog_interval()) {
@@ -263,6 +266,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "stopping: no new connections, finishing in-flight requests"
         );
         notify("STOPPING=1\nSTATUS=draining in-flight requests");
+        if let Some(agent) = app.agent.get() {
+            agent.shutdown(Duration::from_secs(2)).await;
+        }
         match tokio::time::timeout(config.drain_timeout, server).await {
             Ok(result) => {
                 result??;
@@ -272,6 +278,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Starts the MQTT agent on the open release store.
+fn start_agent(app: &Arc<App>, u: &outpost_runtime::config::UpdatesConfig) -> Result<()> {
+    let m = u.mqtt.as_ref().expect("checked by the caller");
+    let mut cfg =
+        outpost_runtime::agent::agent_config(u, m).map_err(|(k, r)| anyhow::anyhow!("updates.mqtt.{k}: {r}"))?;
+    if let Some(path) = &m.password_file {
+        let password = outpost_runtime::agent::read_password(path)
+            .with_context(|| format!("updates.mqtt.password_file {}", path.display()))?;
+        cfg.broker.password = Some(password);
+    }
+    let updates = app.updates.get().context("the release store is not open")?.clone();
+    let device = outpost_runtime::agent::RuntimeDevice::new(updates, app);
+    tracing::info!(device = %cfg.device_id, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "starting the MQTT agent");
+    let agent = outpost_updater::mqtt::agent::start(cfg, device).map_err(|e| anyhow::anyhow!("MQTT agent: {e}"))?;
+    let _ = app.agent.set(agent);
+    Ok(())
 }
 
 /// SIGHUP: bring every model in line with its files (new versions in, removed ones out, changed

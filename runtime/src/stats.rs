@@ -70,6 +70,18 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
+    /// Observations per bucket (not cumulative), then those above the last bound.
+    pub fn bucket_counts(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        let total = self.count();
+        v.push(total.saturating_sub(v.iter().sum()));
+        v
+    }
+
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
     /// Sum of observations in nanoseconds (durations) or of the values.
     pub fn sum_ns(&self) -> u64 {
         self.sum.load(Relaxed)
@@ -222,5 +234,43 @@ mod tests {
         assert!(out.contains("outcome=\"rejected\"} 1"));
         assert_eq!(s.request.count(), 3);
         assert_eq!(s.success_time.count(), 1);
+    }
+}
+
+/// The `q` quantile (0..1) of bucket counts as [`Histogram::bucket_counts`] gives them: the
+/// upper bound of the bucket it falls in (the last bound when above all), None when empty.
+pub fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bounds[i.min(bounds.len() - 1)]);
+        }
+    }
+    bounds.last().copied()
+}
+
+#[cfg(test)]
+mod quantile_tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds() {
+        let h = Histogram::default();
+        for _ in 0..90 {
+            h.observe(Duration::from_micros(40));
+        }
+        for _ in 0..10 {
+            h.observe(Duration::from_millis(3));
+        }
+        let c = h.bucket_counts();
+        assert_eq!(quantile(h.bounds(), &c, 0.5), Some(50e-6));
+        assert_eq!(quantile(h.bounds(), &c, 0.95), Some(5e-3));
+        assert_eq!(quantile(h.bounds(), &[0; 19], 0.5), None);
     }
 }

@@ -115,6 +115,11 @@ impl Updates {
         Ok(check.fell_back)
     }
 
+    /// Runs `f` with the updater (one caller at a time).
+    pub fn with_updater<R>(&self, f: impl FnOnce(&Updater) -> R) -> R {
+        f(&self.updater())
+    }
+
     /// Provisions the first trusted root.
     pub fn provision(&self, root: &Path) -> Result<String, Refusal> {
         let bytes = std::fs::read(root).map_err(|e| {

@@ -90,6 +90,8 @@ pub fn release_doc(number: u64, models: Vec<ModelEntry>) -> ReleaseDoc {
         expires: time::format(now + Duration::from_secs(30 * 86_400)),
         models,
         deltas: Vec::new(),
+        chunk_size: 0,
+        chunks: Default::default(),
     }
 }
 

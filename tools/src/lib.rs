@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod fleet;
 pub mod http;
 pub mod releases;
 pub mod v2client;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, eval, releases, v2client};
+use outpost_tools::{bench, eval, fleet, releases, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -40,6 +40,11 @@ enum Command {
     Release(releases::ReleaseCommand),
     /// Add zstd patch-from deltas against earlier releases to an unsigned release.
     Delta(releases::DeltaArgs),
+    /// Publish a signed release to devices' retained `desired` topics over MQTT.
+    Publish(fleet::PublishArgs),
+    /// Answer devices' chunk requests over MQTT from blob directories (one of several, through
+    /// a shared subscription).
+    ServeBlobs(fleet::ServeBlobsArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +117,8 @@ fn main() -> anyhow::Result<()> {
         Command::Sign { file, key } => releases::sign(&file, &key),
         Command::Release(c) => releases::release(c),
         Command::Delta(a) => releases::delta(a),
+        Command::Publish(a) => fleet::publish(a),
+        Command::ServeBlobs(a) => fleet::serve_blobs(a),
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::envelope::{Envelope, MAX_ENVELOPE_BYTES};
 use crate::error::{RefusalKind, refuse};
+use crate::offer::Offer;
 use crate::release::{BlobRef, ReleaseDoc, Target};
 use crate::root::Root;
 use crate::store::{Current, Store};
@@ -117,6 +118,23 @@ fn root_chain(dir: &Path, trusted: u64) -> Result<Vec<(u64, PathBuf)>, Refusal> 
     Ok(found)
 }
 
+/// A release verified for this device (not yet fetched, staged or trusted).
+pub struct Verified {
+    pub doc: ReleaseDoc,
+    pub env: Envelope,
+    pub new_roots: Vec<Envelope>,
+    current: Current,
+}
+
+/// One object to fetch for a release: a whole blob, or a delta that rebuilds `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub object: String,
+    pub length: u64,
+    pub delta: bool,
+    pub target: String,
+}
+
 /// Applies release directories to one store for one device.
 pub struct Updater {
     pub store: Store,
@@ -147,6 +165,67 @@ impl Updater {
         result
     }
 
+    /// Verifies an offer for this device without fetching or trusting anything: the root chain
+    /// it carries, the release's signatures, target, expiry and number.
+    pub fn verify(&self, offer: &Offer, now: SystemTime) -> Result<Verified, Refusal> {
+        let store = &self.store;
+        let Some(current) = store.current()? else {
+            return refuse(RefusalKind::Missing, "this device has no trusted root yet (outpost update provision ROOT)");
+        };
+        // Walk the root chain one version at a time.
+        let mut root: Root = store.root(&current)?;
+        let mut offered = Vec::new();
+        for env in &offer.roots {
+            let version = Root::parse(env)?.doc.version;
+            if version > root.doc.version {
+                offered.push((version, env));
+            }
+        }
+        offered.sort_by_key(|(v, _)| *v);
+        let mut new_roots = Vec::new();
+        for (_, env) in offered {
+            root = root.rotate(env)?;
+            new_roots.push(env.clone());
+        }
+        // The very document found damaged at start may be applied again to repair it.
+        let repairing = current.repair.as_deref() == Some(offer.release_id().as_str());
+        let last_number = if repairing { None } else { current.last_number };
+        let doc = ReleaseDoc::verify(&offer.release, &root, now, &self.target, last_number)?;
+        Ok(Verified { doc, env: offer.release.clone(), new_roots, current })
+    }
+
+    /// Whether the offer is the release already active (nothing to do).
+    pub fn is_active(&self, offer: &Offer) -> bool {
+        let current = self.store.current().ok().flatten();
+        current.and_then(|c| c.active).is_some_and(|a| a == offer.release_id())
+    }
+
+    /// What must be fetched to apply a verified release: per blob, nothing when the store holds
+    /// it intact, the delta when the store holds the delta's base intact, else the whole blob.
+    /// (The same choice [`Updater::apply_dir`] makes from a directory.)
+    pub fn plan(&self, doc: &ReleaseDoc) -> Result<Vec<Transfer>, Refusal> {
+        let mut out: Vec<Transfer> = Vec::new();
+        for blob in doc.blobs() {
+            if out.iter().any(|t| t.target == blob.sha256) || self.store.blob_intact(&blob.sha256)? {
+                continue;
+            }
+            let delta =
+                doc.deltas.iter().find(|d| d.target == blob.sha256 && self.store.blob_intact(&d.base).unwrap_or(false));
+            out.push(match delta {
+                Some(d) => {
+                    Transfer { object: d.sha256.clone(), length: d.length, delta: true, target: blob.sha256.clone() }
+                }
+                None => Transfer {
+                    object: blob.sha256.clone(),
+                    length: blob.length,
+                    delta: false,
+                    target: blob.sha256.clone(),
+                },
+            });
+        }
+        Ok(out)
+    }
+
     fn apply_at<H: ModelHost>(
         &self,
         dir: &Path,
@@ -155,24 +234,17 @@ impl Updater {
         started: Instant,
     ) -> Result<Applied, Refusal> {
         let store = &self.store;
-        let Some(current) = store.current()? else {
-            return refuse(RefusalKind::Missing, "this device has no trusted root yet (outpost update provision ROOT)");
+        let trusted = match store.current()? {
+            Some(c) => store.root(&c)?.doc.version,
+            None => 0,
         };
-        let env =
+        let release =
             Envelope::parse(&read_bounded(&dir.join("release.json"), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
-
-        // Walk the root chain one version at a time.
-        let mut root: Root = store.root(&current)?;
-        let mut new_roots = Vec::new();
-        for (_, path) in root_chain(dir, root.doc.version)? {
-            let next_env = Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?;
-            root = root.rotate(&next_env)?;
-            new_roots.push(next_env);
+        let mut roots = Vec::new();
+        for (_, path) in root_chain(dir, trusted)? {
+            roots.push(Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?);
         }
-        // The very document found damaged at start may be applied again to repair it.
-        let repairing = current.repair.as_deref() == Some(crate::sha256_hex(&env.to_bytes()).as_str());
-        let last_number = if repairing { None } else { current.last_number };
-        let doc = ReleaseDoc::verify(&env, &root, now, &self.target, last_number)?;
+        let Verified { doc, env, new_roots, current } = self.verify(&Offer { release, roots }, now)?;
 
         let mut added = Vec::new();
         let fetched = self.fetch_all(dir, &doc, &mut added);

@@ -11,10 +11,13 @@ pub mod delta;
 pub mod envelope;
 pub mod error;
 pub mod keys;
+pub mod mqtt;
+pub mod offer;
 pub mod release;
 pub mod root;
 pub mod store;
 pub mod time;
+pub mod tls;
 
 pub use error::Refusal;
 

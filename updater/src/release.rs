@@ -6,7 +6,7 @@
 //! `deltas/SHA256`, and optionally `root/N.json`, the root versions a device needs to rotate to
 //! the root that signs this release.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,26 @@ pub struct ReleaseDoc {
     pub models: Vec<ModelEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<DeltaEntry>,
+    /// The transfer chunk size: objects (blobs and deltas) longer than this carry the SHA-256
+    /// of each chunk in `chunks`, so a device checks every chunk as it arrives (a single-chunk
+    /// object is checked by its own hash). 0: no index (the release travels as a directory).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunk_size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub chunks: BTreeMap<String, Vec<String>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Chunk sizes a release may use: small enough that one chunk fits an MQTT packet that small
+/// brokers and links accept, large enough that per-chunk overhead stays under a few percent.
+pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = 512..=(1 << 20);
+
+/// How many chunks an object of `length` bytes has (at least one, for empty objects).
+pub fn chunk_count(length: u64, chunk_size: u64) -> u64 {
+    length.div_ceil(chunk_size).max(1)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -147,7 +167,56 @@ impl ReleaseDoc {
                 return bad(format!("delta {}: window_log {} outside 10..={MAX_WINDOW_LOG}", d.sha256, d.window_log));
             }
         }
+        self.check_chunks()
+    }
+
+    fn check_chunks(&self) -> Result<(), Refusal> {
+        let bad = |what: String| refuse(RefusalKind::Malformed, format!("release: {what}"));
+        if self.chunk_size == 0 {
+            return if self.chunks.is_empty() { Ok(()) } else { bad("chunk hashes without a chunk_size".into()) };
+        }
+        if !CHUNK_SIZES.contains(&self.chunk_size) {
+            return bad(format!(
+                "chunk_size {} outside {}..={}",
+                self.chunk_size,
+                CHUNK_SIZES.start(),
+                CHUNK_SIZES.end()
+            ));
+        }
+        let objects: BTreeMap<&str, u64> = self.objects().collect();
+        for (sha, len) in &objects {
+            let n = chunk_count(*len, self.chunk_size);
+            match self.chunks.get(*sha) {
+                None if n > 1 => return bad(format!("object {sha} has {n} chunks but no chunk hashes")),
+                Some(list) if list.len() as u64 != n || n == 1 => {
+                    return bad(format!("object {sha}: {} chunk hashes for {n} chunks", list.len()));
+                }
+                Some(list) if !list.iter().all(|h| is_sha256_hex(h)) => {
+                    return bad(format!("object {sha}: a chunk hash is not a lowercase hex SHA-256"));
+                }
+                _ => {}
+            }
+        }
+        if let Some(extra) = self.chunks.keys().find(|k| !objects.contains_key(k.as_str())) {
+            return bad(format!("chunk hashes for {extra}, which the release does not name"));
+        }
         Ok(())
+    }
+
+    /// Every object a device may transfer for this release (blobs and deltas), by hash, with
+    /// its signed length.
+    pub fn objects(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.blobs()
+            .map(|b| (b.sha256.as_str(), b.length))
+            .chain(self.deltas.iter().map(|d| (d.sha256.as_str(), d.length)))
+    }
+
+    /// The signed hash of chunk `index` of `object`: its own hash when it is one chunk.
+    pub fn chunk_hash<'a>(&'a self, object: &'a str, index: u64) -> Option<&'a str> {
+        match self.chunks.get(object) {
+            Some(list) => list.get(usize::try_from(index).ok()?).map(String::as_str),
+            None => (index == 0).then_some(object),
+        }
     }
 
     /// Every blob the release's models need (model files and golden files).
@@ -225,6 +294,8 @@ mod tests {
                 config: Default::default(),
             }],
             deltas: vec![],
+            chunk_size: 0,
+            chunks: Default::default(),
         }
     }
 

@@ -80,7 +80,7 @@ impl Central {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.timeout));
         http.enforce_http(false);
-        let tls = tls_config(config.central_tls_ca.as_deref())?;
+        let tls = outpost_updater::tls::client_config(config.central_tls_ca.as_deref())?;
         let connector =
             HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
@@ -181,30 +181,4 @@ impl Central {
         let bytes = limited.collect().await.map_err(|e| CentralError::BadResponse(e.to_string()))?.to_bytes();
         Ok((status, header_len, bytes))
     }
-}
-
-/// TLS settings trusting only the configured CAs (none: an empty store, for plain http).
-fn tls_config(ca: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| bad(format!("{}: {e}", path.display())))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(bad(format!("{}: no certificate in it", path.display())));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }

@@ -44,5 +44,9 @@ pub async fn apply(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resu
 
 pub async fn status(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     let updates = service(&app)?;
-    Ok(Json(tokio::task::spawn_blocking(move || updates.status()).await.unwrap_or(Value::Null)))
+    let mut status = tokio::task::spawn_blocking(move || updates.status()).await.unwrap_or(Value::Null);
+    if let Some(agent) = app.agent.get() {
+        status["mqtt"] = agent.status();
+    }
+    Ok(Json(status))
 }
