@@ -86,6 +86,11 @@ pub struct Progress {
     pub chunks_retried: u64,
     pub chunks_corrupt: u64,
     pub unrequested: u64,
+    /// Chunk requests sent: one per missing chunk, plus `chunks_retried` (timeouts, bad chunks,
+    /// server errors), plus `reasked` (in flight when the link dropped). A chunk once written
+    /// is never asked for again.
+    pub requests: u64,
+    pub reasked: u64,
     pub bytes_received: u64,
     pub millis: u64,
 }
@@ -535,7 +540,7 @@ impl<D: Device> Shared<D> {
                         "models": applied.models,
                         "download_ms": download_ms,
                         "apply_ms": applied.millis,
-                        "bytes_received": progress.as_ref().map(|p| p.bytes_received),
+                        "transfer": progress,
                         "at": time::format(SystemTime::now()),
                     }));
                     u.progress = None;
@@ -610,6 +615,8 @@ impl<D: Device> Shared<D> {
             );
         }
         while replies.try_recv().is_ok() {}
+        // Only a change of the link during this transfer matters.
+        connected.borrow_and_update();
         let flood_limit = 64 + 2 * progress.chunks_total;
         let started = Instant::now();
         let mut tries: HashMap<(usize, u64), u32> = HashMap::new();
@@ -641,115 +648,132 @@ impl<D: Device> Shared<D> {
             }
             Ok(())
         };
-        while !(queue.is_empty() && in_flight.is_empty()) {
-            if *connected.borrow() {
-                while in_flight.len() < cfg.window.max(1) {
-                    let Some(&(i, c)) = queue.front() else { break };
-                    let (offset, len) = parts[i].range(c);
-                    if cfg.max_bytes_per_second > 0
-                        && started + Duration::from_secs_f64(requested as f64 / cfg.max_bytes_per_second as f64)
-                            > Instant::now()
-                    {
-                        break;
+        let outcome: Result<(), Failure> = 'fetch: {
+            while !(queue.is_empty() && in_flight.is_empty()) {
+                if *connected.borrow() {
+                    while in_flight.len() < cfg.window.max(1) {
+                        let Some(&(i, c)) = queue.front() else { break };
+                        let (offset, len) = parts[i].range(c);
+                        if cfg.max_bytes_per_second > 0
+                            && started + Duration::from_secs_f64(requested as f64 / cfg.max_bytes_per_second as f64)
+                                > Instant::now()
+                        {
+                            break;
+                        }
+                        let req = ChunkRequest {
+                            id: next_id,
+                            object: parts[i].object().to_owned(),
+                            offset,
+                            length: len as u32,
+                        };
+                        if self
+                            .client
+                            .try_publish(request_topic.as_str(), QoS::AtLeastOnce, false, req.to_bytes())
+                            .is_err()
+                        {
+                            break;
+                        }
+                        queue.pop_front();
+                        in_flight.insert(next_id, (i, c, Instant::now()));
+                        progress.requests += 1;
+                        next_id += 1;
+                        requested += len;
                     }
-                    let req =
-                        ChunkRequest { id: next_id, object: parts[i].object().to_owned(), offset, length: len as u32 };
-                    if self.client.try_publish(request_topic.as_str(), QoS::AtLeastOnce, false, req.to_bytes()).is_err()
-                    {
-                        break;
-                    }
-                    queue.pop_front();
-                    in_flight.insert(next_id, (i, c, Instant::now()));
-                    next_id += 1;
-                    requested += len;
                 }
-            }
-            tokio::select! {
-                r = desired.changed() => {
-                    if r.is_ok() {
-                        return Err(Failure::Superseded);
+                tokio::select! {
+                    r = desired.changed() => {
+                        if r.is_ok() {
+                            break 'fetch Err(Failure::Superseded);
+                        }
                     }
-                }
-                r = connected.changed() => {
-                    if r.is_ok() && *connected.borrow_and_update() {
-                        // What was in flight when the link dropped is asked for again (not a
-                        // retry: the chunk never had its chance).
-                        for (_, (i, c, _)) in in_flight.drain() {
+                    r = connected.changed() => {
+                        if r.is_ok() && *connected.borrow_and_update() {
+                            // What was in flight when the link dropped is asked for again (not a
+                            // retry: the chunk never had its chance).
+                            for (_, (i, c, _)) in in_flight.drain() {
+                                queue.push_front((i, c));
+                                progress.reasked += 1;
+                            }
+                        }
+                        window = (Instant::now(), 0);
+                    }
+                    msg = replies.recv() => {
+                        let Some(msg) = msg else { break 'fetch Err(failed("storage", "reply channel closed")) };
+                        let reply = ChunkReply::decode(msg).ok();
+                        let Some((i, c)) = reply.as_ref().and_then(|r| in_flight.get(&r.id)).map(|f| (f.0, f.1)) else {
+                            progress.unrequested += 1;
+                            if progress.unrequested > flood_limit {
+                                break 'fetch Err(failed("flood", format!("{} chunk replies nobody asked for (limit {flood_limit})", progress.unrequested)));
+                            }
+                            continue;
+                        };
+                        let reply = reply.expect("matched above");
+                        in_flight.remove(&reply.id);
+                        let (offset, len) = parts[i].range(c);
+                        let outcome = match reply.result {
+                            Err(e) => Err(("missing", format!("the blob server says: {e}"))),
+                            Ok(_) if reply.object != parts[i].object() || reply.offset != offset => {
+                                Err(("hash_mismatch", "a reply for another object or offset".to_string()))
+                            }
+                            Ok(data) => {
+                                progress.bytes_received += data.len() as u64;
+                                window.1 += data.len() as u64;
+                                parts[i].write(c, &data).map_err(|e| ("hash_mismatch", e))
+                            }
+                        };
+                        match outcome {
+                            Ok(()) => {
+                                progress.chunks_fetched += 1;
+                                progress.chunks_done += 1;
+                                progress.bytes_done += len;
+                            }
+                            Err((kind, why)) => {
+                                if kind == "hash_mismatch" {
+                                    progress.chunks_corrupt += 1;
+                                }
+                                progress.chunks_retried += 1;
+                                tracing::warn!(chunk = c, object = parts_name(plan, i), why, "bad chunk; asking again");
+                                if let Err(e) = retry(&mut tries, (i, c), kind, why) {
+                                    break 'fetch Err(e);
+                                }
+                                queue.push_back((i, c));
+                            }
+                        }
+                        if last_note.elapsed() >= Duration::from_secs(2) {
+                            last_note = Instant::now();
+                            publish_progress(&progress);
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if !*connected.borrow() {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        let late: Vec<u64> = in_flight.iter().filter(|(_, f)| now - f.2 >= cfg.chunk_timeout).map(|(id, _)| *id).collect();
+                        for id in late {
+                            let (i, c, _) = in_flight.remove(&id).expect("listed above");
+                            progress.chunks_retried += 1;
+                            if let Err(e) = retry(&mut tries, (i, c), "timeout", format!("no answer within {:?}", cfg.chunk_timeout)) {
+                                break 'fetch Err(e);
+                            }
                             queue.push_front((i, c));
                         }
-                    }
-                    window = (Instant::now(), 0);
-                }
-                msg = replies.recv() => {
-                    let Some(msg) = msg else { return Err(failed("storage", "reply channel closed")) };
-                    let reply = ChunkReply::decode(msg).ok();
-                    let Some((i, c)) = reply.as_ref().and_then(|r| in_flight.get(&r.id)).map(|f| (f.0, f.1)) else {
-                        progress.unrequested += 1;
-                        if progress.unrequested > flood_limit {
-                            return Err(failed("flood", format!("{} chunk replies nobody asked for (limit {flood_limit})", progress.unrequested)));
-                        }
-                        continue;
-                    };
-                    let reply = reply.expect("matched above");
-                    in_flight.remove(&reply.id);
-                    let (offset, len) = parts[i].range(c);
-                    let outcome = match reply.result {
-                        Err(e) => Err(("missing", format!("the blob server says: {e}"))),
-                        Ok(_) if reply.object != parts[i].object() || reply.offset != offset => {
-                            Err(("hash_mismatch", "a reply for another object or offset".to_string()))
-                        }
-                        Ok(data) => {
-                            progress.bytes_received += data.len() as u64;
-                            window.1 += data.len() as u64;
-                            parts[i].write(c, &data).map_err(|e| ("hash_mismatch", e))
-                        }
-                    };
-                    match outcome {
-                        Ok(()) => {
-                            progress.chunks_fetched += 1;
-                            progress.chunks_done += 1;
-                            progress.bytes_done += len;
-                        }
-                        Err((kind, why)) => {
-                            if kind == "hash_mismatch" {
-                                progress.chunks_corrupt += 1;
+                        let span = now - window.0;
+                        if cfg.min_bytes_per_second > 0 && span >= cfg.watchdog_window {
+                            let rate = window.1 as f64 / span.as_secs_f64();
+                            if rate < cfg.min_bytes_per_second as f64 {
+                                break 'fetch Err(failed("throughput", format!(
+                                    "{rate:.0} B/s over {:.0} s, under the {} B/s minimum", span.as_secs_f64(), cfg.min_bytes_per_second)));
                             }
-                            progress.chunks_retried += 1;
-                            tracing::warn!(chunk = c, object = parts_name(plan, i), why, "bad chunk; asking again");
-                            retry(&mut tries, (i, c), kind, why)?;
-                            queue.push_back((i, c));
+                            window = (now, 0);
                         }
-                    }
-                    if last_note.elapsed() >= Duration::from_secs(2) {
-                        last_note = Instant::now();
-                        publish_progress(&progress);
-                    }
-                }
-                _ = tick.tick() => {
-                    if !*connected.borrow() {
-                        continue;
-                    }
-                    let now = Instant::now();
-                    let late: Vec<u64> = in_flight.iter().filter(|(_, f)| now - f.2 >= cfg.chunk_timeout).map(|(id, _)| *id).collect();
-                    for id in late {
-                        let (i, c, _) = in_flight.remove(&id).expect("listed above");
-                        progress.chunks_retried += 1;
-                        retry(&mut tries, (i, c), "timeout", format!("no answer within {:?}", cfg.chunk_timeout))?;
-                        queue.push_front((i, c));
-                    }
-                    let span = now - window.0;
-                    if cfg.min_bytes_per_second > 0 && span >= cfg.watchdog_window {
-                        let rate = window.1 as f64 / span.as_secs_f64();
-                        if rate < cfg.min_bytes_per_second as f64 {
-                            return Err(failed("throughput", format!(
-                                "{rate:.0} B/s over {:.0} s, under the {} B/s minimum", span.as_secs_f64(), cfg.min_bytes_per_second)));
-                        }
-                        window = (now, 0);
                     }
                 }
             }
-        }
+            Ok(())
+        };
         publish_progress(&progress);
+        outcome?;
         self.blocking(move |_| parts.into_iter().try_for_each(Partial::finish))
             .await
             .map_err(|r| failed(r.kind.as_str(), r.detail))?;
