@@ -39,7 +39,9 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let broker = Broker::start(&dir.join("broker"));
-    let _blobs = BlobServer::start(&broker, &[&pubdir.join("r1"), &pubdir.join("r2")]);
+    // Two blob servers share the requests through one MQTT 5 shared subscription.
+    let blobs_a = BlobServer::start(&broker, "blobs-a", &[&pubdir.join("r1"), &pubdir.join("r2")]);
+    let blobs_b = BlobServer::start(&broker, "blobs-b", &[&pubdir.join("r1"), &pubdir.join("r2")]);
     let mut dev = Device::start(&dir, "dev1", &broker.address(), &pubdir, "");
     assert_eq!(dev.served_version().as_deref(), Some("0"));
 
@@ -53,6 +55,7 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
     assert_eq!(t["chunks_fetched"], t["chunks_total"], "{u}");
     assert_eq!(t["requests"], t["chunks_total"], "one request per chunk on a clean link: {u}");
     assert_eq!(dev.served_version().as_deref(), Some("1"));
+    let first = t["requests"].as_u64().unwrap();
 
     // Delta: the device holds release 1's blobs, the bases of release 2's deltas.
     publish(&broker, &pubdir, "r2", "dev1");
@@ -63,6 +66,9 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
     let received = t["bytes_received"].as_u64().unwrap();
     assert!(received * 3 < full_bytes(&pubdir, "r2"), "a delta update costs under a third of a whole one: {u}");
     assert_eq!(dev.served_version().as_deref(), Some("2"));
+    let (a, b) = (blobs_a.stop(), blobs_b.stop());
+    assert_eq!(a + b, first + t["requests"].as_u64().unwrap(), "every request answered once");
+    assert!(a > 0 && b > 0, "the shared subscription spread the requests ({a} and {b})");
 
     // The console's view: the retained state.
     let state = wait_for(Duration::from_secs(10), "the state to show release 2", || {
@@ -118,7 +124,7 @@ fn downloads_resume_after_a_broker_restart_and_after_a_device_kill() {
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let mut broker = Broker::start(&dir.join("broker"));
-    let _blobs = BlobServer::start(&broker, &[&pubdir.join("r1")]);
+    let _blobs = BlobServer::start(&broker, "blobs", &[&pubdir.join("r1")]);
     // 2 KiB/s: release 1 (about 14 KB in 14 chunks) takes about 7 s, time to interrupt it.
     let slow = "max_bytes_per_second = 2048\nmin_bytes_per_second = 64\n";
 
@@ -195,7 +201,7 @@ fn refusals_over_mqtt_change_nothing_and_are_reported() {
         }
     }
     let broker = Broker::start(&dir.join("broker"));
-    let blobs = BlobServer::start(&broker, &[&pubdir.join("r1"), &pubdir.join("r2"), &rotten]);
+    let blobs = BlobServer::start(&broker, "blobs", &[&pubdir.join("r1"), &pubdir.join("r2"), &rotten]);
     let dev = Device::start(&dir, "dev1", &broker.address(), &pubdir, "chunk_tries = 3\nmax_attempts = 1\n");
     publish(&broker, &pubdir, "r2", "dev1");
     dev.wait_update("idle", Some(2), Duration::from_secs(30));
@@ -227,6 +233,18 @@ fn refusals_over_mqtt_change_nothing_and_are_reported() {
     assert!(downloads(&dev).is_empty(), "nothing fetched for a replay");
     reported("rollback");
     unchanged("replay");
+
+    // Not an offer at all (the console's own credentials, a broken payload).
+    let junk = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", "console", "-P", "pw-console", "-q", "1", "-r"])
+        .args(["-t", &format!("outpost/v1/{FLEET}/devices/dev1/desired"), "-m", "{\"release\": 42"])
+        .status()
+        .unwrap();
+    assert!(junk.success());
+    let u = dev.wait_update("refused", None, Duration::from_secs(20));
+    assert_eq!(u["last_error"]["kind"], "malformed", "{u}");
+    reported("malformed");
+    unchanged("malformed offer");
 
     // Release 3 signed by a key the root does not know.
     let forged = dir.join("r3-forged");

@@ -76,7 +76,12 @@ impl Broker {
     /// Starts the broker again (after [`Broker::stop`]), on the same port and data.
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("mosquitto.log")).unwrap();
-        let child = Command::new("mosquitto")
+        // Debian puts the broker in /usr/sbin, which a user's PATH may lack.
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))
             .stdout(Stdio::null())
@@ -207,32 +212,51 @@ pub fn publisher(dir: &Path) {
     }
 }
 
-/// `outpostctl serve-blobs DIRS` as the `blobs` user, killed on drop.
+/// `outpostctl serve-blobs DIRS` as the `blobs` user (log in `BROKER_DIR/NAME.log`), killed on
+/// drop.
 pub struct BlobServer {
-    child: Child,
+    child: Option<Child>,
+    log: PathBuf,
 }
 
 impl BlobServer {
-    pub fn start(broker: &Broker, dirs: &[&Path]) -> BlobServer {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(broker.dir.join("blobs.log")).unwrap();
+    pub fn start(broker: &Broker, name: &str, dirs: &[&Path]) -> BlobServer {
+        let log = broker.dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(outpostctl())
             .arg("serve-blobs")
             .args(dirs)
             .args(broker.ctl_args("blobs"))
+            .args(["--client-id", name])
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(file)
             .spawn()
             .unwrap();
-        // Subscribed once the broker shows the client; a short settle is enough on loopback.
-        std::thread::sleep(Duration::from_millis(300));
-        BlobServer { child }
+        wait_for(Duration::from_secs(10), "the blob server to subscribe", || {
+            std::fs::read_to_string(&log).ok().filter(|l| l.contains("blob server connected")).map(drop)
+        });
+        // The SUBACK follows the CONNACK on loopback within a few milliseconds.
+        std::thread::sleep(Duration::from_millis(100));
+        BlobServer { child: Some(child), log }
+    }
+
+    /// SIGTERM; returns the chunks it says it served.
+    pub fn stop(mut self) -> u64 {
+        let mut c = self.child.take().unwrap();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = c.wait();
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        let line = log.lines().rev().find(|l| l.contains("stopping;")).unwrap_or_else(|| panic!("no summary in {log}"));
+        line.split("stopping; ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap()
     }
 }
 
 impl Drop for BlobServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
