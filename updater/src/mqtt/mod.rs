@@ -118,6 +118,11 @@ impl BrokerConfig {
         o.set_clean_start(true);
         o.set_max_packet_size(Some(MAX_PACKET_BYTES));
         o.set_connection_timeout(10);
+        // Chunk requests and replies are small, latency-bound exchanges: no Nagle delay.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(10);
+        o.set_network_options(net);
         if let Some(user) = &self.username {
             o.set_credentials(user, self.password.clone().unwrap_or_default());
         }
