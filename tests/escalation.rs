@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use outpost_runtime::golden::max_abs_diff;
 use outpost_runtime::tensor::Tensor;
+use outpost_tests::tls::{make_ca, server_cert};
 use outpost_tests::{Daemon, Server, free_port, repo_root};
 use outpost_tools::http::Conn;
 use outpost_tools::v2client;
@@ -267,24 +268,6 @@ fn outpostctl_eval_sweeps_thresholds_and_writes_a_plot() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs `openssl ARGS` (split on spaces) in `dir`, failing the test with its output if it fails.
-fn openssl(dir: &Path, args: &str) {
-    let out = std::process::Command::new("openssl")
-        .args(args.split_whitespace())
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-const EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-
-/// A CA in `dir` (`NAME.pem`, `NAME.key`).
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    openssl(dir, &format!("req -x509 {EC_KEY} -days 2 -subj /CN={name} -keyout {name}.key -out {name}.pem"));
-    dir.join(format!("{name}.pem"))
-}
-
 /// TLS in front of a plain-HTTP central: socat with a server certificate for 127.0.0.1 signed
 /// by the CA `ca` in `dir`; killed on drop.
 struct TlsFront {
@@ -294,25 +277,13 @@ struct TlsFront {
 
 impl TlsFront {
     fn start(dir: &Path, ca: &str, backend: SocketAddr) -> TlsFront {
-        openssl(dir, &format!("req {EC_KEY} -subj /CN=central -keyout server.key -out server.csr"));
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(
-            dir,
-            &format!(
-                "x509 -req -in server.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -days 2 \
-                 -extfile server.ext -out server.pem"
-            ),
-        );
+        let (cert, key) = server_cert(dir, ca, "server");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let listen = format!(
             "OPENSSL-LISTEN:{},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
             addr.port(),
-            dir.join("server.pem").display(),
-            dir.join("server.key").display()
+            cert.display(),
+            key.display()
         );
         let child = std::process::Command::new("socat")
             .args([listen, format!("TCP:{backend}")])

@@ -357,3 +357,37 @@ fn without_a_broker_the_device_serves_and_retries_with_capped_backoff() {
     assert_eq!(state["online"], true);
     assert_eq!(dev.status()["mqtt"]["connection"]["connects"], 1);
 }
+
+#[test]
+fn over_tls_the_device_trusts_only_its_configured_ca() {
+    let dir = scratch("tls");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca = outpost_tests::tls::make_ca(&certs, "fleet-ca");
+    let stranger = outpost_tests::tls::make_ca(&certs, "other-ca");
+    let (cert, key) = outpost_tests::tls::server_cert(&certs, "fleet-ca", "broker");
+    // mosquitto started as root reads its key as its own user.
+    for f in [&cert, &key] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let broker = Broker::start_tls(&dir.join("broker"), &cert, &key);
+    let tls = format!("127.0.0.1:{}", broker.tls_port.unwrap());
+    let _blobs = BlobServer::start(&broker, "blobs", &[&pubdir.join("r1")]);
+
+    let good = Device::start(&dir, "dev1", &tls, &pubdir, &format!("ca_file = {ca:?}\n"));
+    publish(&broker, &pubdir, "r1", "dev1");
+    good.wait_update("idle", Some(1), Duration::from_secs(30));
+    assert_eq!(good.served_version().as_deref(), Some("1"), "a release arrived over TLS");
+
+    // A device trusting another CA refuses the broker, says why, and serves on.
+    let wary = Device::start(&dir, "dev2", &tls, &pubdir, &format!("ca_file = {stranger:?}\n"));
+    let c = wait_for(Duration::from_secs(10), "a TLS failure", || {
+        let c = wary.status()["mqtt"]["connection"].clone();
+        (c["failures"].as_u64()? >= 1).then_some(c)
+    });
+    assert_eq!(c["connected"], false, "{c}");
+    assert!(c["last_error"].as_str().unwrap().contains("TLS"), "{c}");
+    assert_eq!(wary.served_version().as_deref(), Some("0"));
+}

@@ -66,7 +66,7 @@ def main():
     procs = []
     try:
         port = free_port()
-        users = ["console", "blobs"] + [f"d{i}" for i in range(2 * len(SUCCESSORS) * a.runs)]
+        users = ["console", "blobs"] + [f"d{i}" for i in range((2 * len(SUCCESSORS) + 1) * a.runs)]
         passwd = os.path.join(tmp, "passwd")
         open(passwd, "w").close()
         for u in users:
@@ -98,12 +98,14 @@ def main():
         models = os.path.join(ROOT, "models")
         releases = [("r1", 1, os.path.join(models, "digits-edge"))]
         releases += [(s, i + 2, os.path.join(models, "successors", s)) for i, s in enumerate(SUCCESSORS)]
+        # A larger object (the 204 KB FP32 central model) shows the chunk size at work.
+        releases.append(("digits-central", len(releases) + 1, os.path.join(models, "digits-central")))
         for name, number, path in releases:
             with open(os.path.join(pub, f"{name}.toml"), "w") as f:
                 f.write(f'fleet = "demo"\nnumber = {number}\nchunk_size = {a.chunk_size}\n[[models]]\n'
                         f'name = "digits"\nversion = "{number}"\npath = "{path}.onnx"\ngolden = "{path}.golden.json"\n')
             ctl(pub, "release", "create", f"{name}.toml", "-o", name)
-            if name != "r1":
+            if name in SUCCESSORS:
                 ctl(pub, "delta", name, "--base", "r1")
             ctl(pub, "release", "sign", name, "--key", "release.key")
         procs.append(subprocess.Popen(
@@ -140,8 +142,8 @@ def main():
               "(wall: from `outpostctl publish` to the device reporting the release active)")
         print(f"{'successor':22} {'kind':6} {'bytes':>7} {'chunks':>6} {'wall':>7} {'download':>9} {'apply':>6}")
         n = 0
-        for s in SUCCESSORS:
-            for kind in ["full", "delta"]:
+        for s in SUCCESSORS + ["digits-central"]:
+            for kind in ["full", "delta"] if s in SUCCESSORS else ["full"]:
                 rows = []
                 for _ in range(a.runs):
                     dev, http, p = device(n)

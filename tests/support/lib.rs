@@ -3,6 +3,7 @@
 
 pub mod mqtt;
 pub mod releases;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

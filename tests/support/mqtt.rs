@@ -36,6 +36,8 @@ pub struct Broker {
     child: Option<Child>,
     pub port: u16,
     pub dir: PathBuf,
+    /// A TLS listener's port, when started with one.
+    pub tls_port: Option<u16>,
 }
 
 impl Broker {
@@ -46,6 +48,15 @@ impl Broker {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Broker {
+        Broker::start_with(dir, port, None)
+    }
+
+    /// With a second listener speaking TLS with this certificate and key.
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> Broker {
+        Broker::start_with(dir, free_port(), Some((cert, key)))
+    }
+
+    fn start_with(dir: &Path, port: u16, tls: Option<(&Path, &Path)>) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
         let passwd = dir.join("passwd");
         let _ = std::fs::remove_file(&passwd);
@@ -57,7 +68,7 @@ impl Broker {
         }
         let conf = std::fs::read_to_string(repo_root().join("cross/mosquitto/outpost.conf")).unwrap();
         let acl = repo_root().join("cross/mosquitto/outpost.acl");
-        let conf: Vec<String> = conf
+        let mut conf: Vec<String> = conf
             .lines()
             .map(|l| match l.split_whitespace().next() {
                 Some("password_file") => format!("password_file {}", passwd.display()),
@@ -67,8 +78,13 @@ impl Broker {
                 _ => l.to_owned(),
             })
             .collect();
+        let tls_port = tls.map(|(cert, key)| {
+            let p = free_port();
+            conf.push(format!("listener {p} 127.0.0.1\ncertfile {}\nkeyfile {}", cert.display(), key.display()));
+            p
+        });
         std::fs::write(dir.join("mosquitto.conf"), conf.join("\n")).unwrap();
-        let mut b = Broker { child: None, port, dir: dir.to_owned() };
+        let mut b = Broker { child: None, port, dir: dir.to_owned(), tls_port };
         b.restart();
         b
     }
