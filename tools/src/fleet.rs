@@ -138,10 +138,11 @@ pub fn serve_blobs(a: ServeBlobsArgs) -> anyhow::Result<()> {
         }
     })?;
     eprintln!(
-        "outpostctl serve-blobs: stopping; {} chunks, {} bytes served; {} requests refused",
+        "outpostctl serve-blobs: stopping; {} chunks, {} bytes served; {} requests refused; {} replies dropped",
         stats.served.load(Ordering::Relaxed),
         stats.bytes.load(Ordering::Relaxed),
-        stats.refused.load(Ordering::Relaxed)
+        stats.refused.load(Ordering::Relaxed),
+        stats.dropped.load(Ordering::Relaxed)
     );
     Ok(())
 }

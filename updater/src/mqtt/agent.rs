@@ -142,7 +142,12 @@ struct Shared<D> {
     report_now: Notify,
     seq: AtomicU64,
     dropped_replies: AtomicU64,
+    /// The largest reply the current transfer can use (0: no transfer).
+    reply_max: AtomicU64,
 }
+
+/// Chunk replies queued between the connection and the transfer at most.
+const REPLY_QUEUE: usize = 64;
 
 /// A running agent.
 pub struct Agent {
@@ -216,11 +221,12 @@ pub fn start<D: Device>(cfg: AgentConfig, device: Arc<D>) -> Result<Agent, Strin
         report_now: Notify::new(),
         seq: AtomicU64::new(0),
         dropped_replies: AtomicU64::new(0),
+        reply_max: AtomicU64::new(0),
         cfg,
     });
     let (desired_tx, desired_rx) = watch::channel::<Option<Bytes>>(None);
     let (connected_tx, connected_rx) = watch::channel(false);
-    let (replies_tx, replies_rx) = mpsc::channel::<Bytes>(256);
+    let (replies_tx, replies_rx) = mpsc::channel::<Bytes>(REPLY_QUEUE);
     tokio::spawn(run_connection(shared.clone(), eventloop, desired_tx, connected_tx, replies_tx));
     tokio::spawn(run_updates(shared.clone(), desired_rx, replies_rx, connected_rx.clone()));
     tokio::spawn(run_reports(shared.clone(), connected_rx));
@@ -264,8 +270,14 @@ async fn run_connection<D: Device>(
                         *cur = offer;
                         changed
                     });
-                } else if p.topic == reply_topic.as_bytes() && replies.try_send(p.payload).is_err() {
-                    s.dropped_replies.fetch_add(1, Ordering::Relaxed);
+                } else if p.topic == reply_topic.as_bytes() {
+                    // Only replies that could be a chunk of the transfer under way are queued
+                    // (none when there is none), so queued replies never hold more than
+                    // REPLY_QUEUE chunks of memory, whatever a server sends.
+                    let max = s.reply_max.load(Ordering::Relaxed) as usize;
+                    if p.payload.len() > max || replies.try_send(p.payload).is_err() {
+                        s.dropped_replies.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -614,6 +626,9 @@ impl<D: Device> Shared<D> {
                 "resuming a download from disk"
             );
         }
+        let chunk_max = parts.iter().map(|p| p.range(0).1).max().unwrap_or(0);
+        self.reply_max.store(chunk_max + 2 + super::chunks::MAX_HEADER_BYTES as u64, Ordering::Relaxed);
+        let _stop_queueing = Defer(|| self.reply_max.store(0, Ordering::Relaxed));
         while replies.try_recv().is_ok() {}
         // Only a change of the link during this transfer matters.
         connected.borrow_and_update();
@@ -808,6 +823,15 @@ impl<D: Device> Shared<D> {
         doc.insert("seq".into(), json!(self.seq.fetch_add(1, Ordering::Relaxed)));
         doc.insert("at".into(), json!(time::format(SystemTime::now())));
         Value::Object(doc)
+    }
+}
+
+/// Runs a closure when dropped (on every way out of a scope).
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 

@@ -36,6 +36,7 @@ pub struct ServerStats {
     pub served: AtomicU64,
     pub bytes: AtomicU64,
     pub refused: AtomicU64,
+    pub dropped: AtomicU64,
 }
 
 impl BlobServerConfig {
@@ -82,7 +83,9 @@ pub async fn serve(cfg: BlobServerConfig, stats: Arc<ServerStats>) -> Result<(),
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    if tx.send((topic, p.payload)).await.is_err() {
+                    // Never wait here: this task must keep polling the connection. Requests
+                    // beyond the queue are dropped; their devices ask again.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send((topic, p.payload)) {
                         return;
                     }
                 }
@@ -119,8 +122,10 @@ pub async fn serve(cfg: BlobServerConfig, stats: Arc<ServerStats>) -> Result<(),
             }
         }
         let reply = ChunkReply { id: req.id, object: req.object, offset: req.offset, result };
-        if client.publish(reply_topic, QoS::AtLeastOnce, false, reply.encode()).await.is_err() {
-            return Err("the MQTT client stopped".into());
+        // A reply that cannot be queued (the broker away or slow) is dropped: the device asks
+        // again after its timeout. Waiting here could stall the connection task's queue.
+        if client.try_publish(reply_topic, QoS::AtLeastOnce, false, reply.encode()).is_err() {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
