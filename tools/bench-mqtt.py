@@ -109,7 +109,7 @@ def main():
                 ctl(pub, "delta", name, "--base", "r1")
             ctl(pub, "release", "sign", name, "--key", "release.key")
         procs.append(subprocess.Popen(
-            [os.path.join(BIN, "outpostctl"), "serve-blobs", *[os.path.join(pub, n) for n, _, _ in releases], *broker,
+            [os.path.join(BIN, "outpostctl"), "serve-blobs", *[os.path.join(pub, n) for n, _, _ in releases], *broker, "--fleet", "demo",
              "--username", "blobs", "--password-file", os.path.join(tmp, "blobs.pw")], stderr=subprocess.DEVNULL))
         time.sleep(0.5)
 

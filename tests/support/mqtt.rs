@@ -242,6 +242,7 @@ impl BlobServer {
         let child = Command::new(outpostctl())
             .arg("serve-blobs")
             .args(dirs)
+            .args(["--fleet", FLEET])
             .args(broker.ctl_args("blobs"))
             .args(["--client-id", name])
             .stdout(Stdio::null())

@@ -81,6 +81,9 @@ pub struct ServeBlobsArgs {
     pub dirs: Vec<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Fleets to serve (comma-separated; one shared subscription each).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub fleet: Vec<String>,
     /// The shared-subscription group: servers in the same group share the requests.
     #[arg(long, default_value = "outpost-blobs")]
     pub share_group: String,
@@ -102,6 +105,9 @@ pub fn serve_blobs(a: ServeBlobsArgs) -> anyhow::Result<()> {
             bail!("{} is not a directory", d.display());
         }
     }
+    if let Some(bad) = a.fleet.iter().find(|f| !outpost_updater::mqtt::valid_id(f)) {
+        bail!("--fleet `{bad}`: letters, digits, - _ . only");
+    }
     if !outpost_updater::mqtt::valid_id(&a.share_group) {
         bail!("--share-group: letters, digits, - _ . only");
     }
@@ -109,6 +115,7 @@ pub fn serve_blobs(a: ServeBlobsArgs) -> anyhow::Result<()> {
     let cfg = BlobServerConfig {
         broker: a.broker.config(&client_id)?,
         prefix: a.broker.topic_prefix.clone(),
+        fleets: a.fleet.clone(),
         share_group: a.share_group.clone(),
         dirs: a.dirs.clone(),
     };

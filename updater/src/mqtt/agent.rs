@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::chunks::{ChunkReply, ChunkRequest};
-use super::partial::Partial;
+use super::partial::{Partial, WriteError};
 use super::{Backoff, BrokerConfig, Topics};
 use crate::Refusal;
 use crate::apply::{Applied, Transfer, Updater};
@@ -91,6 +91,8 @@ pub struct Progress {
     /// is never asked for again.
     pub requests: u64,
     pub reasked: u64,
+    /// Answers to a chunk already in (a request asked twice, both answered).
+    pub duplicates: u64,
     pub bytes_received: u64,
     pub millis: u64,
 }
@@ -144,6 +146,8 @@ struct Shared<D> {
     dropped_replies: AtomicU64,
     /// The largest reply the current transfer can use (0: no transfer).
     reply_max: AtomicU64,
+    /// Set by [`Agent::shutdown`]: no more reports, offers or reconnects.
+    stopping: AtomicBool,
 }
 
 /// Chunk replies queued between the connection and the transfer at most.
@@ -167,6 +171,7 @@ impl<D: Device> View for Shared<D> {
     }
 
     fn goodbye(&self) -> Option<(AsyncClient, String, Vec<u8>)> {
+        self.stopping.store(true, Ordering::SeqCst);
         let c = &self.cfg;
         lock(&self.conn).connected.then(|| (self.client.clone(), c.topics.state(&c.device_id), offline_payload(c)))
     }
@@ -222,6 +227,7 @@ pub fn start<D: Device>(cfg: AgentConfig, device: Arc<D>) -> Result<Agent, Strin
         seq: AtomicU64::new(0),
         dropped_replies: AtomicU64::new(0),
         reply_max: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
         cfg,
     });
     let (desired_tx, desired_rx) = watch::channel::<Option<Bytes>>(None);
@@ -280,10 +286,9 @@ async fn run_connection<D: Device>(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
-            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => super::check_suback(&ack),
             Ok(_) => {}
+            Err(_) if s.stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 connected.send_replace(false);
                 let wait = backoff.next_delay();
@@ -311,6 +316,9 @@ async fn run_reports<D: Device>(s: Arc<Shared<D>>, connected: watch::Receiver<bo
         if let Some(wait) = Duration::from_secs(1).checked_sub(last.elapsed()) {
             tokio::time::sleep(wait).await;
         }
+        if s.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         if !*connected.borrow() {
             continue;
         }
@@ -333,6 +341,8 @@ enum Failure {
         kind: &'static str,
         reason: String,
     },
+    /// The release itself cannot be transferred (no chunk hashes for a large object).
+    Refused(Refusal),
 }
 
 fn failed(kind: &'static str, reason: impl Into<String>) -> Failure {
@@ -374,30 +384,53 @@ async fn run_updates<D: Device>(
         }
         pending = false;
         retry_at = None;
-        let Some(bytes) = desired.borrow_and_update().clone() else { continue };
+        if s.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(bytes) = desired.borrow_and_update().clone() else {
+            // The offer was withdrawn (an empty retained message): stop and say so.
+            s.clean_downloads(None);
+            s.set_state(|u| {
+                u.state = "idle";
+                u.progress = None;
+                u.retry_in_secs = None;
+            });
+            continue;
+        };
         attempts += 1;
         lock(&s.update).attempt = attempts;
         match s.handle(&bytes, &mut desired, &mut replies, &mut connected).await {
             Outcome::Done => attempts = 0,
-            Outcome::Superseded => pending = true,
-            Outcome::Failed if attempts < s.cfg.max_attempts => {
-                let wait = s.cfg.retry_after.saturating_mul(1 << (attempts - 1).min(10)).min(Duration::from_secs(3600));
+            Outcome::Superseded => {
+                pending = true;
+                attempts = 0;
+            }
+            Outcome::Failed => {
+                // Doubling from retry_after; past max_attempts, once an hour (a fleet's blob
+                // servers may be down for a while: a device must not stay stuck until restarted).
+                let hour = Duration::from_secs(3600);
+                let wait = if attempts < s.cfg.max_attempts {
+                    s.cfg.retry_after.saturating_mul(1 << (attempts - 1).min(10)).min(hour)
+                } else {
+                    tracing::warn!(attempts, "download keeps failing; trying again hourly");
+                    hour
+                };
                 let wait = wait.mul_f64(0.75 + 0.25 * super::random_unit());
                 lock(&s.update).retry_in_secs = Some(wait.as_secs());
                 retry_at = Some(tokio::time::Instant::now() + wait);
-                s.report_now.notify_one();
-            }
-            Outcome::Failed => {
-                tracing::warn!(attempts, "giving up on this release until a new offer or a restart");
                 s.report_now.notify_one();
             }
         }
     }
 }
 
-/// A release refused for good (kept across restarts, so a retained offer is not fetched again).
+/// An offer refused for good in this device's trusted state (kept across restarts, so a
+/// retained offer is not examined again): keyed by the offer's exact bytes and the trusted root
+/// and last release number, so neither another offer of the same release (say with junk roots
+/// beside it) nor a change of the device's state inherits it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct RefusedRecord {
+    key: String,
     release: String,
     kind: String,
     reason: String,
@@ -423,15 +456,21 @@ impl<D: Device> Shared<D> {
         self.cfg.downloads.join("refused.json")
     }
 
-    fn refused_record(&self, id: &str) -> Option<RefusedRecord> {
+    fn refused_record(&self, key: &str) -> Option<RefusedRecord> {
         let bytes = std::fs::read(self.refused_path()).ok()?;
-        serde_json::from_slice::<RefusedRecord>(&bytes).ok().filter(|r| r.release == id)
+        serde_json::from_slice::<RefusedRecord>(&bytes).ok().filter(|r| r.key == key)
     }
 
-    fn refuse(&self, id: Option<&str>, release: Option<Value>, r: &Refusal) {
+    /// Reports a refusal; records it under `key` unless it may pass later without a new offer
+    /// (the device not provisioned yet, its storage failing, its clock behind).
+    fn refuse(&self, key: Option<&str>, id: Option<&str>, release: Option<Value>, r: &Refusal) {
+        use crate::error::RefusalKind::{Expired, Missing, Storage};
         tracing::warn!(kind = r.kind.as_str(), reason = %r.detail, "offer refused; nothing changed");
-        if let Some(id) = id {
+        if let (Some(key), Some(id)) = (key, id)
+            && !matches!(r.kind, Missing | Storage | Expired)
+        {
             let rec = RefusedRecord {
+                key: key.into(),
                 release: id.into(),
                 kind: r.kind.as_str().into(),
                 reason: r.detail.clone(),
@@ -476,7 +515,7 @@ impl<D: Device> Shared<D> {
         let offer = match Offer::parse(bytes) {
             Ok(o) => o,
             Err(r) => {
-                self.refuse(None, None, &r);
+                self.refuse(None, None, None, &r);
                 return Outcome::Done;
             }
         };
@@ -484,7 +523,17 @@ impl<D: Device> Shared<D> {
         let number = offer.unverified_doc().ok().map(|d| d.number);
         let release = json!({"id": id, "number": number});
         let o = offer.clone();
-        if self.blocking(move |s| s.device.with_updater(|u| u.is_active(&o))).await {
+        let (active, trusted) = self
+            .blocking(move |s| {
+                s.device.with_updater(|u| {
+                    let current = u.store.current().ok().flatten();
+                    let trusted = current.map(|c| format!("{} {:?}", c.root, c.last_number)).unwrap_or_default();
+                    (u.is_active(&o), trusted)
+                })
+            })
+            .await;
+        let key = crate::sha256_hex(&[&bytes[..], b"\n", trusted.as_bytes()].concat());
+        if active {
             self.clean_downloads(None);
             self.set_state(|u| {
                 u.state = "idle";
@@ -493,7 +542,7 @@ impl<D: Device> Shared<D> {
             });
             return Outcome::Done;
         }
-        if let Some(rec) = self.refused_record(&id) {
+        if let Some(rec) = self.refused_record(&key) {
             self.set_state(|u| {
                 u.state = "refused";
                 u.release = Some(release);
@@ -521,7 +570,7 @@ impl<D: Device> Shared<D> {
         let (doc, plan) = match verified {
             Ok(v) => v,
             Err(r) => {
-                self.refuse(Some(&id), Some(release), &r);
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
                 return Outcome::Done;
             }
         };
@@ -536,6 +585,10 @@ impl<D: Device> Shared<D> {
             Ok(()) => {}
             Err(Failure::Superseded) => return Outcome::Superseded,
             Err(Failure::Failed { kind, reason }) => return self.transfer_failed(kind, &reason, &id),
+            Err(Failure::Refused(r)) => {
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
+                return Outcome::Done;
+            }
         }
         let download_ms = started.elapsed().as_millis() as u64;
         self.set_state(|u| u.state = "applying");
@@ -561,7 +614,7 @@ impl<D: Device> Shared<D> {
             }
             Err(r) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                self.refuse(Some(&id), Some(release), &r);
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
                 Outcome::Done
             }
         }
@@ -598,7 +651,10 @@ impl<D: Device> Shared<D> {
                     .collect::<Result<Vec<_>, Refusal>>()
             })
             .await
-            .map_err(|r| failed(r.kind.as_str(), r.detail))?;
+            .map_err(|r| match r.kind {
+                crate::error::RefusalKind::Malformed => Failure::Refused(r),
+                _ => failed(r.kind.as_str(), r.detail),
+            })?;
         let mut progress = Progress {
             objects: plan.len(),
             delta_objects: plan.iter().filter(|t| t.delta).count(),
@@ -637,7 +693,18 @@ impl<D: Device> Shared<D> {
         let mut tries: HashMap<(usize, u64), u32> = HashMap::new();
         let mut in_flight: HashMap<u64, (usize, u64, Instant)> = HashMap::new();
         let mut next_id = (super::random_unit() * (1u64 << 40) as f64) as u64;
-        let mut requested = 0u64;
+        // The cap is a token bucket holding at most one chunk: time spent stalled or offline
+        // earns no burst afterwards.
+        let burst = chunk_max as f64;
+        let mut credit = (burst, Instant::now());
+        // A capped link may need longer than the watchdog's window for one chunk.
+        let watchdog_window = match cfg.max_bytes_per_second {
+            0 => cfg.watchdog_window,
+            cap => cfg.watchdog_window.max(Duration::from_secs_f64(2.0 * burst / cap as f64)),
+        };
+        // Requests that timed out and were asked again: a late answer still counts.
+        let mut retired: HashMap<u64, (usize, u64)> = HashMap::new();
+        let mut last_reply = Instant::now();
         let mut window = (Instant::now(), 0u64);
         let mut last_note = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -668,12 +735,19 @@ impl<D: Device> Shared<D> {
                 if *connected.borrow() {
                     while in_flight.len() < cfg.window.max(1) {
                         let Some(&(i, c)) = queue.front() else { break };
+                        if parts[i].present[c as usize] {
+                            // A late answer to an earlier request already brought it.
+                            queue.pop_front();
+                            continue;
+                        }
                         let (offset, len) = parts[i].range(c);
-                        if cfg.max_bytes_per_second > 0
-                            && started + Duration::from_secs_f64(requested as f64 / cfg.max_bytes_per_second as f64)
-                                > Instant::now()
-                        {
-                            break;
+                        if cfg.max_bytes_per_second > 0 {
+                            let now = Instant::now();
+                            let earned = (now - credit.1).as_secs_f64() * cfg.max_bytes_per_second as f64;
+                            credit = ((credit.0 + earned).min(burst), now);
+                            if credit.0 < len as f64 {
+                                break;
+                            }
                         }
                         let req = ChunkRequest {
                             id: next_id,
@@ -692,7 +766,7 @@ impl<D: Device> Shared<D> {
                         in_flight.insert(next_id, (i, c, Instant::now()));
                         progress.requests += 1;
                         next_id += 1;
-                        requested += len;
+                        credit.0 -= len as f64;
                     }
                 }
                 tokio::select! {
@@ -715,7 +789,10 @@ impl<D: Device> Shared<D> {
                     msg = replies.recv() => {
                         let Some(msg) = msg else { break 'fetch Err(failed("storage", "reply channel closed")) };
                         let reply = ChunkReply::decode(msg).ok();
-                        let Some((i, c)) = reply.as_ref().and_then(|r| in_flight.get(&r.id)).map(|f| (f.0, f.1)) else {
+                        let known = reply.as_ref().and_then(|r| {
+                            in_flight.remove(&r.id).map(|f| (f.0, f.1)).or_else(|| retired.remove(&r.id))
+                        });
+                        let Some((i, c)) = known else {
                             progress.unrequested += 1;
                             if progress.unrequested > flood_limit {
                                 break 'fetch Err(failed("flood", format!("{} chunk replies nobody asked for (limit {flood_limit})", progress.unrequested)));
@@ -723,7 +800,11 @@ impl<D: Device> Shared<D> {
                             continue;
                         };
                         let reply = reply.expect("matched above");
-                        in_flight.remove(&reply.id);
+                        if parts[i].present[c as usize] {
+                            // The answer to a request asked twice: the chunk is already in.
+                            progress.duplicates += 1;
+                            continue;
+                        }
                         let (offset, len) = parts[i].range(c);
                         let outcome = match reply.result {
                             Err(e) => Err(("missing", format!("the blob server says: {e}"))),
@@ -733,7 +814,12 @@ impl<D: Device> Shared<D> {
                             Ok(data) => {
                                 progress.bytes_received += data.len() as u64;
                                 window.1 += data.len() as u64;
-                                parts[i].write(c, &data).map_err(|e| ("hash_mismatch", e))
+                                last_reply = Instant::now();
+                                match parts[i].write(c, &data) {
+                                    Err(WriteError::Io(e)) => break 'fetch Err(failed("storage", e)),
+                                    Err(WriteError::Corrupt(e)) => Err(("hash_mismatch", e)),
+                                    Ok(()) => Ok(()),
+                                }
                             }
                         };
                         match outcome {
@@ -764,9 +850,20 @@ impl<D: Device> Shared<D> {
                             continue;
                         }
                         let now = Instant::now();
-                        let late: Vec<u64> = in_flight.iter().filter(|(_, f)| now - f.2 >= cfg.chunk_timeout).map(|(id, _)| *id).collect();
+                        // A request is late when nothing at all came for chunk_timeout since it
+                        // was sent: on a slow link replies queue behind each other, and each
+                        // reply that arrives shows the link is moving.
+                        let late: Vec<u64> = in_flight
+                            .iter()
+                            .filter(|(_, f)| now - f.2.max(last_reply) >= cfg.chunk_timeout)
+                            .map(|(id, _)| *id)
+                            .collect();
                         for id in late {
                             let (i, c, _) = in_flight.remove(&id).expect("listed above");
+                            if parts[i].present[c as usize] {
+                                continue;
+                            }
+                            retired.insert(id, (i, c));
                             progress.chunks_retried += 1;
                             if let Err(e) = retry(&mut tries, (i, c), "timeout", format!("no answer within {:?}", cfg.chunk_timeout)) {
                                 break 'fetch Err(e);
@@ -774,7 +871,7 @@ impl<D: Device> Shared<D> {
                             queue.push_front((i, c));
                         }
                         let span = now - window.0;
-                        if cfg.min_bytes_per_second > 0 && span >= cfg.watchdog_window {
+                        if cfg.min_bytes_per_second > 0 && span >= watchdog_window {
                             let rate = window.1 as f64 / span.as_secs_f64();
                             if rate < cfg.min_bytes_per_second as f64 {
                                 break 'fetch Err(failed("throughput", format!(

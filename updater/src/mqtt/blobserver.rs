@@ -18,7 +18,7 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event};
 use tokio::sync::mpsc;
 
-use super::chunks::{ChunkReply, ChunkRequest};
+use super::chunks::{ChunkReply, ChunkRequest, MAX_REQUEST_BYTES};
 use super::{Backoff, BrokerConfig, chunk_request_filter, reply_topic_for};
 use crate::release::CHUNK_SIZES;
 
@@ -26,6 +26,8 @@ use crate::release::CHUNK_SIZES;
 pub struct BlobServerConfig {
     pub broker: BrokerConfig,
     pub prefix: String,
+    /// The fleets served (one shared subscription each).
+    pub fleets: Vec<String>,
     pub share_group: String,
     pub dirs: Vec<PathBuf>,
 }
@@ -65,9 +67,13 @@ impl BlobServerConfig {
 
 /// Serves until the connection task ends (never, on its own: it reconnects with backoff).
 pub async fn serve(cfg: BlobServerConfig, stats: Arc<ServerStats>) -> Result<(), String> {
-    let (client, mut eventloop) = AsyncClient::new(cfg.broker.options()?, 256);
+    // Requests are small: the broker is told to drop anything larger before it reaches us.
+    let mut broker = cfg.broker.clone();
+    broker.max_packet = 4096;
+    let (client, mut eventloop) = AsyncClient::new(broker.options()?, 256);
     let (tx, mut rx) = mpsc::channel::<(String, Bytes)>(1024);
-    let filter = chunk_request_filter(&cfg.prefix, &cfg.share_group);
+    let filters: Vec<String> =
+        cfg.fleets.iter().map(|f| chunk_request_filter(&cfg.prefix, f, &cfg.share_group)).collect();
     let sub_client = client.clone();
     let broker = cfg.broker.clone();
     tokio::spawn(async move {
@@ -76,15 +82,21 @@ pub async fn serve(cfg: BlobServerConfig, stats: Arc<ServerStats>) -> Result<(),
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
-                    tracing::info!(broker = %format!("{}:{}", broker.host, broker.port), filter, "blob server connected");
-                    if let Err(e) = sub_client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                        tracing::warn!(error = %e, "subscribe not queued");
+                    tracing::info!(broker = %format!("{}:{}", broker.host, broker.port), ?filters, "blob server connected");
+                    for filter in &filters {
+                        if let Err(e) = sub_client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                            tracing::warn!(error = %e, "subscribe not queued");
+                        }
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => super::check_suback(&ack),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
                     // Never wait here: this task must keep polling the connection. Requests
                     // beyond the queue are dropped; their devices ask again.
+                    if p.payload.len() > MAX_REQUEST_BYTES {
+                        continue;
+                    }
                     if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send((topic, p.payload)) {
                         return;
                     }

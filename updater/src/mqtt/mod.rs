@@ -8,8 +8,8 @@
 //! {prefix}/{fleet}/devices/{id}/blobs/reply     chunk replies; blob servers write
 //! ```
 //!
-//! Blob servers take requests through the shared subscription
-//! `$share/{group}/{prefix}/+/devices/+/blobs/request`, so several share one fleet, and reply
+//! Blob servers take a fleet's requests through the shared subscription
+//! `$share/{group}/{prefix}/{fleet}/devices/+/blobs/request`, so several share one fleet, and reply
 //! on the requesting device's own reply topic (derived from the request topic, which the broker
 //! lets only that device write), so a device can read only its own replies.
 
@@ -57,9 +57,9 @@ impl Topics {
     }
 }
 
-/// The blob servers' shared subscription to every fleet's chunk requests under `prefix`.
-pub fn chunk_request_filter(prefix: &str, share_group: &str) -> String {
-    format!("$share/{share_group}/{}/+/devices/+/blobs/request", prefix.trim_end_matches('/'))
+/// The blob servers' shared subscription to a fleet's chunk requests.
+pub fn chunk_request_filter(prefix: &str, fleet: &str, share_group: &str) -> String {
+    format!("$share/{share_group}/{}/{fleet}/devices/+/blobs/request", prefix.trim_end_matches('/'))
 }
 
 /// The reply topic for a request topic (`.../devices/{id}/blobs/request` → `.../reply`).
@@ -86,6 +86,8 @@ pub struct BrokerConfig {
     /// TLS, trusting only this CA (PEM); none: plain TCP.
     pub ca_file: Option<PathBuf>,
     pub keep_alive: Duration,
+    /// Largest packet accepted (advertised to the broker, which drops larger ones for us).
+    pub max_packet: u32,
 }
 
 impl BrokerConfig {
@@ -107,6 +109,7 @@ impl BrokerConfig {
             password: None,
             ca_file,
             keep_alive: Duration::from_secs(30),
+            max_packet: MAX_PACKET_BYTES,
         })
     }
 
@@ -116,7 +119,7 @@ impl BrokerConfig {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_start(true);
-        o.set_max_packet_size(Some(MAX_PACKET_BYTES));
+        o.set_max_packet_size(Some(self.max_packet));
         o.set_connection_timeout(10);
         // Chunk requests and replies are small, latency-bound exchanges: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();
@@ -131,6 +134,17 @@ impl BrokerConfig {
             o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.into())));
         }
         Ok(o)
+    }
+}
+
+/// Logs subscriptions the broker refused (an ACL that does not grant them): without this, a
+/// refused subscription would look like a quiet topic.
+pub fn check_suback(ack: &rumqttc::v5::mqttbytes::v5::SubAck) {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    for code in &ack.return_codes {
+        if !matches!(code, SubscribeReasonCode::Success(_)) {
+            tracing::error!(?code, "the broker refused a subscription (check its ACL)");
+        }
     }
 }
 
@@ -184,7 +198,10 @@ mod tests {
         assert_eq!(reply_topic_for(&t.chunk_request("d1")).as_deref(), Some(t.chunk_reply("d1").as_str()));
         assert_eq!(reply_topic_for("outpost/v1/demo/devices/+/blobs/request"), None);
         assert_eq!(reply_topic_for("outpost/v1/demo/devices/d1/state"), None);
-        assert_eq!(chunk_request_filter("outpost/v1", "blobs"), "$share/blobs/outpost/v1/+/devices/+/blobs/request");
+        assert_eq!(
+            chunk_request_filter("outpost/v1", "demo", "blobs"),
+            "$share/blobs/outpost/v1/demo/devices/+/blobs/request"
+        );
         assert!(!valid_id("a/b") && !valid_id("#") && !valid_id("") && valid_id("edge-01.x_y"));
     }
 

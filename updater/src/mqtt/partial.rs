@@ -15,6 +15,13 @@ use crate::{Refusal, sha256_hex};
 /// The largest object fetched without a chunk index (as one chunk checked by its own hash).
 pub const UNINDEXED_MAX: u64 = 64 << 10;
 
+/// Why a chunk was not written: its bytes (ask again) or the device's disk (stop).
+#[derive(Debug)]
+pub enum WriteError {
+    Corrupt(String),
+    Io(String),
+}
+
 pub struct Partial {
     file: File,
     part: PathBuf,
@@ -129,15 +136,15 @@ impl Partial {
     }
 
     /// Checks chunk `i` against its signed hash and writes it in place.
-    pub fn write(&mut self, i: u64, data: &[u8]) -> Result<(), String> {
+    pub fn write(&mut self, i: u64, data: &[u8]) -> Result<(), WriteError> {
         let (offset, len) = self.range(i);
         if data.len() as u64 != len {
-            return Err(format!("chunk {i} is {} bytes, {len} expected", data.len()));
+            return Err(WriteError::Corrupt(format!("chunk {i} is {} bytes, {len} expected", data.len())));
         }
         if sha256_hex(data) != self.hashes[i as usize] {
-            return Err(format!("chunk {i} does not match its signed hash"));
+            return Err(WriteError::Corrupt(format!("chunk {i} does not match its signed hash")));
         }
-        self.file.write_all_at(data, offset).map_err(|e| format!("{}: {e}", self.part.display()))?;
+        self.file.write_all_at(data, offset).map_err(|e| WriteError::Io(format!("{}: {e}", self.part.display())))?;
         self.present[i as usize] = true;
         Ok(())
     }
