@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
 # A static `outpost` (tract backend, no ONNX Runtime) for one target:
 #   cross/build-static.sh x86_64    ->  target/x86_64-unknown-linux-musl/small/outpost
-# Needs: rustup target add x86_64-unknown-linux-musl; Debian's musl-tools (musl-gcc, for the C
-# in zstd, ring and mimalloc).
+#   cross/build-static.sh aarch64   ->  target/aarch64-unknown-linux-musl/small/outpost
+#   cross/build-static.sh armv7     ->  target/armv7-unknown-linux-musleabihf/small/outpost
+# x86_64 needs Debian's musl-tools (musl-gcc, for the C in zstd, ring and mimalloc). The others
+# compile that C with zig (musl headers and libc for every target in one package): the script
+# installs what is missing from the registries, cargo-zigbuild from crates.io and zig from PyPI
+# (the `ziglang` wheel, in target/cross-tools/). Every target needs `rustup target add TARGET`,
+# which the script also runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-x86_64}" in
   x86_64) target=x86_64-unknown-linux-musl ;;
+  aarch64) target=aarch64-unknown-linux-musl ;;
+  armv7) target=armv7-unknown-linux-musleabihf ;;
   *)
-    echo "cross/build-static.sh: only x86_64 so far (aarch64 and armv7 are next)" >&2
+    echo "cross/build-static.sh: x86_64, aarch64 or armv7" >&2
     exit 64
     ;;
 esac
-cargo build --profile small --quiet -p outpost-runtime --target "$target"
+rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
+if [[ $target == x86_64-* ]]; then
+  cargo build --profile small --quiet -p outpost-runtime --target "$target"
+else
+  tools=target/cross-tools
+  if ! command -v zig >/dev/null; then
+    if ! "$tools/venv/bin/python3" -m ziglang version >/dev/null 2>&1; then
+      python3 -m venv "$tools/venv" >&2
+      "$tools/venv/bin/pip" install --quiet "ziglang==0.17.1" >&2
+    fi
+    # cargo-zigbuild runs `python3 -m ziglang` when there is no `zig` on PATH.
+    export PATH="$PWD/$tools/venv/bin:$PATH"
+  fi
+  command -v cargo-zigbuild >/dev/null || cargo install --quiet --locked cargo-zigbuild@0.24.1 >&2
+  cargo zigbuild --profile small --quiet -p outpost-runtime --target "$target"
+fi
 echo "target/$target/small/outpost"

@@ -41,10 +41,21 @@ async fn run_suite(backend: &str) {
 /// it: the same suite through the real binary.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_model_matches_onnx_runtime_in_the_static_musl_binary() {
-    let bin = repo_root().join("target/x86_64-unknown-linux-musl/small/outpost");
+    static_suite("x86_64", None).await;
+}
+
+/// The static aarch64 build, as `cross/build-static.sh aarch64` makes it, run under Debian's
+/// `qemu-aarch64` (user-mode emulation): the same suite over the HTTP API.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_in_the_aarch64_binary_under_qemu() {
+    static_suite("aarch64", Some("qemu-aarch64")).await;
+}
+
+async fn static_suite(arch: &str, runner: Option<&str>) {
+    let bin = repo_root().join(format!("target/{arch}-unknown-linux-musl/small/outpost"));
     assert!(
         bin.is_file(),
-        "{} is missing: build it with cross/build-static.sh x86_64 (tools/test.sh does)",
+        "{} is missing: build it with cross/build-static.sh {arch} (tools/test.sh does)",
         bin.display()
     );
     let mut models = suite("tract");
@@ -54,7 +65,10 @@ async fn every_model_matches_onnx_runtime_in_the_static_musl_binary() {
     );
     let args: Vec<String> = models.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::serve_with(&bin, &args);
+    let daemon = match runner {
+        Some(r) => Daemon::serve_under(r, &bin, &args),
+        None => Daemon::serve_with(&bin, &args),
+    };
     let mut conn = Conn::connect(daemon.addr).await.unwrap();
     check_models(&mut conn, "tract", &models).await;
 }

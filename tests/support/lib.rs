@@ -129,8 +129,19 @@ impl Daemon {
         Daemon::start(bin, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
     }
 
+    /// Like [`Daemon::serve_with`], run by `runner` (an emulator such as `qemu-aarch64`).
+    pub fn serve_under(runner: &str, bin: &Path, args: &[&str]) -> Daemon {
+        let mut cmd = Command::new(runner);
+        cmd.arg(bin);
+        Daemon::start_cmd(cmd, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
+    }
+
     fn start(bin: &Path, addr: SocketAddr, args: &[&str]) -> Daemon {
-        let child = Command::new(bin)
+        Daemon::start_cmd(Command::new(bin), addr, args)
+    }
+
+    fn start_cmd(mut cmd: Command, addr: SocketAddr, args: &[&str]) -> Daemon {
+        let child = cmd
             .arg("serve")
             .args(args)
             .args(["--listen", &addr.to_string()])
@@ -140,7 +151,7 @@ impl Daemon {
             .spawn()
             .expect("spawn outpost");
         let mut d = Daemon { child, addr };
-        d.wait_ready(Duration::from_secs(60));
+        d.wait_ready(Duration::from_secs(120));
         d
     }
 
