@@ -6,4 +6,5 @@ pub mod eval;
 pub mod fleet;
 pub mod http;
 pub mod releases;
+pub mod simulate;
 pub mod v2client;

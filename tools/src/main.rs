@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, eval, fleet, releases, v2client};
+use outpost_tools::{bench, eval, fleet, releases, simulate, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -45,6 +45,9 @@ enum Command {
     /// Answer devices' chunk requests over MQTT from blob directories (one of several, through
     /// a shared subscription).
     ServeBlobs(fleet::ServeBlobsArgs),
+    /// Run N simulated devices (the real MQTT agent and updater, a fake inference backend)
+    /// against a broker, optionally with injected failures.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(clap::Args)]
@@ -119,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Command::Delta(a) => releases::delta(a),
         Command::Publish(a) => fleet::publish(a),
         Command::ServeBlobs(a) => fleet::serve_blobs(a),
+        Command::Simulate(a) => simulate::simulate(a),
     }
 }
 

@@ -33,6 +33,9 @@ pub const DEFAULT_PREFIX: &str = "outpost/v1";
 /// an offer, or a chunk of the largest allowed size, plus headers.
 pub const MAX_PACKET_BYTES: u32 = (MAX_OFFER_BYTES + 4096) as u32;
 
+/// Publishes awaiting their acknowledgement, at most (per connection).
+pub const MAX_INFLIGHT: u16 = 256;
+
 /// Topics of one fleet.
 #[derive(Clone, Debug)]
 pub struct Topics {
@@ -120,6 +123,10 @@ impl BrokerConfig {
         o.set_keep_alive(self.keep_alive);
         o.set_clean_start(true);
         o.set_max_packet_size(Some(self.max_packet));
+        // rumqttc sizes its table of unacknowledged publishes by this limit up front, u16::MAX
+        // by default: about 14 MB per connection. Outpost never has more than a window of
+        // chunk requests and a report or two in flight.
+        o.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
         o.set_connection_timeout(10);
         // Chunk requests and replies are small, latency-bound exchanges: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();

@@ -1,0 +1,209 @@
+//! `outpostctl simulate`: many lightweight devices in one process, each the real MQTT agent and
+//! the real updater (its own store, signatures, deltas, chunk checks) over its own connection,
+//! with a fake inference backend: staging a release checks the model files and can be told to
+//! fail. For rollout tests and fleet-scale measurements against a real broker.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use outpost_updater::Refusal;
+use outpost_updater::apply::{Applied, ModelHost, StagedModel, Updater};
+use outpost_updater::envelope::Envelope;
+use outpost_updater::mqtt::agent::{AgentConfig, Device};
+use outpost_updater::mqtt::{Topics, valid_id};
+use outpost_updater::release::Target;
+use outpost_updater::store::Store;
+use serde_json::{Map, Value, json};
+
+use crate::fleet::BrokerArgs;
+
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// How many devices.
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Device ids are PREFIX-0001, PREFIX-0002, ...
+    #[arg(long, default_value = "sim")]
+    pub id_prefix: String,
+    #[arg(long)]
+    pub fleet: String,
+    #[arg(long, default_value = "default")]
+    pub group: String,
+    /// The fleet's first root document, provisioned into every new device's store.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Where the devices' stores live (one folder per device; kept across runs).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// The devices' MQTT password, with `{id}` standing for the device id.
+    #[arg(long, env = "OUTPOST_SIM_PASSWORD", default_value = "")]
+    pub password: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Share of devices (0..1) whose health check fails (the release is refused).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_health: f64,
+    /// Share of devices that never connect (silent).
+    #[arg(long, default_value_t = 0.0)]
+    pub silent: f64,
+    /// Exit once every connected device runs this release number (prints the time it took).
+    #[arg(long)]
+    pub until_release: Option<u64>,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 5)]
+    pub every: u64,
+}
+
+/// The fake backend: a release stages when its model files are there (the updater has already
+/// checked their hashes), unless this device is told to fail.
+struct FakeHost {
+    fail: bool,
+    serving: Mutex<Vec<(String, String)>>,
+}
+
+impl ModelHost for FakeHost {
+    type Staged = Vec<(String, String)>;
+
+    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String> {
+        if self.fail {
+            return Err("simulated health-check failure".into());
+        }
+        for m in models {
+            let len = std::fs::metadata(&m.model).map(|md| md.len()).unwrap_or(0);
+            if len == 0 {
+                return Err(format!("model `{}`: no file", m.name));
+            }
+        }
+        Ok(models.iter().map(|m| (m.name.clone(), m.version.clone())).collect())
+    }
+
+    fn activate(&self, staged: Self::Staged) {
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = staged;
+    }
+}
+
+struct SimDevice {
+    updater: Mutex<Updater>,
+    host: FakeHost,
+    requests: AtomicU64,
+    started: Instant,
+}
+
+impl Device for SimDevice {
+    fn with_updater<R>(&self, f: impl FnOnce(&Updater) -> R) -> R {
+        f(&self.updater.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn apply(&self, dir: &Path) -> Result<Applied, Refusal> {
+        self.updater.lock().unwrap_or_else(|e| e.into_inner()).apply_dir(dir, &self.host)
+    }
+
+    fn report(&self) -> Map<String, Value> {
+        let serving = self.host.serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let count = self.requests.swap(0, Ordering::Relaxed);
+        let mut m = Map::new();
+        m.insert("runtime".into(), json!(format!("outpostctl simulate {}", env!("CARGO_PKG_VERSION"))));
+        m.insert(
+            "models".into(),
+            json!(serving.iter().map(|(n, v)| json!({"name": n, "versions": [v], "state": "READY"})).collect::<Vec<_>>()),
+        );
+        m.insert("stats".into(), json!({"count": count, "failures": 0, "rejected": 0, "simulated": true}));
+        m.insert("resources".into(), json!({"uptime_secs": self.started.elapsed().as_secs()}));
+        m
+    }
+}
+
+fn open_device(args: &SimulateArgs, id: &str, root: &Envelope, fail: bool) -> anyhow::Result<Arc<SimDevice>> {
+    let dir = args.state_dir.join(id);
+    let store = Store::open(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    if store.current().map_err(anyhow::Error::msg)?.is_none() {
+        store.provision(root, &args.fleet).map_err(anyhow::Error::msg)?;
+    }
+    let updater = Updater { store, target: Target { fleet: args.fleet.clone(), group: args.group.clone() } };
+    Ok(Arc::new(SimDevice {
+        updater: Mutex::new(updater),
+        host: FakeHost { fail, serving: Mutex::new(Vec::new()) },
+        requests: AtomicU64::new(0),
+        started: Instant::now(),
+    }))
+}
+
+pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    if !valid_id(&args.fleet) || !valid_id(&args.group) || !valid_id(&format!("{}-0000", args.id_prefix)) {
+        bail!("--fleet, --group and --id-prefix: letters, digits, - _ . only");
+    }
+    let root_bytes = std::fs::read(&args.root).with_context(|| format!("{}", args.root.display()))?;
+    let root = Envelope::parse(&root_bytes).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut agents = Vec::new();
+        let mut devices = Vec::new();
+        for n in 1..=args.devices {
+            let id = format!("{}-{n:04}", args.id_prefix);
+            // Spread the injected faults evenly: device n fails when the running share crosses.
+            let picked = |share: f64| ((n as f64) * share).floor() > ((n as f64 - 1.0) * share).floor();
+            let device = open_device(&args, &id, &root, picked(args.fail_health))?;
+            if picked(args.silent) {
+                continue;
+            }
+            let mut broker = args.broker.config(&id)?;
+            broker.username = Some(id.clone());
+            broker.password = Some(args.password.replace("{id}", &id));
+            let cfg = AgentConfig {
+                broker,
+                device_id: id.clone(),
+                fleet: args.fleet.clone(),
+                group: args.group.clone(),
+                topics: Topics::new(&args.broker.topic_prefix, &args.fleet),
+                downloads: args.state_dir.join(&id).join("downloads"),
+                report_interval: Duration::from_secs(60),
+                window: 4,
+                chunk_timeout: Duration::from_secs(10),
+                chunk_tries: 5,
+                max_bytes_per_second: 0,
+                min_bytes_per_second: 0,
+                watchdog_window: Duration::from_secs(60),
+                reconnect_min: Duration::from_millis(500),
+                reconnect_max: Duration::from_secs(30),
+                retry_after: Duration::from_secs(30),
+                max_attempts: 5,
+            };
+            agents.push(outpost_updater::mqtt::agent::start(cfg, device.clone()).map_err(anyhow::Error::msg)?);
+            devices.push(device);
+        }
+        eprintln!("outpostctl simulate: {} devices running ({} silent)", devices.len(), args.devices - devices.len());
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(args.every.max(1))).await;
+            let mut by_release = std::collections::BTreeMap::<String, usize>::new();
+            let mut connected = 0;
+            for (d, a) in devices.iter().zip(&agents) {
+                let number = d.with_updater(|u| {
+                    let c = u.store.current().ok().flatten()?;
+                    u.store.release(&c.active?).ok().map(|r| r.number)
+                });
+                *by_release.entry(number.map_or("none".into(), |n| n.to_string())).or_default() += 1;
+                connected += usize::from(a.status()["connection"]["connected"] == true);
+            }
+            eprintln!(
+                "outpostctl simulate: {:.0} s, {connected} connected, releases {by_release:?}",
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(want) = args.until_release
+                && by_release.get(&want.to_string()).copied().unwrap_or(0) == devices.len() - failing(&devices)
+            {
+                println!("all {} healthy devices run release {want} after {:.1} s", by_release[&want.to_string()], started.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        // Exiting closes every connection: the broker publishes each device's will (offline).
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn failing(devices: &[Arc<SimDevice>]) -> usize {
+    devices.iter().filter(|d| d.host.fail).count()
+}
