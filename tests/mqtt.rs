@@ -404,3 +404,64 @@ fn over_tls_the_device_trusts_only_its_configured_ca() {
     assert!(c["last_error"].as_str().unwrap().contains("TLS"), "{c}");
     assert_eq!(wary.served_version().as_deref(), Some("0"));
 }
+
+#[test]
+fn simulated_devices_take_a_release_and_report_injected_failures() {
+    let dir = scratch("simulate");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let ids: Vec<String> = (1..=20).map(|n| format!("sim-{n:04}")).collect();
+    let broker = Broker::start_with_users(&dir.join("broker"), &ids);
+    let _blobs = BlobServer::start(&broker, "blobs", &[&pubdir.join("r1")]);
+    publish(&broker, &pubdir, "r1", &ids.join(","));
+    // The console's view: every state message, as it comes.
+    let log = dir.join("states.log");
+    let mut watch = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", "console", "-P", "pw-console", "-V", "mqttv5"])
+        .args(["-t", &format!("outpost/v1/{FLEET}/devices/+/state")])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // 20 devices, one in ten failing its health check: 18 take the release.
+    let out = Command::new(outpost_tests::mqtt::outpostctl())
+        .args([
+            "simulate",
+            "--devices",
+            "20",
+            "--fleet",
+            FLEET,
+            "--fail-health",
+            "0.1",
+            "--until-release",
+            "1",
+            "--every",
+            "1",
+        ])
+        .arg("--root")
+        .arg(pubdir.join("root-1.json"))
+        .arg("--state-dir")
+        .arg(dir.join("sim"))
+        .args(["--broker", &broker.address()])
+        .env("OUTPOST_SIM_PASSWORD", "pw-{id}")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all 18 healthy devices run release 1"), "{stdout}");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let states: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let refused: std::collections::BTreeSet<&str> = states
+        .iter()
+        .filter(|s| s["update"]["last_error"]["kind"] == "health_check")
+        .filter_map(|s| s["device"].as_str())
+        .collect();
+    assert_eq!(refused.len(), 2, "the two failing devices reported why: {refused:?}");
+    let running: std::collections::BTreeSet<&str> =
+        states.iter().filter(|s| s["release"]["number"] == 1).filter_map(|s| s["device"].as_str()).collect();
+    assert_eq!(running.len(), 18, "{running:?}");
+    assert!(running.is_disjoint(&refused));
+}

@@ -48,22 +48,28 @@ impl Broker {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Broker {
-        Broker::start_with(dir, port, None)
+        Broker::start_with(dir, port, None, &[])
+    }
+
+    /// With more users (password `pw-USER`), e.g. simulated devices.
+    pub fn start_with_users(dir: &Path, extra: &[String]) -> Broker {
+        Broker::start_with(dir, free_port(), None, extra)
     }
 
     /// With a second listener speaking TLS with this certificate and key.
     pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> Broker {
-        Broker::start_with(dir, free_port(), Some((cert, key)))
+        Broker::start_with(dir, free_port(), Some((cert, key)), &[])
     }
 
-    fn start_with(dir: &Path, port: u16, tls: Option<(&Path, &Path)>) -> Broker {
+    fn start_with(dir: &Path, port: u16, tls: Option<(&Path, &Path)>, extra: &[String]) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
+        // Written in plain text, then hashed in place in one pass (`mosquitto_passwd -U`).
         let passwd = dir.join("passwd");
-        let _ = std::fs::remove_file(&passwd);
-        std::fs::write(&passwd, "").unwrap();
+        let users: Vec<String> = USERS.iter().map(|u| u.to_string()).chain(extra.iter().cloned()).collect();
+        std::fs::write(&passwd, users.iter().map(|u| format!("{u}:pw-{u}\n")).collect::<String>()).unwrap();
+        let ok = Command::new("mosquitto_passwd").arg("-U").arg(&passwd).status();
+        assert!(ok.expect("mosquitto_passwd (Debian package mosquitto)").success());
         for u in USERS {
-            let ok = Command::new("mosquitto_passwd").arg("-b").arg(&passwd).arg(u).arg(format!("pw-{u}")).status();
-            assert!(ok.expect("mosquitto_passwd (Debian package mosquitto)").success());
             std::fs::write(dir.join(format!("{u}.pw")), format!("pw-{u}\n")).unwrap();
         }
         let conf = std::fs::read_to_string(repo_root().join("cross/mosquitto/outpost.conf")).unwrap();

@@ -108,7 +108,9 @@ impl Device for SimDevice {
         m.insert("runtime".into(), json!(format!("outpostctl simulate {}", env!("CARGO_PKG_VERSION"))));
         m.insert(
             "models".into(),
-            json!(serving.iter().map(|(n, v)| json!({"name": n, "versions": [v], "state": "READY"})).collect::<Vec<_>>()),
+            json!(
+                serving.iter().map(|(n, v)| json!({"name": n, "versions": [v], "state": "READY"})).collect::<Vec<_>>()
+            ),
         );
         m.insert("stats".into(), json!({"count": count, "failures": 0, "rejected": 0, "simulated": true}));
         m.insert("resources".into(), json!({"uptime_secs": self.started.elapsed().as_secs()}));
@@ -195,11 +197,17 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             if let Some(want) = args.until_release
                 && by_release.get(&want.to_string()).copied().unwrap_or(0) == devices.len() - failing(&devices)
             {
-                println!("all {} healthy devices run release {want} after {:.1} s", by_release[&want.to_string()], started.elapsed().as_secs_f64());
+                println!(
+                    "all {} healthy devices run release {want} after {:.1} s",
+                    by_release[&want.to_string()],
+                    started.elapsed().as_secs_f64()
+                );
                 break;
             }
         }
-        // Exiting closes every connection: the broker publishes each device's will (offline).
+        // Reports are sent at most once a second per device: let the last ones go out. Exiting
+        // then closes every connection, and the broker publishes each device's will (offline).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         Ok::<_, anyhow::Error>(())
     })
 }
