@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: a server in this process on an ephemeral loopback port, or
 //! the real `outpost` binary as a child process, each torn down on drop.
 
+pub mod console;
 pub mod mqtt;
 pub mod releases;
 pub mod tls;

@@ -93,13 +93,7 @@ pub struct ServeBlobsArgs {
 }
 
 pub fn serve_blobs(a: ServeBlobsArgs) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    crate::init_logging();
     for d in &a.dirs {
         if !d.is_dir() {
             bail!("{} is not a directory", d.display());
@@ -154,7 +148,7 @@ pub fn serve_blobs(a: ServeBlobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sigterm() {
+pub async fn sigterm() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut s) => {
             s.recv().await;

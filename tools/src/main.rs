@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, eval, fleet, releases, simulate, v2client};
+use outpost_tools::{bench, console, eval, fleet, releases, simulate, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -48,6 +48,15 @@ enum Command {
     /// Run N simulated devices (the real MQTT agent and updater, a fake inference backend)
     /// against a broker, optionally with injected failures.
     Simulate(simulate::SimulateArgs),
+    /// The fleet console: device states, releases, staged rollouts, the blob server, a JSON
+    /// API and a web page.
+    Console(console::ConsoleArgs),
+    /// Devices as the console sees them.
+    #[command(subcommand)]
+    Fleet(console::client::FleetCommand),
+    /// Staged rollouts on the console.
+    #[command(subcommand)]
+    Rollout(console::client::RolloutCommand),
 }
 
 #[derive(clap::Args)]
@@ -123,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         Command::Publish(a) => fleet::publish(a),
         Command::ServeBlobs(a) => fleet::serve_blobs(a),
         Command::Simulate(a) => simulate::simulate(a),
+        Command::Console(a) => console::run(a),
+        Command::Fleet(c) => console::client::fleet(c),
+        Command::Rollout(c) => console::client::rollout(c),
     }
 }
 

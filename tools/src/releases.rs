@@ -76,6 +76,18 @@ pub enum ReleaseCommand {
     },
     /// Print a release document.
     Show { dir: PathBuf },
+    /// The releases uploaded to the console.
+    Ls {
+        #[command(flatten)]
+        conn: crate::console::client::ConsoleConn,
+    },
+    /// Upload a signed release directory to the console: the objects it lacks, then the release
+    /// (which the console checks against the fleet's root).
+    Upload {
+        dir: PathBuf,
+        #[command(flatten)]
+        conn: crate::console::client::ConsoleConn,
+    },
 }
 
 #[derive(clap::Args)]
@@ -166,6 +178,8 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ReleaseCommand::Sign { dir, key } => sign(&dir.join("release.json"), &key),
+        ReleaseCommand::Ls { conn } => crate::console::client::release_ls(conn),
+        ReleaseCommand::Upload { dir, conn } => crate::console::client::release_upload(&dir, conn),
         ReleaseCommand::Verify { dir, root, group } => {
             let env = Envelope::parse(&std::fs::read(&root)?).map_err(|e| anyhow!("{e}"))?;
             let root = Root::trust_first(&env).map_err(|e| anyhow!("root: {e}"))?;

@@ -244,7 +244,7 @@ impl Updater {
         for (_, path) in root_chain(dir, trusted)? {
             roots.push(Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?);
         }
-        let Verified { doc, env, new_roots, current } = self.verify(&Offer { release, roots }, now)?;
+        let Verified { doc, env, new_roots, current } = self.verify(&Offer { release, roots, attempt: 0 }, now)?;
 
         let mut added = Vec::new();
         let fetched = self.fetch_all(dir, &doc, &mut added);

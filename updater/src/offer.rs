@@ -21,6 +21,15 @@ pub struct Offer {
     pub release: Envelope,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roots: Vec<Envelope>,
+    /// Which offer of this release this is: the console raises it to retry a device that
+    /// refused or failed (an offer the device already refused is otherwise answered from its
+    /// refusal record). Unsigned on purpose: it changes nothing that is trusted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Offer {
@@ -59,7 +68,7 @@ impl Offer {
                 roots.push(Envelope::parse(&read(p)?).map_err(|e| e.to_string())?);
             }
         }
-        Ok(Offer { release, roots })
+        Ok(Offer { release, roots, attempt: 0 })
     }
 
     /// Writes the offer as a release directory's documents (blobs are added beside them).

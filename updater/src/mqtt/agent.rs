@@ -521,7 +521,8 @@ impl<D: Device> Shared<D> {
         };
         let id = offer.release_id();
         let number = offer.unverified_doc().ok().map(|d| d.number);
-        let release = json!({"id": id, "number": number});
+        // The offer's attempt tells the console which of its offers this report answers.
+        let release = json!({"id": id, "number": number, "attempt": offer.attempt});
         let o = offer.clone();
         let (active, trusted) = self
             .blocking(move |s| {

@@ -1,0 +1,272 @@
+//! The fleet console end to end: real Mosquitto (the repository's config and ACL), the console
+//! with its SQLite database and built-in blob server, `outpostctl simulate` fleets running the
+//! real agent and updater, and the `outpostctl` client commands. The web page is checked in
+//! headless Chromium.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_tests::console::{Console, Sim, TOKEN, ids};
+use outpost_tests::mqtt::{Broker, FLEET, ctl, publisher, wait_for};
+use outpost_tests::repo_root;
+use serde_json::Value;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("outpost-console-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn count(r: &Value, status: &str) -> u64 {
+    r["counts"][status].as_u64().unwrap_or(0)
+}
+
+fn start(console: &Console, args: &[&str]) -> u64 {
+    let mut a = vec!["rollout", "start", "--fleet", FLEET];
+    a.extend_from_slice(args);
+    console.json(&a)["id"].as_u64().unwrap()
+}
+
+/// Devices whose state shows release `number`.
+fn on_release(console: &Console, number: u64) -> usize {
+    console.json(&["fleet", "ls"]).as_array().unwrap().iter().filter(|d| d["release"] == number).count()
+}
+
+#[test]
+fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
+    let dir = scratch("waves");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let root = pubdir.join("root-1.json");
+    let mut users = ids("sim", 52);
+    users.extend(ids("late", 2));
+    let broker = Broker::start_with_users(&dir.join("broker"), &users);
+    let mut console = Console::start(&dir, &broker, &root);
+    let _sim = Sim::start(&dir, &broker, &root, "sim", 52, &[]);
+    wait_for(Duration::from_secs(30), "52 devices online", || (console.online() == 52).then_some(()));
+
+    // Upload: objects first, then the signed release; a second upload sends nothing.
+    let out = console.ctl(&["release", "upload", pubdir.join("r1").to_str().unwrap()]);
+    assert!(out.contains("is now on the console"), "{out}");
+    let again = console.ctl(&["release", "upload", pubdir.join("r1").to_str().unwrap()]);
+    assert!(again.contains("was already") && again.contains(" 0 of "), "{again}");
+    let releases = console.json(&["release", "ls"]);
+    assert_eq!(releases[0]["number"], 1, "{releases}");
+
+    let id = start(&console, &["--number", "1", "--waves", "1,10%,50%,100%", "--soak", "1", "--errors", "0"]);
+    // Kill the console in the middle (wave 3 open), then start it again on the same database.
+    let mid = wait_for(Duration::from_secs(60), "wave 3 to open", || {
+        let r = console.rollout(id);
+        (r["wave"].as_u64() >= Some(3)).then_some(r)
+    });
+    console.kill();
+    console.restart();
+    let r = console.wait_rollout(id, "completed", Duration::from_secs(90));
+    assert_eq!(count(&r, "succeeded"), 52, "{r:#}");
+    assert_eq!(count(&r, "failed") + count(&r, "timed_out"), 0, "{r:#}");
+    // Waves: 1 device, then up to 10% (6), 50% (26), 100% (52).
+    let sizes: Vec<u64> = r["waves"].as_array().unwrap().iter().map(|w| w["size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [1, 5, 20, 26], "{r:#}");
+    for w in r["waves"].as_array().unwrap() {
+        assert_eq!(w["counts"]["succeeded"], w["size"], "every wave fully succeeded: {w}");
+    }
+    assert!(mid["counts"]["succeeded"].as_u64().unwrap() < 52, "the kill came mid-rollout: {mid:#}");
+    // Exactly one offer per device, across the restart: the event log says so.
+    let events: Vec<Value> = console_events(&console);
+    let offers = events.iter().filter(|e| e["kind"] == "offered" && e["rollout"] == id).count();
+    assert_eq!(offers, 52, "one offer per device");
+    assert_eq!(on_release(&console, 1), 52);
+
+    // Late joiners: devices that first appear after the rollout completed get the release.
+    let _late = Sim::start(&dir, &broker, &root, "late", 2, &[]);
+    wait_for(Duration::from_secs(30), "the late devices to run release 1", || {
+        let fleet = console.json(&["fleet", "ls"]);
+        let late = fleet.as_array().unwrap().iter().filter(|d| d["id"].as_str().unwrap().starts_with("late-"));
+        (late.filter(|d| d["release"] == 1).count() == 2).then_some(())
+    });
+    let r = console.rollout(id);
+    assert_eq!(r["devices"], 54, "{r:#}");
+    assert_eq!(count(&r, "succeeded"), 54, "{r:#}");
+    // The device page's history tells the story.
+    let d = console.device("late-0001");
+    let kinds: Vec<&str> = d["history"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"joined") && kinds.contains(&"offered") && kinds.contains(&"succeeded"), "{kinds:?}");
+}
+
+/// The event log, through the API (the CLI has no command for it).
+fn console_events(console: &Console) -> Vec<Value> {
+    serde_json::from_value(http_get(console.port, "/api/events?limit=5000")).unwrap()
+}
+
+/// A GET with the token over a plain socket.
+fn http_get(port: u16, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Makes release 5: digits-edge again (what release 1 ran), numbered above everything since.
+fn rollback_release(pubdir: &Path) {
+    let models = repo_root().join("models");
+    std::fs::write(
+        pubdir.join("r5.toml"),
+        format!(
+            "fleet = \"{FLEET}\"\nnumber = 5\nchunk_size = 1024\n[[models]]\nname = \"digits\"\nversion = \"1\"\n\
+             path = {:?}\ngolden = {:?}\n",
+            models.join("digits-edge.onnx"),
+            models.join("digits-edge.golden.json")
+        ),
+    )
+    .unwrap();
+    ctl(pubdir, &["release", "create", "r5.toml", "-o", "r5"]);
+    ctl(pubdir, &["delta", "r5", "--base", "r3"]);
+    ctl(pubdir, &["release", "sign", "r5", "--key", "release.key"]);
+}
+
+#[test]
+fn failures_pause_a_rollout_and_resume_retry_abort_and_rollback_work() {
+    let dir = scratch("failures");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    rollback_release(&pubdir);
+    let root = pubdir.join("root-1.json");
+    let broker = Broker::start_with_users(&dir.join("broker"), &ids("sim", 50));
+    let console = Console::start(&dir, &broker, &root);
+    for r in ["r1", "r2", "r3", "r5"] {
+        console.ctl(&["release", "upload", pubdir.join(r).to_str().unwrap()]);
+    }
+    // One device in five fails its health check.
+    let mut sim = Sim::start(&dir, &broker, &root, "sim", 50, &["--fail-health", "0.2"]);
+    wait_for(Duration::from_secs(30), "50 devices online", || (console.online() == 50).then_some(()));
+
+    // Waves of 5, 10 and the rest; half of a wave must succeed; more than one failure pauses.
+    // sim-0005 fails in wave 1 (within the threshold), sim-0010 in wave 2: paused, by itself.
+    let id = start(&console, &["--number", "1", "--waves", "5,10,100%", "--success-pct", "50", "--errors", "1"]);
+    let r = console.wait_rollout(id, "paused", Duration::from_secs(60));
+    assert_eq!(r["reason"], "error threshold: 2 failed or timed out, over 1", "{r:#}");
+    let failures = r["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2, "{r:#}");
+    assert!(failures.iter().all(|f| f["reason"].as_str().unwrap().starts_with("health_check:")), "{r:#}");
+    assert_eq!(count(&r, "pending"), 40, "{r:#}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(count(&console.rollout(id), "pending"), 40, "a paused rollout offers nothing more");
+
+    // Resume: those two are acknowledged; wave 3 goes out and its failures pause it again.
+    console.ctl(&["rollout", "resume", &id.to_string()]);
+    console.wait_rollout(id, "paused", Duration::from_secs(60));
+    let r = wait_for(Duration::from_secs(30), "every offer answered", || {
+        let r = console.rollout(id);
+        (count(&r, "offered") == 0).then_some(r)
+    });
+    assert_eq!(count(&r, "failed"), 10, "{r:#}");
+    assert_eq!(count(&r, "succeeded"), 40, "{r:#}");
+
+    // The failing devices are fixed (the simulator restarted healthy); retry offers them the
+    // release again (a second attempt), and the rollout completes.
+    sim.stop();
+    let mut sim = Sim::start(&dir, &broker, &root, "sim", 50, &[]);
+    wait_for(Duration::from_secs(30), "50 devices back online", || (console.online() == 50).then_some(()));
+    let retried = console.json(&["rollout", "retry", &id.to_string()]);
+    assert_eq!(retried["retried"], 10, "{retried}");
+    console.ctl(&["rollout", "resume", &id.to_string()]);
+    let r = console.wait_rollout(id, "completed", Duration::from_secs(60));
+    assert_eq!(count(&r, "succeeded"), 50, "{r:#}");
+    let second = console.device("sim-0005");
+    assert_eq!(second["rollouts"][0]["attempt"], 2, "sim-0005 failed, then took the retry: {second:#}");
+    assert_eq!(on_release(&console, 1), 50);
+
+    // Silent devices: offered, no answer within the deadline -> timed out, and the wave's
+    // success share pauses the rollout. Retry once they are back completes it.
+    sim.stop();
+    wait_for(Duration::from_secs(30), "the devices to go offline", || (console.online() == 0).then_some(()));
+    let id2 = start(&console, &["--number", "2", "--waves", "100%", "--errors", "100%", "--deadline", "2"]);
+    let r = console.wait_rollout(id2, "paused", Duration::from_secs(30));
+    assert_eq!(count(&r, "timed_out"), 50, "{r:#}");
+    assert!(r["reason"].as_str().unwrap().contains("0.0% succeeded"), "{r:#}");
+    assert!(r["failures"][0]["reason"].as_str().unwrap().contains("no answer within 2 s"), "{r:#}");
+    let mut sim = Sim::start(&dir, &broker, &root, "sim", 50, &[]);
+    wait_for(Duration::from_secs(30), "50 devices back online", || (console.online() == 50).then_some(()));
+    console.ctl(&["rollout", "retry", &id2.to_string()]);
+    console.ctl(&["rollout", "resume", &id2.to_string()]);
+    let r = console.wait_rollout(id2, "completed", Duration::from_secs(60));
+    assert_eq!(count(&r, "succeeded"), 50, "{r:#}");
+
+    // The rate limit: 6 devices a minute. The page shows the running rollout; then abort.
+    let id3 = start(&console, &["--number", "3", "--waves", "100%", "--rate", "6"]);
+    wait_for(Duration::from_secs(20), "6 devices on release 3", || (on_release(&console, 3) == 6).then_some(()));
+    let r = console.rollout(id3);
+    assert_eq!(r["state"], "running");
+    assert_eq!(count(&r, "succeeded"), 6, "{r:#}");
+    assert_eq!(count(&r, "pending"), 44, "the rest wait for the rate limit: {r:#}");
+    check_page(&dir, &console, id3);
+    console.ctl(&["rollout", "abort", &id3.to_string()]);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = console.rollout(id3);
+    assert_eq!(r["state"], "aborted");
+    assert_eq!(count(&r, "pending"), 44, "{r:#}");
+    let refused = console.try_ctl(&["rollout", "resume", &id3.to_string()]);
+    assert!(!refused.status.success(), "an aborted rollout cannot resume");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot resume a rollout that is aborted"));
+
+    // Rollback: release 5 carries release 1's model; every device ends up serving version 1.
+    let id5 = start(&console, &["--number", "5", "--waves", "10%,100%"]);
+    let r = console.wait_rollout(id5, "completed", Duration::from_secs(60));
+    assert_eq!(count(&r, "succeeded"), 50, "{r:#}");
+    let fleet = console.json(&["fleet", "ls"]);
+    for d in fleet.as_array().unwrap() {
+        assert_eq!(d["release"], 5, "{d}");
+        assert_eq!(d["models"][0]["versions"][0], "1", "{d}");
+    }
+    sim.stop();
+}
+
+/// The web page in headless Chromium: it loads with the token, shows the fleet and the running
+/// rollout's progress; a screenshot is kept next to the test's files (and in docs/).
+fn check_page(dir: &Path, console: &Console, rollout: u64) {
+    let url = format!("http://127.0.0.1:{}/#token={TOKEN}", console.port);
+    let chromium = |extra: &[&str]| {
+        let profile = dir.join(format!("chromium-{}", extra.len()));
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1400,1100",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian package chromium)");
+        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = chromium(&["--dump-dom"]);
+    assert!(dom.contains("data-loaded=\"yes\""), "the page loaded its data: {dom}");
+    for d in ["sim-0001", "sim-0050"] {
+        assert!(dom.contains(&format!("data-device=\"{d}\"")), "{d} in the fleet table");
+    }
+    let card = dom.split(&format!("id=\"rollout-{rollout}\"")).nth(1).expect("the rollout is shown");
+    assert!(card.starts_with(" data-state=\"running\""), "{card}");
+    assert!(card.contains("6 / 50 succeeded"), "its wave's progress: {card}");
+    let shot = dir.join("console.png");
+    chromium(&[&format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    if std::env::var_os("OUTPOST_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(&shot, repo_root().join("docs/console.png")).unwrap();
+    }
+}

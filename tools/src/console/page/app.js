@@ -1,0 +1,197 @@
+// The console's page: polls the JSON API and redraws. No framework, no build step.
+"use strict";
+
+const TOKEN_KEY = "outpost-console-token";
+const $ = (id) => document.getElementById(id);
+
+// The token comes once in the address (#token=...), then lives in this tab's session storage.
+(function takeToken() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.hash.replace(/[#&]?token=[^&]+/, "").replace(/^$/, ""));
+  }
+})();
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function ago(now, t) {
+  if (!t) return "-";
+  const s = Math.max(0, Math.round((now - t) / 1000));
+  if (s < 120) return s + " s ago";
+  if (s < 7200) return Math.round(s / 60) + " min ago";
+  return Math.round(s / 3600) + " h ago";
+}
+
+const num = (v, digits) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
+const short = (id) => (id ? id.slice(0, 12) : "-");
+
+async function api(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) throw { login: true };
+  const r = await fetch("/api" + path, { headers: { Authorization: "Bearer " + token } });
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    throw { login: true };
+  }
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+function deviceLink(id) {
+  return el("a", { href: "#device=" + encodeURIComponent(id) }, id);
+}
+
+function renderSummary(o) {
+  const s = o.summary;
+  const live = o.rollouts.filter((r) => r.state === "running").length;
+  $("summary").replaceChildren(
+    el("span", {}, el("b", {}, s.online), " of ", el("b", {}, s.devices), " devices online"),
+    el("span", {}, el("b", {}, o.releases.length), " releases"),
+    el("span", {}, el("b", {}, live), " rollouts running"),
+    el("span", {}, el("b", {}, s.chunks_served), " chunks served"),
+  );
+}
+
+function waveRow(w) {
+  const c = w.counts || {};
+  const ok = c.succeeded || 0, bad = (c.failed || 0) + (c.timed_out || 0), busy = c.offered || 0;
+  const size = Math.max(w.size, ok + bad + busy, 1);
+  const pct = (n) => (100 * n) / size + "%";
+  return el("div", { class: "wave", "data-wave": w.wave },
+    el("div", {}, "Wave " + w.wave + " ", el("span", { class: "muted" }, "(" + w.spec + ")")),
+    el("div", { class: "bar", title: ok + " succeeded, " + bad + " failed, " + busy + " in flight of " + w.size },
+      el("div", { class: "ok", style: "width:" + pct(ok) }),
+      el("div", { class: "bad", style: "width:" + pct(bad) }),
+      el("div", { class: "busy", style: "width:" + pct(busy) })),
+    el("div", { class: "muted" }, ok + " / " + w.size + " succeeded" + (bad ? ", " + bad + " failed" : "") + (busy ? ", " + busy + " in flight" : "")));
+}
+
+function renderRollouts(o) {
+  if (!o.rollouts.length) {
+    $("rollouts").replaceChildren(el("p", { class: "muted" }, "No rollouts yet: outpostctl rollout start"));
+    return;
+  }
+  $("rollouts").replaceChildren(...o.rollouts.map((r) => {
+    const c = r.counts || {};
+    return el("div", { class: "rollout", id: "rollout-" + r.id, "data-state": r.state },
+      el("div", { class: "head" },
+        el("h3", {}, "Rollout " + r.id + ": release " + r.number),
+        el("span", { class: "badge " + r.state }, r.state),
+        el("span", { class: "muted" }, r.fleet + "/" + r.group + ", " + r.devices + " devices, waves " + r.wave_spec.join(" → ") +
+          ", errors ≤ " + r.errors + (r.rate_per_min ? ", " + r.rate_per_min + "/min" : "")),
+        r.reason ? el("span", {}, r.reason) : null),
+      r.waves.map(waveRow),
+      el("div", { class: "muted" }, (c.succeeded || 0) + " succeeded, " + ((c.failed || 0) + (c.timed_out || 0)) + " failed, " +
+        (c.offered || 0) + " in flight, " + (c.pending || 0) + " waiting"),
+      r.failures.length
+        ? el("ul", { class: "failures" }, r.failures.slice(0, 20).map((f) =>
+            el("li", {}, deviceLink(f.device), " " + f.status.replace("_", " ") + " (attempt " + f.attempt + "): " + (f.reason || ""))))
+        : null);
+  }));
+}
+
+function renderFleet(o) {
+  $("fleet").tBodies[0].replaceChildren(...o.devices.map((d) =>
+    el("tr", { "data-device": d.id },
+      el("td", {}, deviceLink(d.id)),
+      el("td", {}, d.fleet + "/" + d.group),
+      el("td", {}, el("span", { class: "dot" + (d.online ? " on" : "") }), d.online ? "online" : "offline"),
+      el("td", {}, d.release === null ? "-" : String(d.release)),
+      el("td", { class: "mono" }, d.models.map((m) => m.name + ":" + (m.versions || []).join("/")).join(", ") || "-"),
+      el("td", {}, d.update_state === "refused" || d.update_state === "failed"
+        ? el("span", { class: "badge " + d.update_state, title: d.last_error || "" }, d.update_state)
+        : d.update_state || "-"),
+      el("td", {}, ago(o.now, d.last_seen)),
+      el("td", { class: "num" }, num(d.p50_ms, 3)),
+      el("td", { class: "num" }, num(d.p99_ms, 3)),
+      el("td", { class: "num" }, d.escalation_rate === null || d.escalation_rate === undefined ? "-" : (100 * d.escalation_rate).toFixed(1) + "%"))));
+}
+
+function renderReleases(o) {
+  $("releases").tBodies[0].replaceChildren(...o.releases.map((r) =>
+    el("tr", {},
+      el("td", {}, String(r.number)),
+      el("td", {}, r.fleet + "/" + r.group),
+      el("td", { class: "mono" }, short(r.id)),
+      el("td", { class: "mono" }, (r.models || []).map((m) => m.name + ":" + m.version).join(", ")),
+      el("td", { class: "num" }, r.bytes.toLocaleString()),
+      el("td", { class: "num" }, r.devices),
+      el("td", {}, ago(o.now, r.uploaded)))));
+}
+
+async function renderDevice(id) {
+  const d = await api("/devices/" + encodeURIComponent(id));
+  const now = Date.now();
+  const s = d.state || {};
+  $("device-page").replaceChildren(
+    el("h2", {}, el("a", { href: "#" }, "Fleet"), " / " + d.id),
+    el("dl", {},
+      el("dt", {}, "Fleet / group"), el("dd", {}, d.fleet + "/" + d.group),
+      el("dt", {}, "Online"), el("dd", {}, d.online ? "online" : "offline", " (seen " + ago(now, d.last_seen) + ")"),
+      el("dt", {}, "Release"), el("dd", {}, d.release === null ? "-" : d.release + " (" + short(d.release_id) + ")"),
+      el("dt", {}, "Models"), el("dd", { class: "mono" }, d.models.map((m) => m.name + ":" + (m.versions || []).join("/")).join(", ") || "-"),
+      el("dt", {}, "Update"), el("dd", {}, d.update_state || "-"),
+      el("dt", {}, "Last error"), el("dd", {}, d.last_error || "-"),
+      el("dt", {}, "Runtime"), el("dd", {}, s.runtime || "-"),
+      el("dt", {}, "Latency p50 / p99"), el("dd", {}, num(d.p50_ms, 3) + " / " + num(d.p99_ms, 3) + " ms"),
+      el("dt", {}, "Labels"), el("dd", { class: "mono" }, JSON.stringify(d.labels))),
+    el("h2", { style: "margin-top:14px" }, "Rollouts"),
+    d.rollouts.length
+      ? el("ul", {}, d.rollouts.map((r) => el("li", {}, "Rollout " + r.rollout + ": " + r.status + " (attempt " + r.attempt + ")" + (r.reason ? ": " + r.reason : ""))))
+      : el("p", { class: "muted" }, "none"),
+    el("h2", { style: "margin-top:14px" }, "History"),
+    el("table", {}, el("tbody", {}, d.history.map((e) =>
+      el("tr", {}, el("td", {}, new Date(e.at).toLocaleString()), el("td", {}, e.kind), el("td", {}, e.detail))))));
+}
+
+async function refresh() {
+  try {
+    const m = location.hash.match(/device=([^&]+)/);
+    $("device-page").hidden = !m;
+    $("home").hidden = !!m;
+    if (m) {
+      await renderDevice(decodeURIComponent(m[1]));
+    } else {
+      const o = await api("/overview");
+      renderSummary(o);
+      renderRollouts(o);
+      renderFleet(o);
+      renderReleases(o);
+    }
+    $("login").hidden = true;
+    $("error").hidden = true;
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.loaded = "yes";
+  } catch (e) {
+    if (e && e.login) {
+      $("login").hidden = false;
+      $("home").hidden = true;
+    } else {
+      $("error").hidden = false;
+      $("error").textContent = "Cannot reach the console: " + (e && e.message ? e.message : e);
+    }
+  }
+}
+
+$("login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  refresh();
+});
+window.addEventListener("hashchange", refresh);
+refresh();
+setInterval(refresh, 2000);
