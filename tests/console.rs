@@ -42,6 +42,7 @@ fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
     let root = pubdir.join("root-1.json");
     let mut users = ids("sim", 52);
     users.extend(ids("late", 2));
+    users.extend(ids("odd", 1));
     let broker = Broker::start_with_users(&dir.join("broker"), &users);
     let mut console = Console::start(&dir, &broker, &root);
     let _sim = Sim::start(&dir, &broker, &root, "sim", 52, &[]);
@@ -80,7 +81,7 @@ fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
     assert_eq!(on_release(&console, 1), 52);
 
     // Late joiners: devices that first appear after the rollout completed get the release.
-    let _late = Sim::start(&dir, &broker, &root, "late", 2, &[]);
+    let _late = Sim::start(&dir, &broker, &root, "late", 2, &["--label", "ring=late"]);
     wait_for(Duration::from_secs(30), "the late devices to run release 1", || {
         let fleet = console.json(&["fleet", "ls"]);
         let late = fleet.as_array().unwrap().iter().filter(|d| d["id"].as_str().unwrap().starts_with("late-"));
@@ -93,6 +94,22 @@ fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
     let d = console.device("late-0001");
     let kinds: Vec<&str> = d["history"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
     assert!(kinds.contains(&"joined") && kinds.contains(&"offered") && kinds.contains(&"succeeded"), "{kinds:?}");
+
+    // A label selector: release 2 only to `ring=late`, where one more device refuses releases.
+    let _odd = Sim::start(&dir, &broker, &root, "odd", 1, &["--label", "ring=late", "--refuse", "1"]);
+    wait_for(Duration::from_secs(30), "odd-0001 online", || (console.online() == 55).then_some(()));
+    console.ctl(&["release", "upload", pubdir.join("r2").to_str().unwrap()]);
+    let id2 = start(
+        &console,
+        &["--number", "2", "--waves", "100%", "--label", "ring=late", "--success-pct", "50", "--errors", "1"],
+    );
+    let r = console.wait_rollout(id2, "completed", Duration::from_secs(60));
+    assert_eq!(r["devices"], 3, "{r:#}");
+    assert_eq!(count(&r, "succeeded"), 2, "{r:#}");
+    assert_eq!(r["failures"][0]["device"], "odd-0001", "{r:#}");
+    assert_eq!(r["failures"][0]["reason"], "policy: simulated refusal", "{r:#}");
+    assert_eq!(on_release(&console, 2), 2);
+    assert_eq!(on_release(&console, 1), 52, "devices without the label stay on release 1");
 }
 
 /// The event log, through the API (the CLI has no command for it).

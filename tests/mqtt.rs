@@ -42,7 +42,7 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
     // Two blob servers share the requests through one MQTT 5 shared subscription.
     let blobs_a = BlobServer::start(&broker, "blobs-a", &[&pubdir.join("r1"), &pubdir.join("r2")]);
     let blobs_b = BlobServer::start(&broker, "blobs-b", &[&pubdir.join("r1"), &pubdir.join("r2")]);
-    let mut dev = Device::start(&dir, "dev1", &broker.address(), &pubdir, "");
+    let mut dev = Device::start(&dir, "dev1", &broker.address(), &pubdir, "labels = { site = \"lab\" }");
     assert_eq!(dev.served_version().as_deref(), Some("0"));
 
     // Whole: the device holds nothing of release 1.
@@ -79,6 +79,7 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
     assert_eq!(state["update"]["state"], "idle", "{state}");
     assert!(state["resources"]["rss_bytes"].as_u64().unwrap() > 0, "{state}");
     assert_eq!(state["runtime"].as_str().map(|r| r.starts_with("outpost ")), Some(true));
+    assert_eq!(state["labels"]["site"], "lab", "configured labels are reported: {state}");
 
     // Inference statistics since the last report reach the console.
     for _ in 0..20 {

@@ -86,6 +86,7 @@ pub struct RuntimeDevice {
     updates: Arc<Updates>,
     app: Weak<App>,
     started: Instant,
+    labels: BTreeMap<String, String>,
     /// Counters at the last report, per model and version, to report what happened since.
     last: Mutex<BTreeMap<String, Snapshot>>,
 }
@@ -103,8 +104,14 @@ struct Snapshot {
 }
 
 impl RuntimeDevice {
-    pub fn new(updates: Arc<Updates>, app: &Arc<App>) -> Arc<RuntimeDevice> {
-        Arc::new(RuntimeDevice { updates, app: Arc::downgrade(app), started: Instant::now(), last: Mutex::default() })
+    pub fn new(updates: Arc<Updates>, app: &Arc<App>, labels: BTreeMap<String, String>) -> Arc<RuntimeDevice> {
+        Arc::new(RuntimeDevice {
+            updates,
+            app: Arc::downgrade(app),
+            started: Instant::now(),
+            labels,
+            last: Mutex::default(),
+        })
     }
 
     /// Inference statistics since the previous call: totals and latency quantiles over every
@@ -221,6 +228,7 @@ impl Device for RuntimeDevice {
             m.insert("stats".into(), self.stats(&app));
         }
         m.insert("resources".into(), resources(self.started));
+        m.insert("labels".into(), json!(self.labels));
         m
     }
 }

@@ -95,6 +95,10 @@ pub struct MqttConfig {
     /// First wait after a failed download (doubling per attempt), and the attempts per offer.
     pub retry_after_secs: Option<u64>,
     pub max_attempts: Option<u32>,
+    /// Labels reported in `state` (say `site = "berlin"`, `ring = "canary"`): the console's
+    /// rollouts can select devices by them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[server]`.

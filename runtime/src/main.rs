@@ -291,7 +291,7 @@ fn start_agent(app: &Arc<App>, u: &outpost_runtime::config::UpdatesConfig) -> Re
         cfg.broker.password = Some(password);
     }
     let updates = app.updates.get().context("the release store is not open")?.clone();
-    let device = outpost_runtime::agent::RuntimeDevice::new(updates, app);
+    let device = outpost_runtime::agent::RuntimeDevice::new(updates, app, m.labels.clone());
     tracing::info!(device = %cfg.device_id, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "starting the MQTT agent");
     let agent = outpost_updater::mqtt::agent::start(cfg, device).map_err(|e| anyhow::anyhow!("MQTT agent: {e}"))?;
     let _ = app.agent.set(agent);

@@ -49,6 +49,12 @@ pub struct SimulateArgs {
     /// Share of devices that never connect (silent).
     #[arg(long, default_value_t = 0.0)]
     pub silent: f64,
+    /// Share of devices that refuse every release before looking at it (reported as `policy`).
+    #[arg(long, default_value_t = 0.0)]
+    pub refuse: f64,
+    /// Labels every device reports (key=value, repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
     /// Exit once every connected device runs this release number (prints the time it took).
     #[arg(long)]
     pub until_release: Option<u64>,
@@ -88,6 +94,8 @@ impl ModelHost for FakeHost {
 struct SimDevice {
     updater: Mutex<Updater>,
     host: FakeHost,
+    refuse: bool,
+    labels: Map<String, Value>,
     requests: AtomicU64,
     started: Instant,
 }
@@ -98,6 +106,9 @@ impl Device for SimDevice {
     }
 
     fn apply(&self, dir: &Path) -> Result<Applied, Refusal> {
+        if self.refuse {
+            return Err(Refusal::new(outpost_updater::error::RefusalKind::Policy, "simulated refusal"));
+        }
         self.updater.lock().unwrap_or_else(|e| e.into_inner()).apply_dir(dir, &self.host)
     }
 
@@ -114,11 +125,18 @@ impl Device for SimDevice {
         );
         m.insert("stats".into(), json!({"count": count, "failures": 0, "rejected": 0, "simulated": true}));
         m.insert("resources".into(), json!({"uptime_secs": self.started.elapsed().as_secs()}));
+        m.insert("labels".into(), Value::Object(self.labels.clone()));
         m
     }
 }
 
-fn open_device(args: &SimulateArgs, id: &str, root: &Envelope, fail: bool) -> anyhow::Result<Arc<SimDevice>> {
+fn open_device(
+    args: &SimulateArgs,
+    id: &str,
+    root: &Envelope,
+    fail: bool,
+    refuse: bool,
+) -> anyhow::Result<Arc<SimDevice>> {
     let dir = args.state_dir.join(id);
     let store = Store::open(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     if store.current().map_err(anyhow::Error::msg)?.is_none() {
@@ -128,6 +146,8 @@ fn open_device(args: &SimulateArgs, id: &str, root: &Envelope, fail: bool) -> an
     Ok(Arc::new(SimDevice {
         updater: Mutex::new(updater),
         host: FakeHost { fail, serving: Mutex::new(Vec::new()) },
+        refuse,
+        labels: labels(&args.labels)?,
         requests: AtomicU64::new(0),
         started: Instant::now(),
     }))
@@ -147,7 +167,7 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             let id = format!("{}-{n:04}", args.id_prefix);
             // Spread the injected faults evenly: device n fails when the running share crosses.
             let picked = |share: f64| ((n as f64) * share).floor() > ((n as f64 - 1.0) * share).floor();
-            let device = open_device(&args, &id, &root, picked(args.fail_health))?;
+            let device = open_device(&args, &id, &root, picked(args.fail_health), picked(args.refuse))?;
             if picked(args.silent) {
                 continue;
             }
@@ -213,5 +233,14 @@ pub fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 }
 
 fn failing(devices: &[Arc<SimDevice>]) -> usize {
-    devices.iter().filter(|d| d.host.fail).count()
+    devices.iter().filter(|d| d.host.fail || d.refuse).count()
+}
+
+fn labels(list: &[String]) -> anyhow::Result<Map<String, Value>> {
+    let mut m = Map::new();
+    for l in list {
+        let (k, v) = l.split_once('=').ok_or_else(|| anyhow::anyhow!("--label `{l}`: key=value"))?;
+        m.insert(k.to_owned(), json!(v));
+    }
+    Ok(m)
 }

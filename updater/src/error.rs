@@ -44,6 +44,9 @@ pub enum RefusalKind {
     HealthCheck,
     /// The device's own storage failed.
     Storage,
+    /// The device declines the release by its own policy (the fleet simulator's injected
+    /// refusals use it).
+    Policy,
 }
 
 impl RefusalKind {
@@ -65,6 +68,7 @@ impl RefusalKind {
             RefusalKind::Missing => "missing",
             RefusalKind::HealthCheck => "health_check",
             RefusalKind::Storage => "storage",
+            RefusalKind::Policy => "policy",
         }
     }
 }
