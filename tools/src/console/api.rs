@@ -236,10 +236,11 @@ async fn put_object(State(c): Shared, Path(sha256): Path<String>, body: Body) ->
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| bad(format!("reading the body: {e}")))?;
         if let Some(data) = frame.data_ref() {
-            w.write(data).map_err(bad)?;
+            // File writes off the async threads' hot path (the runtime has two).
+            tokio::task::block_in_place(|| w.write(data)).map_err(bad)?;
         }
     }
-    let len = w.finish().map_err(bad)?;
+    let len = tokio::task::block_in_place(|| w.finish()).map_err(bad)?;
     with_db(c, move |conn| {
         conn.execute(
             "INSERT OR REPLACE INTO blobs (sha256, length, stored) VALUES (?1, ?2, ?3)",

@@ -174,7 +174,16 @@ pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
     let stats = &state["stats"];
     let models: Vec<Value> = state["models"]
         .as_array()
-        .map(|ms| ms.iter().map(|m| json!({"name": m["name"], "versions": m["versions"]})).collect())
+        .map(|ms| {
+            // Only strings reach the page, whatever a device sent.
+            ms.iter()
+                .map(|m| {
+                    let versions: Vec<&str> =
+                        m["versions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    json!({"name": m["name"].as_str().unwrap_or("?"), "versions": versions})
+                })
+                .collect()
+        })
         .unwrap_or_default();
     Ok(json!({
         "id": row.get::<_, String>("id")?,

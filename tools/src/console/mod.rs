@@ -64,6 +64,8 @@ pub struct Console {
     pub token: String,
     pub blob_stats: Arc<ServerStats>,
     pub bad_states: std::sync::atomic::AtomicU64,
+    /// Set once the state subscriptions are acknowledged (the retained states follow).
+    pub states_ready: std::sync::atomic::AtomicBool,
 }
 
 impl Console {
@@ -93,6 +95,7 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
         token,
         blob_stats: Arc::new(ServerStats::default()),
         bad_states: Default::default(),
+        states_ready: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -103,7 +106,14 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
         let (client, eventloop) = AsyncClient::new(broker.options().map_err(anyhow::Error::msg)?, 8192);
         let (states_tx, states_rx) = mpsc::channel(8192);
         let prefix = a.broker.topic_prefix.clone();
-        tokio::spawn(follow_states(eventloop, client.clone(), prefix.clone(), fleets.clone(), states_tx));
+        tokio::spawn(follow_states(
+            console.clone(),
+            eventloop,
+            client.clone(),
+            prefix.clone(),
+            fleets.clone(),
+            states_tx,
+        ));
         tokio::spawn(record_states(console.clone(), prefix.clone(), states_rx));
         tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), Duration::from_millis(a.tick_ms.max(50))));
         let blobs = BlobServerConfig {
@@ -159,6 +169,7 @@ fn token(a: &ConsoleArgs) -> anyhow::Result<String> {
 /// Keeps the states connection: subscribes to every fleet's state topics at each connect
 /// (the retained states arrive again) and passes messages on without waiting.
 async fn follow_states(
+    console: Arc<Console>,
     mut eventloop: rumqttc::v5::EventLoop,
     client: AsyncClient,
     prefix: String,
@@ -178,7 +189,10 @@ async fn follow_states(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => check_suback(&ack),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                check_suback(&ack);
+                console.states_ready.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 // A full queue drops the message: the device reports again on change and
@@ -253,6 +267,33 @@ fn state_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
 /// Steps every live rollout on a timer. Offers are queued to the MQTT client without waiting;
 /// one that cannot be queued leaves its device pending for the next step.
 async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration) {
+    // No step before the devices' retained states are in: a console that was down longer than
+    // a deadline would otherwise time out devices that answered while it was away.
+    while !console.states_ready.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = console.clone();
+    let outstanding = tokio::task::spawn_blocking(move || rollout::outstanding(&c.db())).await;
+    if let Ok(Ok(list)) = outstanding {
+        let mut offers = std::collections::HashMap::new();
+        for (fleet, device, release, attempt) in list {
+            let c = console.clone();
+            let id = release.clone();
+            let offer = offers.entry(release).or_insert_with(|| {
+                c.db().query_row("SELECT offer FROM releases WHERE id = ?1", [id], |r| r.get::<_, Vec<u8>>(0)).ok()
+            });
+            if let Some(mut offer) = offer.as_deref().and_then(|b| Offer::parse(b).ok()) {
+                offer.attempt = attempt;
+                let _ = client.try_publish(
+                    Topics::new(&prefix, &fleet).desired(&device),
+                    QoS::AtLeastOnce,
+                    true,
+                    offer.to_bytes(),
+                );
+            }
+        }
+    }
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

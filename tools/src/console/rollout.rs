@@ -246,9 +246,15 @@ pub fn act(conn: &Connection, id: i64, action: &str, now: i64) -> Result<Value, 
     match (action, state.as_str()) {
         ("pause", "running") => set("paused", Some("paused by the operator")).map_err(db)?,
         ("resume", "paused") => {
-            // Failures so far are acknowledged: the threshold counts new ones from here.
-            let failures = count(conn, id, "status IN ('failed', 'timed_out')").map_err(db)?;
-            conn.execute("UPDATE rollouts SET error_base = ?2 WHERE id = ?1", params![id, failures]).map_err(db)?;
+            // Failures so far are acknowledged: the threshold counts new ones from here. The
+            // current wave is taken as it stands (a wave below its success share goes on).
+            conn.execute(
+                "UPDATE rollouts SET resumed = ?2, wave_done = CASE
+                     WHEN wave_done IS NULL AND state = 'paused' AND reason LIKE 'wave %' THEN ?2 ELSE wave_done END
+                 WHERE id = ?1",
+                params![id, now],
+            )
+            .map_err(db)?;
             set("running", None).map_err(db)?
         }
         ("abort", "running" | "paused" | "completed") => set("aborted", Some("aborted by the operator")).map_err(db)?,
@@ -260,12 +266,6 @@ pub fn act(conn: &Connection, id: i64, action: &str, now: i64) -> Result<Value, 
                     [id],
                 )
                 .map_err(db)?;
-            let failures = count(conn, id, "status IN ('failed', 'timed_out')").map_err(db)?;
-            conn.execute(
-                "UPDATE rollouts SET error_base = min(error_base, ?2), updated = ?3 WHERE id = ?1",
-                params![id, failures, now],
-            )
-            .map_err(db)?;
             event(conn, now, Some(id), None, "retry", &format!("{n} device(s) to be offered again")).map_err(db)?;
             return Ok(json!({"rollout": id, "retried": n}));
         }
@@ -297,7 +297,7 @@ struct Live {
     state: String,
     wave: usize,
     wave_done: Option<i64>,
-    error_base: i64,
+    resumed: i64,
 }
 
 /// Sends one offer: `(fleet, device, release id, attempt)`; false when it could not be queued
@@ -310,7 +310,7 @@ pub type Offer<'a> = dyn FnMut(&str, &str, &str, u32) -> bool + 'a;
 pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT id, release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, rate_per_min,
-                deadline_ms, state, wave, wave_done, error_base
+                deadline_ms, state, wave, wave_done, resumed
          FROM rollouts WHERE state IN ('running', 'paused', 'completed') ORDER BY id",
     )?;
     let live: Vec<Live> = stmt
@@ -334,7 +334,7 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
                 state: r.get(12)?,
                 wave: r.get::<_, i64>(13)? as usize,
                 wave_done: r.get(14)?,
-                error_base: r.get(15)?,
+                resumed: r.get(15)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -370,9 +370,13 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
     if total == 0 {
         return Ok(());
     }
-    let failures = count(conn, r.id, "status IN ('failed', 'timed_out')")?;
     let offered_so_far = count(conn, r.id, "status != 'pending'")?;
-    let new_failures = (failures - r.error_base).max(0) as f64;
+    let new_failures: i64 = conn.query_row(
+        "SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND status IN ('failed', 'timed_out') AND finished > ?2",
+        params![r.id, r.resumed],
+        |x| x.get(0),
+    )?;
+    let new_failures = new_failures as f64;
     let limit = if r.error_is_pct { r.error_limit / 100.0 * offered_so_far as f64 } else { r.error_limit };
     if new_failures > 0.0 && new_failures > limit {
         let how = if r.error_is_pct { format!("{}%", r.error_limit) } else { format!("{}", r.error_limit) };
@@ -402,12 +406,13 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
     }
     // The wave is fully offered and answered: did enough of it succeed?
     let (ok, all): (i64, i64) = conn.query_row(
-        "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FROM rollout_devices WHERE rollout_id = ?1 AND wave = ?2",
+        "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FROM rollout_devices
+         WHERE rollout_id = ?1 AND wave = ?2 AND status != 'pending'",
         params![r.id, wave as i64],
         |x| Ok((x.get(0)?, x.get(1)?)),
     )?;
     let pct = if all == 0 { 100.0 } else { ok as f64 * 100.0 / all as f64 };
-    if pct + 1e-9 < r.success_pct {
+    if r.wave_done.is_none() && pct + 1e-9 < r.success_pct {
         return set_state("paused", &format!("wave {}: {pct:.1}% succeeded, below {}%", wave + 1, r.success_pct));
     }
     match r.wave_done {
@@ -455,8 +460,13 @@ fn adopt(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
             )?;
         } else {
             conn.execute(
-                "INSERT INTO rollout_devices (rollout_id, device_id, status) VALUES (?1, ?2, 'pending')",
-                params![r.id, device],
+                // The device may have refused this release's offer in an earlier rollout: the
+                // next attempt makes a new offer, which it considers afresh.
+                "INSERT INTO rollout_devices (rollout_id, device_id, status, attempt)
+                 VALUES (?1, ?2, 'pending', (SELECT coalesce(max(rd.attempt) + 1, 0) FROM rollout_devices rd
+                     JOIN rollouts o ON o.id = rd.rollout_id
+                     WHERE rd.device_id = ?2 AND o.release_id = ?3 AND rd.status != 'pending'))",
+                params![r.id, device, r.release_id],
             )?;
         }
     }
@@ -488,12 +498,13 @@ fn offer_some(
     now: i64,
     offer: &mut Offer<'_>,
 ) -> rusqlite::Result<()> {
-    // Online devices first, then by id: a wave is not filled with devices that cannot answer.
+    // Retried devices first (their wave is open already), then online devices, then by id: a
+    // wave is not filled with devices that cannot answer.
     let mut stmt = conn.prepare(
         "SELECT rd.device_id, rd.attempt FROM rollout_devices rd
          LEFT JOIN devices d ON d.fleet = ?2 AND d.id = rd.device_id
          WHERE rd.rollout_id = ?1 AND rd.status = 'pending'
-         ORDER BY coalesce(d.online, 0) DESC, rd.device_id LIMIT ?3",
+         ORDER BY rd.wave IS NOT NULL DESC, coalesce(d.online, 0) DESC, rd.device_id LIMIT ?3",
     )?;
     let picked: Vec<(String, u32)> = stmt
         .query_map(params![r.id, r.fleet, budget as i64], |x| Ok((x.get(0)?, x.get(1)?)))?
@@ -511,6 +522,16 @@ fn offer_some(
         event(conn, now, Some(r.id), Some(&device), "offered", &format!("wave {}, attempt {}", wave + 1, attempt + 1))?;
     }
     Ok(())
+}
+
+/// Offers recorded as sent in live rollouts: `(fleet, device, release, attempt)`. At start the
+/// console sends them again: one queued just before the console was killed may never have left.
+pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, u32)>> {
+    let mut s = conn.prepare(
+        "SELECT r.fleet, rd.device_id, r.release_id, rd.attempt FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+         WHERE rd.status = 'offered' AND r.state IN ('running', 'paused', 'completed')",
+    )?;
+    s.query_map([], |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)))?.collect()
 }
 
 /// A rollout as the API shows it: settings, per-wave progress and the failures with reasons.

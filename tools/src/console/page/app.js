@@ -36,7 +36,9 @@ function ago(now, t) {
 }
 
 const num = (v, digits) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
-const short = (id) => (id ? id.slice(0, 12) : "-");
+const short = (id) => (typeof id === "string" ? id.slice(0, 12) : "-");
+const list = (v) => (Array.isArray(v) ? v : []);
+const modelText = (models) => list(models).map((m) => m.name + ":" + list(m.versions).join("/")).join(", ") || "-";
 
 async function api(path) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -111,7 +113,7 @@ function renderFleet(o) {
       el("td", {}, d.fleet + "/" + d.group),
       el("td", {}, el("span", { class: "dot" + (d.online ? " on" : "") }), d.online ? "online" : "offline"),
       el("td", {}, d.release === null ? "-" : String(d.release)),
-      el("td", { class: "mono" }, d.models.map((m) => m.name + ":" + (m.versions || []).join("/")).join(", ") || "-"),
+      el("td", { class: "mono" }, modelText(d.models)),
       el("td", {}, d.update_state === "refused" || d.update_state === "failed"
         ? el("span", { class: "badge " + d.update_state, title: d.last_error || "" }, d.update_state)
         : d.update_state || "-"),
@@ -127,7 +129,7 @@ function renderReleases(o) {
       el("td", {}, String(r.number)),
       el("td", {}, r.fleet + "/" + r.group),
       el("td", { class: "mono" }, short(r.id)),
-      el("td", { class: "mono" }, (r.models || []).map((m) => m.name + ":" + m.version).join(", ")),
+      el("td", { class: "mono" }, list(r.models).map((m) => m.name + ":" + m.version).join(", ")),
       el("td", { class: "num" }, r.bytes.toLocaleString()),
       el("td", { class: "num" }, r.devices),
       el("td", {}, ago(o.now, r.uploaded)))));
@@ -143,7 +145,7 @@ async function renderDevice(id) {
       el("dt", {}, "Fleet / group"), el("dd", {}, d.fleet + "/" + d.group),
       el("dt", {}, "Online"), el("dd", {}, d.online ? "online" : "offline", " (seen " + ago(now, d.last_seen) + ")"),
       el("dt", {}, "Release"), el("dd", {}, d.release === null ? "-" : d.release + " (" + short(d.release_id) + ")"),
-      el("dt", {}, "Models"), el("dd", { class: "mono" }, d.models.map((m) => m.name + ":" + (m.versions || []).join("/")).join(", ") || "-"),
+      el("dt", {}, "Models"), el("dd", { class: "mono" }, modelText(d.models)),
       el("dt", {}, "Update"), el("dd", {}, d.update_state || "-"),
       el("dt", {}, "Last error"), el("dd", {}, d.last_error || "-"),
       el("dt", {}, "Runtime"), el("dd", {}, s.runtime || "-"),
