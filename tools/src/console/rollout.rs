@@ -641,3 +641,164 @@ mod tests {
         assert_eq!(Wave::Count(5).reach(3), 3);
     }
 }
+
+/// The state machine driven by hand: states recorded as devices would send them, steps at
+/// chosen times, offers collected instead of published.
+#[cfg(test)]
+mod machine {
+    use super::*;
+    use crate::console::{db, ingest};
+
+    struct Fleet {
+        conn: Connection,
+        now: i64,
+        offers: Vec<(String, u32)>,
+    }
+
+    const RELEASE: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12";
+
+    impl Fleet {
+        fn new(name: &str, devices: usize) -> Fleet {
+            let dir = std::env::temp_dir().join(format!("outpost-rollout-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let conn = db::open(&dir.join("console.db")).unwrap();
+            conn.execute(
+                "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
+                 VALUES (?1, 'f', 'default', 2, '[]', x'00', 0, 0)",
+                [RELEASE],
+            )
+            .unwrap();
+            let mut f = Fleet { conn, now: 1_000_000, offers: Vec::new() };
+            for n in 1..=devices {
+                f.report(&format!("d{n}"), json!({}));
+            }
+            f
+        }
+
+        fn report(&mut self, id: &str, extra: Value) {
+            let mut doc = json!({"device": id, "fleet": "f", "group": "default", "online": true});
+            for (k, v) in extra.as_object().unwrap() {
+                doc[k] = v.clone();
+            }
+            let s = ingest::parse("f", id, doc.to_string().as_bytes()).unwrap();
+            ingest::record(&self.conn, &s, self.now).unwrap();
+        }
+
+        fn succeed(&mut self, id: &str) {
+            self.report(id, json!({"release": {"id": RELEASE, "number": 2}}));
+        }
+
+        fn refuse(&mut self, id: &str, attempt: u32) {
+            self.report(
+                id,
+                json!({"update": {"state": "refused", "release": {"id": RELEASE, "attempt": attempt},
+                                  "last_error": {"kind": "health_check", "reason": "no"}}}),
+            );
+        }
+
+        fn start(&mut self, req: Value) -> i64 {
+            let mut req = req;
+            req["release"] = json!(RELEASE);
+            start(&self.conn, &serde_json::from_value(req).unwrap(), self.now).unwrap()
+        }
+
+        /// One step, `ms` later; the devices offered in it.
+        fn step(&mut self, ms: i64) -> Vec<String> {
+            self.now += ms;
+            let mut sent = Vec::new();
+            tick(&self.conn, self.now, &mut |_, d, _, a| {
+                sent.push((d.to_owned(), a));
+                true
+            })
+            .unwrap();
+            self.offers.extend(sent.iter().cloned());
+            sent.into_iter().map(|s| s.0).collect()
+        }
+
+        fn show(&self, id: i64) -> Value {
+            show(&self.conn, id).unwrap().unwrap()
+        }
+    }
+
+    #[test]
+    fn waves_open_one_after_another_after_success_and_soak() {
+        let mut f = Fleet::new("waves", 4);
+        let id = f.start(json!({"waves": "1,50%,100%", "soak_secs": 10}));
+        assert_eq!(f.step(1), ["d1"]);
+        assert!(f.step(1000).is_empty(), "wave 1 waits for its answer");
+        f.succeed("d1");
+        assert!(f.step(1).is_empty(), "the wave is done: the soak starts");
+        assert!(f.step(5_000).is_empty(), "still soaking");
+        assert!(f.step(5_000).is_empty(), "wave 2 opens");
+        assert_eq!(f.step(1), ["d2"]);
+        f.succeed("d2");
+        f.step(1);
+        f.step(10_000);
+        assert_eq!(f.step(1), ["d3", "d4"]);
+        f.succeed("d3");
+        f.succeed("d4");
+        f.step(1);
+        f.step(10_000);
+        let r = f.show(id);
+        assert_eq!(r["state"], "completed", "{r:#}");
+        assert_eq!(r["counts"]["succeeded"], 4);
+        // A device that joins later is offered the release.
+        f.report("d5", json!({}));
+        assert_eq!(f.step(1), ["d5"]);
+    }
+
+    #[test]
+    fn a_wave_below_its_share_pauses_and_resume_takes_it_as_it_stands() {
+        let mut f = Fleet::new("share", 4);
+        let id = f.start(json!({"waves": "2,100%", "errors": "5"}));
+        assert_eq!(f.step(1), ["d1", "d2"]);
+        f.succeed("d1");
+        f.refuse("d2", 0);
+        f.step(1);
+        let r = f.show(id);
+        assert_eq!(r["state"], "paused");
+        assert_eq!(r["reason"], "wave 1: 50.0% succeeded, below 100%");
+        assert_eq!(r["failures"][0]["reason"], "health_check: no");
+        act(&f.conn, id, "resume", f.now).unwrap();
+        f.step(1);
+        assert_eq!(f.step(1), ["d3", "d4"], "wave 2 opened");
+        // Retry: d2 gets a second attempt (a new offer it considers afresh).
+        act(&f.conn, id, "retry", f.now).unwrap();
+        assert_eq!(f.step(1), ["d2"]);
+        assert_eq!(f.offers.last(), Some(&("d2".to_owned(), 1)));
+        // A stale report of the first attempt does not fail the second.
+        f.refuse("d2", 0);
+        assert_eq!(f.show(id)["counts"]["offered"], 3);
+    }
+
+    #[test]
+    fn errors_pause_counting_only_failures_after_a_resume_and_silence_times_out() {
+        let mut f = Fleet::new("errors", 6);
+        let id = f.start(json!({"waves": "100%", "errors": "1", "success_pct": 0, "deadline_secs": 60}));
+        assert_eq!(f.step(1).len(), 6);
+        f.refuse("d1", 0);
+        f.step(1);
+        assert_eq!(f.show(id)["state"], "running", "one failure is within the threshold");
+        f.refuse("d2", 0);
+        f.step(1);
+        let r = f.show(id);
+        assert_eq!(r["reason"], "error threshold: 2 failed or timed out, over 1", "{r:#}");
+        f.now += 1;
+        act(&f.conn, id, "resume", f.now).unwrap();
+        f.now += 1;
+        f.succeed("d1"); // an acknowledged failure that recovers does not hide new ones
+        f.refuse("d3", 0);
+        f.step(1);
+        assert_eq!(f.show(id)["state"], "running", "one new failure since the resume");
+        // d4, d5, d6 never answer: timed out after the deadline, and the threshold trips.
+        f.step(60_000);
+        let r = f.show(id);
+        assert_eq!(r["counts"]["timed_out"], 3, "{r:#}");
+        assert_eq!(r["state"], "paused", "{r:#}");
+        assert!(r["reason"].as_str().unwrap().starts_with("error threshold: 4"), "{r:#}");
+        assert!(act(&f.conn, id, "pause", f.now).unwrap_err().contains("cannot pause"));
+        act(&f.conn, id, "abort", f.now).unwrap();
+        act(&f.conn, id, "retry", f.now).unwrap_err();
+    }
+}
