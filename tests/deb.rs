@@ -1,14 +1,15 @@
-//! The `.deb` (built by `cross/build-deb.sh x86_64`, which the test command runs first):
-//! installed into an empty root with `dpkg --root`, its files where the unit and the packaged
-//! config expect them, the packaged binary serving the packaged models with the packaged
-//! config, then removed and purged without leaving a file behind.
+//! The `.deb`s (built by `cross/build-deb.sh x86_64` and `aarch64`, which the test command runs
+//! first): each installed into an empty root with `dpkg --root`, its files where the unit and
+//! the packaged config expect them, the packaged binary serving the packaged models with the
+//! packaged config (the arm64 one under `qemu-aarch64`), then removed and purged without
+//! leaving a file behind.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use outpost_tests::{Daemon, repo_root};
 
-fn deb() -> PathBuf {
+fn deb(arch: &str) -> PathBuf {
     let dir = repo_root().join("target/debian");
     let found = std::fs::read_dir(&dir)
         .ok()
@@ -16,10 +17,8 @@ fn deb() -> PathBuf {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb") && p.to_string_lossy().ends_with("_amd64.deb"));
-    found.unwrap_or_else(|| {
-        panic!("no amd64 .deb in {}: run cross/build-deb.sh x86_64 (tools/test.sh does)", dir.display())
-    })
+        .find(|p| p.to_string_lossy().ends_with(&format!("_{arch}.deb")));
+    found.unwrap_or_else(|| panic!("no {arch} .deb in {}: run cross/build-deb.sh (tools/test.sh does)", dir.display()))
 }
 
 fn dpkg(root: &Path, args: &[&str]) -> String {
@@ -61,11 +60,21 @@ fn files(root: &Path) -> Vec<String> {
 }
 
 #[test]
-fn the_package_installs_serves_and_removes_cleanly() {
-    if cfg!(not(target_arch = "x86_64")) {
-        return;
+fn the_amd64_package_installs_serves_and_removes_cleanly() {
+    if cfg!(target_arch = "x86_64") {
+        install_serve_remove("amd64", None);
     }
-    let root = std::env::temp_dir().join(format!("outpost-deb-{}", std::process::id()));
+}
+
+#[test]
+fn the_arm64_package_installs_serves_under_qemu_and_removes_cleanly() {
+    if cfg!(target_arch = "x86_64") {
+        install_serve_remove("arm64", Some("qemu-aarch64"));
+    }
+}
+
+fn install_serve_remove(arch: &str, runner: Option<&str>) {
+    let root = std::env::temp_dir().join(format!("outpost-deb-{arch}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -74,7 +83,8 @@ fn the_package_installs_serves_and_removes_cleanly() {
         std::fs::write(root.join(f), "").unwrap();
     }
 
-    dpkg(&root, &["--install", deb().to_str().unwrap()]);
+    // A foreign architecture's package installs only when told so (this host is not arm64).
+    dpkg(&root, &["--force-architecture", "--install", deb(arch).to_str().unwrap()]);
     let listed = dpkg(&root, &["--listfiles", "outpost"]);
     for want in [
         "/usr/bin/outpost",
@@ -89,7 +99,10 @@ fn the_package_installs_serves_and_removes_cleanly() {
     let unit = std::fs::read_to_string(root.join("lib/systemd/system/outpost.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/outpost serve --config /etc/outpost/outpost.toml"), "{unit}");
     let status = dpkg(&root, &["--status", "outpost"]);
-    assert!(status.contains("Status: install ok installed") && status.contains("Architecture: amd64"), "{status}");
+    assert!(
+        status.contains("Status: install ok installed") && status.contains(&format!("Architecture: {arch}")),
+        "{status}"
+    );
 
     // The packaged binary serves the packaged models with the packaged config (its absolute
     // paths moved under the test root).
@@ -98,7 +111,12 @@ fn the_package_installs_serves_and_removes_cleanly() {
         .replace("\"/usr/share/", &format!("\"{}/usr/share/", root.display()));
     let moved = root.join("outpost.toml");
     std::fs::write(&moved, config).unwrap();
-    let daemon = Daemon::serve_with(&root.join("usr/bin/outpost"), &["--config", moved.to_str().unwrap()]);
+    let bin = root.join("usr/bin/outpost");
+    let args = ["--config", moved.to_str().unwrap()];
+    let daemon = match runner {
+        Some(r) => Daemon::serve_under(r, &bin, &args),
+        None => Daemon::serve_with(&bin, &args),
+    };
     // Ready (strict: every configured model loaded and golden-checked), then one model asked.
     let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
     std::io::Write::write_all(&mut s, b"GET /v2/models/digits-cnn HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
