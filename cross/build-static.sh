@@ -3,15 +3,11 @@
 #   cross/build-static.sh x86_64    ->  target/x86_64-unknown-linux-musl/small/outpost
 #   cross/build-static.sh aarch64   ->  target/aarch64-unknown-linux-musl/small/outpost
 #   cross/build-static.sh armv7     ->  target/armv7-unknown-linux-musleabihf/small/outpost
-#                                   or target/armv7-unknown-linux-gnueabihf/small/outpost
-# x86_64 needs Debian's musl-tools (musl-gcc, for the C in zstd, ring and mimalloc). aarch64
-# compiles that C with zig (musl headers and libc for every target in one package): the script
+# x86_64 needs Debian's musl-tools (musl-gcc, for the C in zstd, ring and mimalloc). The others
+# compile that C with zig (musl headers and libc for every target in one package): the script
 # installs what is missing from the registries, cargo-zigbuild from crates.io and zig from PyPI
 # (the `ziglang` wheel, in target/cross-tools/). Every target needs `rustup target add TARGET`,
 # which the script also runs.
-# armv7: musleabihf as the others where rustup can fetch its standard library; where it cannot
-# (some mirrors lack it), a fully static glibc build (armv7-unknown-linux-gnueabihf with
-# crt-static) with Debian's gcc-arm-linux-gnueabihf, which the script says when it falls back to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-x86_64}" in
@@ -23,27 +19,8 @@ case "${1:-x86_64}" in
     exit 64
     ;;
 esac
-if ! rustup target list --installed | grep -qx "$target" && ! rustup target add "$target" >/dev/null 2>&1; then
-  if [[ $target != armv7-* ]]; then
-    rustup target add "$target" >&2 # say why
-    exit 1
-  fi
-  echo "cross/build-static.sh: no $target standard library to be had; building static glibc instead" >&2
-  target=armv7-unknown-linux-gnueabihf
-  rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
-fi
-if [[ $target == *-gnueabihf ]]; then
-  command -v arm-linux-gnueabihf-gcc >/dev/null || {
-    echo "cross/build-static.sh: needs Debian's gcc-arm-linux-gnueabihf" >&2
-    exit 1
-  }
-  # glibc 2.34 and later carry the files and dns lookups in libc itself, so a static binary
-  # resolves host names without loading NSS modules from the box.
-  CC_armv7_unknown_linux_gnueabihf=arm-linux-gnueabihf-gcc \
-    CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc \
-    CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --profile small --quiet -p outpost-runtime --target "$target"
-elif [[ $target == x86_64-* ]]; then
+rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
+if [[ $target == x86_64-* ]]; then
   cargo build --profile small --quiet -p outpost-runtime --target "$target"
 else
   tools=target/cross-tools
