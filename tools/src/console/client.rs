@@ -67,6 +67,17 @@ impl Api {
     }
 }
 
+/// `GET path`; with `--json` the API's answer is printed and None comes back (nothing more to
+/// show).
+async fn get_for_table(conn: &ConsoleConn, path: &str) -> anyhow::Result<Option<Value>> {
+    let v = Api::open(conn).await?.get(path).await?;
+    if conn.json {
+        print_json(&v);
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
 fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
@@ -141,13 +152,8 @@ pub fn fleet(cmd: FleetCommand) -> anyhow::Result<()> {
     block_on(async move {
         match cmd {
             FleetCommand::Ls { fleet, conn } => {
-                let mut api = Api::open(&conn).await?;
                 let path = fleet.map_or("/api/devices".to_owned(), |f| format!("/api/devices?fleet={f}"));
-                let v = api.get(&path).await?;
-                if conn.json {
-                    print_json(&v);
-                    return Ok(());
-                }
+                let Some(v) = get_for_table(&conn, &path).await? else { return Ok(()) };
                 let now = super::db::now_ms();
                 let rows = v
                     .as_array()
@@ -192,12 +198,7 @@ pub fn fleet(cmd: FleetCommand) -> anyhow::Result<()> {
                 Ok(())
             }
             FleetCommand::Show { id, conn } => {
-                let mut api = Api::open(&conn).await?;
-                let v = api.get(&format!("/api/devices/{id}")).await?;
-                if conn.json {
-                    print_json(&v);
-                    return Ok(());
-                }
+                let Some(v) = get_for_table(&conn, &format!("/api/devices/{id}")).await? else { return Ok(()) };
                 println!(
                     "{} ({}/{}) {} release {} update {}",
                     text(&v["id"]),
@@ -232,12 +233,7 @@ pub fn fleet(cmd: FleetCommand) -> anyhow::Result<()> {
 /// `outpostctl release ls`.
 pub fn release_ls(conn: ConsoleConn) -> anyhow::Result<()> {
     block_on(async move {
-        let mut api = Api::open(&conn).await?;
-        let v = api.get("/api/releases").await?;
-        if conn.json {
-            print_json(&v);
-            return Ok(());
-        }
+        let Some(v) = get_for_table(&conn, "/api/releases").await? else { return Ok(()) };
         let rows = v
             .as_array()
             .into_iter()

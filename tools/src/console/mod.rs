@@ -264,6 +264,33 @@ fn state_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
     (devices == "devices" && state == "state" && parts.next().is_none() && valid_id(id)).then_some((fleet, id))
 }
 
+/// Publishes offers as retained `desired` messages: a release's signed offer (read once per
+/// release and step) with the device's attempt. Queued without waiting; false when the client's
+/// queue is full or the release is unreadable.
+struct OfferSender {
+    client: AsyncClient,
+    prefix: String,
+    offers: std::collections::HashMap<String, Option<Offer>>,
+}
+
+impl OfferSender {
+    fn new(client: &AsyncClient, prefix: &str) -> OfferSender {
+        OfferSender { client: client.clone(), prefix: prefix.to_owned(), offers: Default::default() }
+    }
+
+    fn send(&mut self, conn: &Connection, fleet: &str, device: &str, release: &str, attempt: u32) -> bool {
+        let offer = self.offers.entry(release.to_owned()).or_insert_with(|| {
+            let bytes: Vec<u8> =
+                conn.query_row("SELECT offer FROM releases WHERE id = ?1", [release], |r| r.get(0)).ok()?;
+            Offer::parse(&bytes).ok()
+        });
+        let Some(offer) = offer else { return false };
+        offer.attempt = attempt;
+        let topic = Topics::new(&self.prefix, fleet).desired(device);
+        self.client.try_publish(topic, QoS::AtLeastOnce, true, offer.to_bytes()).is_ok()
+    }
+}
+
 /// Steps every live rollout on a timer. Offers are queued to the MQTT client without waiting;
 /// one that cannot be queued leaves its device pending for the next step.
 async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration) {
@@ -273,51 +300,31 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let c = console.clone();
-    let outstanding = tokio::task::spawn_blocking(move || rollout::outstanding(&c.db())).await;
-    if let Ok(Ok(list)) = outstanding {
-        let mut offers = std::collections::HashMap::new();
-        for (fleet, device, release, attempt) in list {
-            let c = console.clone();
-            let id = release.clone();
-            let offer = offers.entry(release).or_insert_with(|| {
-                c.db().query_row("SELECT offer FROM releases WHERE id = ?1", [id], |r| r.get::<_, Vec<u8>>(0)).ok()
-            });
-            if let Some(mut offer) = offer.as_deref().and_then(|b| Offer::parse(b).ok()) {
-                offer.attempt = attempt;
-                let _ = client.try_publish(
-                    Topics::new(&prefix, &fleet).desired(&device),
-                    QoS::AtLeastOnce,
-                    true,
-                    offer.to_bytes(),
-                );
-            }
+    // Offers recorded as sent go out again: one queued just before a kill may never have left.
+    let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
+    let resent = tokio::task::spawn_blocking(move || {
+        let conn = c.db();
+        for (fleet, device, release, attempt) in rollout::outstanding(&conn)? {
+            sender.send(&conn, &fleet, &device, &release, attempt);
         }
+        Ok::<_, rusqlite::Error>(())
+    })
+    .await;
+    if !matches!(resent, Ok(Ok(()))) {
+        tracing::error!("in-flight offers not sent again");
     }
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         timer.tick().await;
-        let c = console.clone();
-        let client = client.clone();
-        let prefix = prefix.clone();
+        let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
         let done = tokio::task::spawn_blocking(move || {
             let now = db::now_ms();
             let mut conn = c.db();
             let tx = conn.transaction()?;
-            let mut offers: std::collections::HashMap<String, Option<Offer>> = Default::default();
-            let mut send = |fleet: &str, device: &str, release: &str, attempt: u32| -> bool {
-                let offer = offers.entry(release.to_owned()).or_insert_with(|| {
-                    let bytes: Vec<u8> =
-                        tx.query_row("SELECT offer FROM releases WHERE id = ?1", [release], |r| r.get(0)).ok()?;
-                    Offer::parse(&bytes).ok()
-                });
-                let Some(offer) = offer else { return false };
-                offer.attempt = attempt;
-                let topic = Topics::new(&prefix, fleet).desired(device);
-                client.try_publish(topic, QoS::AtLeastOnce, true, offer.to_bytes()).is_ok()
-            };
-            rollout::tick(&tx, now, &mut send)?;
+            rollout::tick(&tx, now, &mut |fleet, device, release, attempt| {
+                sender.send(&tx, fleet, device, release, attempt)
+            })?;
             tx.commit()
         })
         .await;
