@@ -19,7 +19,19 @@ case "${1:-x86_64}" in
     exit 64
     ;;
 esac
-rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
+# Where the toolchain's distribution server has no prebuilt standard library for the target
+# (armv7-unknown-linux-musleabihf, for one), std is compiled from the `rust-src` component with
+# the rest of the build: cargo's build-std, which a stable toolchain allows with RUSTC_BOOTSTRAP.
+build_std=()
+if ! rustup target list --installed | grep -qx "$target" && ! rustup target add "$target" >&2; then
+  echo "cross/build-static.sh: no prebuilt standard library for $target; building it from rust-src" >&2
+  rustup component add rust-src >&2
+  export RUSTC_BOOTSTRAP=1
+  build_std=(-Zbuild-std=std,panic_unwind)
+  # No prebuilt std also means no bundled crt objects, libc or libunwind: zig's are linked.
+  rustflags_var="CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$target")_RUSTFLAGS"
+  export "$rustflags_var"="-C link-self-contained=no"
+fi
 if [[ $target == x86_64-* ]]; then
   cargo build --profile small --quiet -p outpost-runtime --target "$target"
 else
@@ -33,6 +45,6 @@ else
     export PATH="$PWD/$tools/venv/bin:$PATH"
   fi
   command -v cargo-zigbuild >/dev/null || cargo install --quiet --locked cargo-zigbuild@0.24.1 >&2
-  cargo zigbuild --profile small --quiet -p outpost-runtime --target "$target"
+  cargo zigbuild "${build_std[@]}" --profile small --quiet -p outpost-runtime --target "$target"
 fi
 echo "target/$target/small/outpost"

@@ -1,8 +1,8 @@
-//! The `.deb`s (built by `cross/build-deb.sh x86_64` and `aarch64`, which the test command runs
-//! first): each installed into an empty root with `dpkg --root`, its files where the unit and
-//! the packaged config expect them, the packaged binary serving the packaged models with the
-//! packaged config (the arm64 one under `qemu-aarch64`), then removed and purged without
-//! leaving a file behind.
+//! The `.deb`s (built by `cross/build-deb.sh x86_64`, `aarch64` and `armv7`, which the test
+//! command runs first): each installed into an empty root with `dpkg --root`, its files where the
+//! unit and the packaged config expect them, the packaged binary serving the packaged models with
+//! the packaged config (arm64 under `qemu-aarch64`, armhf under `qemu-arm`), then removed and
+//! purged without leaving a file behind.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,6 +73,13 @@ fn the_arm64_package_installs_serves_under_qemu_and_removes_cleanly() {
     }
 }
 
+#[test]
+fn the_armhf_package_installs_serves_under_qemu_and_removes_cleanly() {
+    if cfg!(target_arch = "x86_64") {
+        install_serve_remove("armhf", Some("qemu-arm"));
+    }
+}
+
 fn install_serve_remove(arch: &str, runner: Option<&str>) {
     let root = std::env::temp_dir().join(format!("outpost-deb-{arch}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
@@ -83,7 +90,7 @@ fn install_serve_remove(arch: &str, runner: Option<&str>) {
         std::fs::write(root.join(f), "").unwrap();
     }
 
-    // A foreign architecture's package installs only when told so (this host is not arm64).
+    // A foreign architecture's package installs only when told so (this host is x86_64).
     dpkg(&root, &["--force-architecture", "--install", deb(arch).to_str().unwrap()]);
     let listed = dpkg(&root, &["--listfiles", "outpost"]);
     for want in [

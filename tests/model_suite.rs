@@ -51,8 +51,18 @@ async fn every_model_matches_onnx_runtime_in_the_aarch64_binary_under_qemu() {
     static_suite("aarch64", Some("qemu-aarch64")).await;
 }
 
+/// The static armv7 (32-bit ARM, hard float) build under Debian's `qemu-arm`.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_in_the_armv7_binary_under_qemu() {
+    static_suite("armv7", Some("qemu-arm")).await;
+}
+
 async fn static_suite(arch: &str, runner: Option<&str>) {
-    let bin = repo_root().join(format!("target/{arch}-unknown-linux-musl/small/outpost"));
+    let target = match arch {
+        "armv7" => "armv7-unknown-linux-musleabihf".to_string(),
+        _ => format!("{arch}-unknown-linux-musl"),
+    };
+    let bin = repo_root().join(format!("target/{target}/small/outpost"));
     assert!(
         bin.is_file(),
         "{} is missing: build it with cross/build-static.sh {arch} (tools/test.sh does)",

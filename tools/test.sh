@@ -29,9 +29,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 # The end-to-end tests run the real `outpost` binary, which `cargo test` alone does not build.
 cargo build --workspace --bins --quiet
-echo "== static musl builds and .debs (the model suite runs through both binaries, aarch64 under qemu; tests/deb.rs installs the package)"
-cross/build-deb.sh x86_64 >/dev/null
-cross/build-deb.sh aarch64 >/dev/null
+echo "== static musl builds and .debs (the model suite runs through each binary, aarch64 and armv7 under qemu; tests/deb.rs installs the packages)"
+for arch in x86_64 aarch64 armv7; do
+  cross/build-deb.sh "$arch" >/dev/null
+done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
