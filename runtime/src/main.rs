@@ -220,13 +220,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         notify(&format!("STATUS=loading {} models", config.models.len()));
 
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let signalled = stop.clone();
-        let shutdown = async move {
-            wait_for_signal().await;
-            signalled.notify_one();
-        };
-        let mut server = tokio::spawn(server::serve(listener, app.clone(), shutdown));
+        // The signal is awaited here, not inside the server: STOPPING=1 must go out before the
+        // drain starts, whichever finishes first (an idle server drains at once).
+        let signal = wait_for_signal();
+        tokio::pin!(signal);
+        let (drain, drain_now) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(server::serve(listener, app.clone(), async move {
+            let _ = drain_now.await;
+        }));
         tokio::spawn(reload_on_sighup(app.clone()));
 
         let loader = app.clone();
@@ -263,7 +264,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     tokio::spawn(outpost_runtime::systemd::feed_watchdog(n.clone(), probe, interval));
                 }
             }
-            _ = stop.notified() => {
+            _ = &mut signal => {
                 tracing::info!("signal received while loading models; stopping");
                 return Ok(ExitCode::SUCCESS);
             }
@@ -273,13 +274,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 result??;
                 return Ok(ExitCode::SUCCESS);
             }
-            _ = stop.notified() => {}
+            _ = &mut signal => {}
         }
         tracing::info!(
             timeout_s = config.drain_timeout.as_secs(),
             "stopping: no new connections, finishing in-flight requests"
         );
         notify("STOPPING=1\nSTATUS=draining in-flight requests");
+        let _ = drain.send(());
         if let Some(agent) = app.agent.get() {
             agent.shutdown(Duration::from_secs(2)).await;
         }
