@@ -120,10 +120,7 @@ fn install_serve_remove(arch: &str, runner: Option<&str>) {
     std::fs::write(&moved, config).unwrap();
     let bin = root.join("usr/bin/outpost");
     let args = ["--config", moved.to_str().unwrap()];
-    let daemon = match runner {
-        Some(r) => Daemon::serve_under(r, &bin, &args),
-        None => Daemon::serve_with(&bin, &args),
-    };
+    let daemon = Daemon::serve_with(&bin, runner, &args);
     // Ready (strict: every configured model loaded and golden-checked), then one model asked.
     let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
     std::io::Write::write_all(&mut s, b"GET /v2/models/digits-cnn HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")

@@ -75,10 +75,7 @@ async fn static_suite(arch: &str, runner: Option<&str>) {
     );
     let args: Vec<String> = models.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = match runner {
-        Some(r) => Daemon::serve_under(r, &bin, &args),
-        None => Daemon::serve_with(&bin, &args),
-    };
+    let daemon = Daemon::serve_with(&bin, runner, &args);
     let mut conn = Conn::connect(daemon.addr).await.unwrap();
     check_models(&mut conn, "tract", &models).await;
 }

@@ -125,15 +125,17 @@ impl Daemon {
         Daemon::start(&outpost_bin(), addr, args)
     }
 
-    /// Like [`Daemon::serve`], with another build of the binary (a static or cross build).
-    pub fn serve_with(bin: &Path, args: &[&str]) -> Daemon {
-        Daemon::start(bin, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
-    }
-
-    /// Like [`Daemon::serve_with`], run by `runner` (an emulator such as `qemu-aarch64`).
-    pub fn serve_under(runner: &str, bin: &Path, args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(runner);
-        cmd.arg(bin);
+    /// Like [`Daemon::serve`], with another build of the binary (a static or cross build), run
+    /// by `runner` when one is given (an emulator such as `qemu-aarch64`).
+    pub fn serve_with(bin: &Path, runner: Option<&str>, args: &[&str]) -> Daemon {
+        let cmd = match runner {
+            Some(r) => {
+                let mut cmd = Command::new(r);
+                cmd.arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         Daemon::start_cmd(cmd, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
     }
 
