@@ -7,9 +7,12 @@
 # compile that C with zig (musl headers and libc for every target in one package): the script
 # installs what is missing from the registries, cargo-zigbuild from crates.io and zig from PyPI
 # (the `ziglang` wheel, in target/cross-tools/). Every target needs `rustup target add TARGET`,
-# which the script also runs.
+# which the script also runs. OUTPOST_STATIC_PROFILE picks another cargo profile than the shipped
+# `small` (the test command builds `static-test`: the same code, linked much faster); the binary is
+# then target/TARGET/PROFILE/outpost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile="${OUTPOST_STATIC_PROFILE:-small}"
 case "${1:-x86_64}" in
   x86_64) target=x86_64-unknown-linux-musl ;;
   aarch64) target=aarch64-unknown-linux-musl ;;
@@ -37,7 +40,7 @@ if [[ $target == x86_64-* ]]; then
   # entries, read (so resident) at every start; packed as RELR (musl >= 1.2.4, as Rust bundles)
   # they take a few KB.
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs"
-  cargo build --profile small --quiet -p outpost-runtime --target "$target"
+  cargo build --profile "$profile" --quiet -p outpost-runtime --target "$target"
 else
   tools=target/cross-tools
   if ! command -v zig >/dev/null; then
@@ -49,6 +52,6 @@ else
     export PATH="$PWD/$tools/venv/bin:$PATH"
   fi
   command -v cargo-zigbuild >/dev/null || cargo install --quiet --locked cargo-zigbuild@0.24.1 >&2
-  cargo zigbuild "${build_std[@]}" --profile small --quiet -p outpost-runtime --target "$target"
+  cargo zigbuild "${build_std[@]}" --profile "$profile" --quiet -p outpost-runtime --target "$target"
 fi
-echo "target/$target/small/outpost"
+echo "target/$target/$profile/outpost"

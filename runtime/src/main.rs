@@ -370,16 +370,38 @@ fn inspect(path: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
     println!("ops:     {}", graph.operators().join(", "));
     let verdict = backend::by_name(backend_name).map_err(outpost_runtime::Error::from).and_then(|b| {
         b.check(&graph)?;
-        b.prepare(&graph, &Default::default())?;
-        Ok(())
+        Ok(b.prepare(&graph, &Default::default())?)
     });
-    match verdict {
-        Ok(()) => {
-            println!("runs on: {backend_name} (this build)");
+    let session = match verdict {
+        Ok(session) => session,
+        Err(e) => {
+            println!("runs on: not on {backend_name}: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("runs on: {backend_name} (this build)");
+    match session.plans() {
+        Some(p) if p.symbolic => println!("shapes:  one plan serves every input shape"),
+        Some(_) => println!(
+            "shapes:  one plan per input shape: {backend_name} cannot plan the symbolic dimensions at once; declare \
+             the model's `shapes` to prepare them at load, else the first request at each shape prepares one"
+        ),
+        None => println!("shapes:  any shape the inputs allow"),
+    }
+    // Tried with the golden inputs where they ship beside the model.
+    let Some(golden_path) = outpost_runtime::golden::Golden::beside(path) else {
+        println!("tried:   no golden file beside the model, so no inference was run");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let golden = outpost_runtime::golden::Golden::read(&golden_path)?;
+    let shapes: Vec<String> = golden.inputs.iter().map(|t| format!("`{}` {:?}", t.name, t.shape)).collect();
+    match golden.check(&golden_path, session.as_ref()) {
+        Ok(diff) => {
+            println!("tried:   {} (golden inputs): outputs match, largest difference {diff:e}", shapes.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("runs on: not on {backend_name}: {e}");
+            println!("tried:   {} (golden inputs): {e}", shapes.join(", "));
             Ok(ExitCode::FAILURE)
         }
     }

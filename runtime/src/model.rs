@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::backend::{self, BackendError, ProviderChoice, Session, SessionOptions, Signature};
+use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Signature};
 use crate::batcher::{self, Job, Reply};
 use crate::config::ModelSpec;
 use crate::escalation::Escalator;
@@ -76,6 +76,9 @@ pub struct ServedVersion {
     pub backend: &'static str,
     /// The execution provider, for backends that have them.
     pub provider: Option<ProviderChoice>,
+    /// The declared input shapes, resolved against the model (signature order).
+    pub shapes: Vec<Vec<Vec<usize>>>,
+    session: Arc<dyn Session>,
     queue: Sender<Job>,
 }
 
@@ -293,45 +296,97 @@ struct Prepared {
     backend: &'static str,
     /// Largest difference from the golden outputs, when there were some.
     golden_diff: Option<f64>,
+    /// The declared input shapes, resolved against the model (signature order).
+    shapes: Vec<Vec<Vec<usize>>>,
 }
 
-/// Parse, check and prepare on the configured backend, then warm up (the golden check).
+/// Parse, check and prepare on the configured backend, then warm up (the golden check). With
+/// `backend = "auto"`, tract first, and ONNX Runtime (where the build has it) when tract refuses
+/// the model at any step: an operator it lacks, a graph it cannot plan, a golden mismatch.
 fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::Error> {
-    let backend = backend::by_name(&spec.backend)?;
+    let graph = ModelGraph::read(&files.model)?;
+    if spec.backend != backend::AUTO {
+        return prepare_on(&*backend::by_name(&spec.backend)?, spec, files, &graph);
+    }
+    let mut refusals = Vec::new();
+    for name in backend::AUTO_ORDER {
+        let attempt =
+            backend::by_name(name).map_err(crate::Error::from).and_then(|b| prepare_on(&*b, spec, files, &graph));
+        match attempt {
+            Ok(p) => {
+                if !refusals.is_empty() {
+                    tracing::warn!(model = %spec.name, backend = name, refused = %refusals.join("; "), "backend auto: serving on a later backend");
+                }
+                return Ok(p);
+            }
+            Err(e) => refusals.push(format!("{name}: {e}")),
+        }
+    }
+    Err(BackendError::Refused {
+        path: files.model.clone(),
+        reason: format!("no backend serves this model ({})", refusals.join("; ")),
+    }
+    .into())
+}
+
+fn prepare_on(
+    backend: &dyn backend::Backend,
+    spec: &ModelSpec,
+    files: &VersionFiles,
+    graph: &ModelGraph,
+) -> Result<Prepared, crate::Error> {
+    let refused = |reason: String| BackendError::Refused { path: files.model.clone(), reason };
+    let shapes = spec.shapes.resolve(&graph.signature).map_err(refused)?;
     let options = SessionOptions {
         intra_op_threads: spec.intra_op_threads,
         inter_op_threads: spec.inter_op_threads,
         providers: spec.providers.clone(),
         provider_options: spec.provider_options.clone(),
         instances: spec.workers,
+        shapes: shapes.clone(),
+        plan_cache: spec.shapes.plan_cache,
+        fast_int8: spec.fast_int8,
     };
-    let graph = ModelGraph::read(&files.model)?;
-    backend.check(&graph)?;
+    backend.check(graph)?;
     if spec.batching.is_some() {
-        batcher::check_batchable(&graph)
-            .map_err(|reason| BackendError::Refused { path: files.model.clone(), reason })?;
+        batcher::check_batchable(graph).map_err(refused)?;
     }
-    let session: Arc<dyn Session> = backend.prepare(&graph, &options)?.into();
-    // Warm-up: the golden inputs where they ship, else one all-zero batch of one.
+    let session: Arc<dyn Session> = backend.prepare(graph, &options)?.into();
+    // Warm-up: the golden inputs where they ship; every declared shape; else, for a model with
+    // no symbolic dimension, one all-zero input. A synthetic input for symbolic dimensions (a
+    // 1x1 image, a sequence of one) is not one every model accepts, so it is never run: such a
+    // model is warmed by its golden file or declared shapes, or by its first request.
     let golden_diff = match &files.golden {
         Some(path) => Some(Golden::read(path)?.check(path, session.as_ref())?),
-        None => {
-            warm_up(session.as_ref())?;
-            None
-        }
+        None => None,
     };
-    Ok(Prepared { session, backend: backend.name(), golden_diff })
+    for set in &shapes {
+        warm_up(session.as_ref(), set)?;
+    }
+    let fixed: Option<Vec<Vec<usize>>> =
+        session.signature().inputs.iter().map(|s| s.shape.iter().map(|&d| usize::try_from(d).ok()).collect()).collect();
+    match fixed {
+        _ if golden_diff.is_some() || !shapes.is_empty() => {}
+        Some(set) => warm_up(session.as_ref(), &set)?,
+        None => tracing::info!(
+            model = %spec.name,
+            "no golden file or declared shapes, and the inputs have symbolic dimensions: no warm-up run \
+             (the first request at each shape pays for it)"
+        ),
+    }
+    Ok(Prepared { session, backend: backend.name(), golden_diff, shapes })
 }
 
-fn warm_up(session: &dyn Session) -> Result<(), BackendError> {
+/// One all-zero inference at the given input shapes (signature order).
+fn warm_up(session: &dyn Session, shapes: &[Vec<usize>]) -> Result<(), BackendError> {
     let inputs: Vec<Tensor> = session
         .signature()
         .inputs
         .iter()
-        .map(|spec| {
-            let shape: Vec<usize> = spec.shape.iter().map(|&d| d.max(1) as usize).collect();
-            let bytes = Tensor::shape_elements(&shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
-            Tensor { name: spec.name.clone(), datatype: spec.datatype, shape, data: vec![0; bytes] }
+        .zip(shapes)
+        .map(|(spec, shape)| {
+            let bytes = Tensor::shape_elements(shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
+            Tensor { name: spec.name.clone(), datatype: spec.datatype, shape: shape.clone(), data: vec![0; bytes] }
         })
         .collect();
     session.run(&inputs).map(drop)
@@ -363,8 +418,15 @@ impl ServedVersion {
             signature: p.session.signature().clone(),
             backend: p.backend,
             provider: p.session.provider().cloned(),
+            shapes: p.shapes,
+            session: p.session,
             queue: tx,
         }
+    }
+
+    /// The plans the session holds per input shape, for backends that plan per shape.
+    pub fn plans(&self) -> Option<PlanStats> {
+        self.session.plans()
     }
 
     /// Queues an inference, or says at once that the queue is full.

@@ -160,8 +160,9 @@ pub fn onnx_datatype(elem_type: i32) -> Option<DataType> {
     })
 }
 
-/// The subset of `onnx.proto` (field numbers from the ONNX specification) this module reads.
-mod pb {
+/// The subset of `onnx.proto` (field numbers from the ONNX specification) this module reads,
+/// and the tract backend's rewrite writes.
+pub(crate) mod pb {
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Model {
         #[prost(message, optional, tag = "7")]
@@ -190,9 +191,11 @@ mod pb {
         pub output: Vec<ValueInfo>,
     }
 
-    /// A `TensorProto`, of which only the name is read (the weights are skipped).
+    /// A `TensorProto`, of which only the dimensions and name are read (the weights are skipped).
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Initializer {
+        #[prost(int64, repeated, tag = "1")]
+        pub dims: Vec<i64>,
         #[prost(string, tag = "8")]
         pub name: String,
     }
@@ -213,14 +216,23 @@ mod pb {
         pub domain: String,
     }
 
-    /// An attribute, read only for the subgraphs of control-flow operators.
+    /// An attribute: its name, an integer value, and the subgraphs of control-flow operators.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Attribute {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(int64, tag = "3")]
+        pub i: i64,
         #[prost(message, optional, boxed, tag = "6")]
         pub g: Option<Box<Graph>>,
         #[prost(message, repeated, tag = "11")]
         pub graphs: Vec<Graph>,
+        #[prost(int32, tag = "20")]
+        pub r#type: i32,
     }
+
+    /// `AttributeProto.AttributeType` INT.
+    pub const ATTRIBUTE_INT: i32 = 2;
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ValueInfo {

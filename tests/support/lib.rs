@@ -126,15 +126,16 @@ impl Daemon {
     }
 
     /// Like [`Daemon::serve`], with another build of the binary (a static or cross build), run
-    /// by `runner` when one is given (an emulator such as `qemu-aarch64`).
-    pub fn serve_with(bin: &Path, runner: Option<&str>, args: &[&str]) -> Daemon {
+    /// under `runner` when it is not empty: an emulator and its arguments, such as
+    /// `["qemu-aarch64"]` or `["qemu-x86_64", "-cpu", "Haswell"]`.
+    pub fn serve_with(bin: &Path, runner: &[&str], args: &[&str]) -> Daemon {
         let cmd = match runner {
-            Some(r) => {
-                let mut cmd = Command::new(r);
-                cmd.arg(bin);
+            [emulator, emulator_args @ ..] => {
+                let mut cmd = Command::new(emulator);
+                cmd.args(emulator_args).arg(bin);
                 cmd
             }
-            None => Command::new(bin),
+            [] => Command::new(bin),
         };
         Daemon::start_cmd(cmd, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
     }
@@ -242,4 +243,44 @@ pub fn ort_library() -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("no libonnxruntime.so: run tools/test.sh (it installs the onnxruntime wheel), or set ORT_DYLIB_PATH")
     })
+}
+
+/// Serves each model's golden inputs over JSON and over binary tensors, and checks every
+/// output against the golden outputs within the file's tolerance (looser than 1e-4 only where
+/// the file says why); each model is named by its file stem and must run on `backend`.
+pub async fn check_golden_models(conn: &mut Conn, backend: &str, models: &[PathBuf]) {
+    for path in models {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let golden = outpost_runtime::golden::Golden::read(
+            &outpost_runtime::golden::Golden::beside(&repo_root().join(path)).expect("a golden file"),
+        )
+        .unwrap();
+        let meta = conn.get(&format!("/v2/models/{name}")).await.unwrap().json();
+        assert_eq!(meta["parameters"]["backend"], backend, "{name}");
+        let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
+        let tolerance = golden.tolerance.unwrap();
+        assert!(
+            tolerance <= 1e-4 || golden.tolerance_reason.is_some(),
+            "{name}: tolerance {tolerance} is looser than 1e-4 and the golden file does not say why"
+        );
+        for (form, body) in [
+            ("json", outpost_tools::v2client::json_request(&inputs)),
+            ("binary", outpost_tools::v2client::binary_request(&inputs)),
+        ] {
+            let path = format!("/v2/models/{name}/infer");
+            let reply = conn.send(hyper::Method::POST, &path, &body.headers, body.bytes).await.unwrap();
+            assert_eq!(reply.status, 200, "{name} on {backend} over {form}: {}", reply.error());
+            let outputs = outpost_tools::v2client::outputs(&reply).unwrap();
+            for expected in &golden.outputs {
+                let want = expected.to_tensor().unwrap();
+                let got =
+                    outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
+                let diff = outpost_runtime::golden::max_abs_diff(&want, got);
+                assert!(diff <= tolerance, "{name} on {backend} over {form}: `{}` differs by {diff:e}", want.name);
+            }
+            if form == "binary" {
+                assert!(reply.headers.contains_key(outpost_runtime::v2::HEADER_LENGTH), "{name}: binary answer");
+            }
+        }
+    }
 }

@@ -61,6 +61,30 @@ pub struct SessionOptions {
     /// Inferences that may run at once (the model's workers): backends whose sessions cannot
     /// run concurrently prepare this many.
     pub instances: usize,
+    /// Declared input shapes (signature order), prepared at load by backends that plan per shape.
+    pub shapes: Vec<Vec<Vec<usize>>>,
+    /// Plans a backend that plans per shape keeps for undeclared shapes (at least 1).
+    pub plan_cache: usize,
+    /// Let ONNX Runtime use its saturating u8s8 kernels on x86 CPUs without VNNI (faster; the
+    /// answer then depends on the CPU). Off by default: `exact_int8 = true` in configuration.
+    pub fast_int8: bool,
+}
+
+/// What a session holds prepared for concrete shapes (backends that plan per shape), for
+/// metrics and model statistics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PlanStats {
+    /// Whether one plan serves every shape (tract analysed the symbolic dimensions).
+    pub symbolic: bool,
+    /// Plans held now, declared shapes included.
+    pub plans: usize,
+    /// Bytes of the constants (weights) those plans hold.
+    pub bytes: u64,
+    /// Plans prepared since load, and evicted to stay within the bound.
+    pub prepared: u64,
+    pub evicted: u64,
+    /// Time spent preparing plans for new shapes, in milliseconds.
+    pub prepare_ms: u64,
 }
 
 /// Which execution provider a session runs on, and why the ones before it were skipped.
@@ -78,6 +102,10 @@ pub trait Session: Send + Sync {
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError>;
     /// The execution provider, for backends that have them.
     fn provider(&self) -> Option<&ProviderChoice> {
+        None
+    }
+    /// Plans per shape, for backends that prepare them.
+    fn plans(&self) -> Option<PlanStats> {
         None
     }
 }
@@ -99,12 +127,12 @@ pub enum BackendError {
     NotBuilt { backend: String, how: &'static str },
     #[error("unknown backend `{0}` (known: tract, ort)")]
     Unknown(String),
-    #[error("{path}: the {backend} backend does not support operator `{op}` (node `{node}`)")]
-    UnsupportedOp { path: PathBuf, backend: &'static str, op: String, node: String },
+    #[error("{path}: the {backend} backend does not support operator `{op}` (node `{node}`){hint}")]
+    UnsupportedOp { path: PathBuf, backend: &'static str, op: String, node: String, hint: &'static str },
     #[error("{path}: {reason}")]
     Refused { path: PathBuf, reason: String },
-    #[error("{path}: the {backend} backend could not prepare the model: {message}")]
-    Prepare { path: PathBuf, backend: &'static str, message: String },
+    #[error("{path}: the {backend} backend could not prepare the model: {message}{hint}")]
+    Prepare { path: PathBuf, backend: &'static str, message: String, hint: &'static str },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("{0}")]
@@ -138,6 +166,15 @@ pub const DEFAULT_BACKEND: &str = "tract";
 /// The backend used when configuration names none: tract when the build has it.
 #[cfg(not(feature = "tract"))]
 pub const DEFAULT_BACKEND: &str = "ort";
+
+/// The backend value that tries each built backend in [`AUTO_ORDER`] until one serves the model.
+pub const AUTO: &str = "auto";
+/// Tract first (pure Rust, no library to find), then ONNX Runtime where the build has it.
+#[cfg(feature = "ort")]
+pub const AUTO_ORDER: &[&str] = &["tract", "ort"];
+/// Tract first (pure Rust, no library to find), then ONNX Runtime where the build has it.
+#[cfg(not(feature = "ort"))]
+pub const AUTO_ORDER: &[&str] = &["tract"];
 
 /// Execution provider names the ort backend knows, in the order a GPU box would try them.
 pub const PROVIDERS: [&str; 5] = ["tensorrt", "cuda", "openvino", "qnn", "cpu"];

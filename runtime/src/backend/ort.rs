@@ -105,7 +105,12 @@ impl Backend for Ort {
                 }
                 // An unsupported operator or a bad model fails on every provider: say so now.
                 Some(e) if name == "cpu" => {
-                    return Err(BackendError::Prepare { path: graph.path.clone(), backend: "ort", message: e });
+                    return Err(BackendError::Prepare {
+                        path: graph.path.clone(),
+                        backend: "ort",
+                        message: e,
+                        hint: "",
+                    });
                 }
                 Some(e) => skipped.push(format!("{name}: {e}")),
             }
@@ -114,6 +119,7 @@ impl Backend for Ort {
             path: graph.path.clone(),
             backend: "ort",
             message: format!("no execution provider could run it ({})", skipped.join("; ")),
+            hint: "",
         })
     }
 }
@@ -168,6 +174,34 @@ fn build(
     options: &SessionOptions,
     provider: ExecutionProviderDispatch,
 ) -> Result<OrtSession, String> {
+    // On x86 CPUs without AVX-512 VNNI, ONNX Runtime's u8s8 kernels multiply with VPMADDUBSW,
+    // which saturates at int16: an INT8 model's answer then depends on the CPU (by 0.22 in
+    // probability on a sample CNN). `session.x64quantprecision` has it promote such products to
+    // u8u8 where the weights could saturate, so every CPU computes the exact integer arithmetic
+    // (as tract does and as VNNI CPUs do), at some cost in speed; `exact_int8 = false` trades it
+    // back. ONNX Runtime 1.31 cannot start some S8S8 QDQ models with it ("Attempt to replace the
+    // existing tensor"): those run without it, said in the log, and their golden check decides.
+    if !options.fast_int8 {
+        match build_with(env, graph, options, provider.clone(), true) {
+            Ok(session) => return Ok(session),
+            Err(e) => tracing::warn!(
+                model = %graph.path.display(),
+                error = %e,
+                "ONNX Runtime cannot apply session.x64quantprecision to this model: running it without (its INT8 \
+                 answers may then move by a quantization step on x86 CPUs without VNNI)"
+            ),
+        }
+    }
+    build_with(env, graph, options, provider, false)
+}
+
+fn build_with(
+    env: &ort::environment::Environment,
+    graph: &ModelGraph,
+    options: &SessionOptions,
+    provider: ExecutionProviderDispatch,
+    exact_int8: bool,
+) -> Result<OrtSession, String> {
     let mut builder = OrtSession::builder(env).map_err(|e| e.to_string())?;
     builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| e.to_string())?;
     // Memory patterns are planned per input shape: off, so dynamic batch sizes do not add up.
@@ -177,6 +211,9 @@ fn build(
     }
     if let Some(n) = options.inter_op_threads {
         builder = builder.with_inter_threads(n).map_err(|e| e.to_string())?;
+    }
+    if exact_int8 {
+        builder = builder.with_config_entry("session.x64quantprecision", "1").map_err(|e| e.to_string())?;
     }
     builder = builder.with_execution_providers([provider]).map_err(|e| e.to_string())?;
     builder.commit_from_memory(&graph.bytes).map_err(|e| e.to_string())

@@ -71,6 +71,7 @@ async fn run(
         return Err(ApiError::bad_request(format!("model `{}` has no central model to escalate to", spec.name)));
     }
     let inputs = request::bind(inputs, &spec.name, &model.signature, spec.allow_non_finite)?;
+    spec.shapes.admit(&model.shapes, &inputs, &model.signature).map_err(ApiError::bad_request)?;
     // The central gets the same inputs: keep a copy only when it may need them.
     let forwarded = escalator.map(|_| inputs.clone());
     if let Some(wanted) = &outputs

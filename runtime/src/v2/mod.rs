@@ -166,12 +166,38 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             out.push_str(&format!("outpost_model_ready{{model=\"{}\",version=\"{}\"}} 1\n", slot.spec.name, s.version));
         }
     }
+    render_plans(&mut out, &app);
     out.push_str("# HELP outpost_model_load_failures Versions that failed their last load.\n# TYPE outpost_model_load_failures gauge\n");
     for slot in app.registry.slots().iter() {
         let failed = slot.failures();
         out.push_str(&format!("outpost_model_load_failures{{model=\"{}\"}} {failed}\n", slot.spec.name));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Plans per input shape (tract), for the versions serving.
+fn render_plans(out: &mut String, app: &App) {
+    type Field = fn(&crate::backend::PlanStats) -> u64;
+    let families: [(&str, &str, &str, Field); 4] = [
+        ("outpost_model_plans", "gauge", "Plans held per input shape, declared shapes included.", |p| p.plans as u64),
+        ("outpost_model_plan_bytes", "gauge", "Bytes of the constants those plans hold.", |p| p.bytes),
+        ("outpost_model_plans_prepared_total", "counter", "Plans prepared for new input shapes.", |p| p.prepared),
+        ("outpost_model_plans_evicted_total", "counter", "Plans evicted to stay within plan_cache.", |p| p.evicted),
+    ];
+    for (metric, kind, help, field) in families {
+        out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} {kind}\n"));
+        for slot in app.registry.slots().iter() {
+            for s in slot.served().iter() {
+                if let Some(plans) = s.plans() {
+                    let value = field(&plans);
+                    out.push_str(&format!(
+                        "{metric}{{model=\"{}\",version=\"{}\"}} {value}\n",
+                        slot.spec.name, s.version
+                    ));
+                }
+            }
+        }
+    }
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::App;
-use crate::model::ModelState;
+use crate::model::{ModelSlot, ModelState};
 use crate::stats::{Histogram, ModelStats};
 
 pub async fn index(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
@@ -84,7 +84,7 @@ pub async fn model_stats(
         .stats()
         .iter()
         .filter(|(v, _)| wanted.is_none_or(|w| w == *v))
-        .map(|(v, s)| stats_of(&slot.spec.name, v, s))
+        .map(|(v, s)| stats_of(&slot, v, s))
         .collect();
     if stats.is_empty() && wanted.is_some() {
         return Err(ApiError::not_found(format!("model `{}` has no statistics for that version", slot.spec.name)));
@@ -97,13 +97,16 @@ pub async fn all_stats(State(app): State<Arc<App>>) -> Json<Value> {
         .registry
         .slots()
         .iter()
-        .flat_map(|slot| slot.stats().into_iter().map(|(v, s)| stats_of(&slot.spec.name, &v, &s)).collect::<Vec<_>>())
+        .flat_map(|slot| slot.stats().into_iter().map(|(v, s)| stats_of(slot, &v, &s)).collect::<Vec<_>>())
         .collect();
     Json(json!({ "model_stats": stats }))
 }
 
-/// One version's statistics in the layout of Triton's statistics extension.
-fn stats_of(name: &str, version: &str, s: &ModelStats) -> Value {
+/// One version's statistics in the layout of Triton's statistics extension, with the plans the
+/// version holds per input shape (tract) under `plans` when it is serving.
+fn stats_of(slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
+    let name = &slot.spec.name;
+    let plans = slot.served().iter().find(|v| v.version == version).and_then(|v| v.plans());
     let h = |h: &Histogram| json!({ "count": h.count(), "ns": h.sum_ns() });
     let zero = json!({ "count": 0, "ns": 0 });
     json!({
@@ -122,5 +125,6 @@ fn stats_of(name: &str, version: &str, s: &ModelStats) -> Value {
             "compute_output": zero,
         },
         "batch_stats": [],
+        "plans": plans,
     })
 }

@@ -1,0 +1,275 @@
+//! The tract backend: pure Rust, CPU everywhere, the one the static binary carries.
+
+mod plans;
+mod rewrite;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue, TDim, TValue,
+    Tensor as TractTensor, TractError, TractResult, TypedRunnableModel, tvec,
+};
+
+use self::plans::Plans;
+use super::{Backend, BackendError, PlanStats, Session, SessionOptions, Signature};
+use crate::onnx::ModelGraph;
+use crate::tensor::{DataType, Tensor};
+
+/// The tract backend.
+pub struct Tract;
+
+/// What a refusal adds where the build has another backend to offer.
+#[cfg(feature = "ort")]
+const OTHER_BACKEND: &str =
+    "; this build also has ONNX Runtime: serve the model with backend = \"ort\", or \"auto\" to fall back to it";
+#[cfg(not(feature = "ort"))]
+const OTHER_BACKEND: &str = "";
+
+impl Backend for Tract {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn check(&self, graph: &ModelGraph) -> Result<(), BackendError> {
+        let registry = &tract_onnx::onnx().op_register.0;
+        if let Some(node) = graph.nodes.iter().find(|n| !registry.contains_key(&n.op_type)) {
+            return Err(BackendError::UnsupportedOp {
+                path: graph.path.clone(),
+                backend: "tract",
+                op: node.op_type.clone(),
+                node: node.name.clone(),
+                hint: OTHER_BACKEND,
+            });
+        }
+        let softmax = rewrite::analyse(&graph.bytes)
+            .map_err(|reason| BackendError::Refused { path: graph.path.clone(), reason })?;
+        if !softmax.unhandled.is_empty() {
+            return Err(BackendError::Refused {
+                path: graph.path.clone(),
+                reason: format!(
+                    "{}: the tract backend folds that form into an element-wise table and computes wrong \
+                     probabilities, so the model is refused; quantize it again with per-tensor activations, or \
+                     with the Softmax left in float",
+                    softmax.unhandled.join("; ")
+                ),
+            });
+        }
+        for spec in graph.signature.inputs.iter().chain(&graph.signature.outputs) {
+            if spec.datatype == DataType::Bytes {
+                return Err(BackendError::Refused {
+                    path: graph.path.clone(),
+                    reason: format!(
+                        "tensor `{}` is a string tensor, which the tract backend does not serve",
+                        spec.name
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError> {
+        let err = |e: TractError| BackendError::Prepare {
+            path: graph.path.clone(),
+            backend: "tract",
+            message: format!("{e:#}"),
+            hint: OTHER_BACKEND,
+        };
+        // Value infos and output shapes in exported models are often stale or use symbols tract
+        // cannot unify; the input facts set below are the only shapes tract needs.
+        let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        let bytes = for_tract(graph)?;
+        let model = onnx.model_for_read(&mut &bytes[..]).map_err(err)?;
+        // One plan for every shape when tract can analyse the symbolic dimensions; else (a real
+        // model's `Reshape` of a computed shape, a `Concat` of dimensions it cannot unify) a plan
+        // per concrete shape, prepared on first use. Models without symbolic dimensions always
+        // take the first path, so their errors are reported at load as before.
+        let symbolic = match symbolic_plan(&model, &graph.signature) {
+            Ok(plan) => Some(plan),
+            Err(e) if graph.signature.inputs.iter().all(|s| s.shape.iter().all(|&d| d >= 0)) => return Err(err(e)),
+            Err(e) => {
+                tracing::info!(
+                    model = %graph.path.display(),
+                    reason = %format!("{e:#}").lines().next().unwrap_or_default(),
+                    "tract cannot plan this model for every shape at once: one plan per input shape, prepared on first use"
+                );
+                None
+            }
+        };
+        let plans = Plans::new(model, graph.signature.clone(), options.plan_cache.max(1));
+        // Declared shapes are prepared now, and kept.
+        for shapes in &options.shapes {
+            plans.prepare(shapes, true).map_err(|e| match e {
+                BackendError::Run(message) => BackendError::Prepare {
+                    path: graph.path.clone(),
+                    backend: "tract",
+                    message: format!("for input shapes {shapes:?}: {message}"),
+                    hint: OTHER_BACKEND,
+                },
+                other => other,
+            })?;
+        }
+        Ok(Box::new(TractSession { symbolic, plans, signature: graph.signature.clone() }))
+    }
+}
+
+/// The plan for every shape: the inputs' symbolic dimensions kept as symbols.
+fn symbolic_plan(model: &InferenceModel, signature: &Signature) -> TractResult<Arc<TypedRunnableModel>> {
+    let mut model = model.clone();
+    for (i, spec) in signature.inputs.iter().enumerate() {
+        let dims: Vec<TDim> = spec
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(axis, &d)| if d < 0 { model.sym(&format!("{}_{axis}", spec.name)).into() } else { TDim::from(d) })
+            .collect();
+        model.set_input_fact(i, InferenceFact::dt_shape(datum_type(spec.datatype), dims))?;
+    }
+    model.into_optimized()?.into_runnable()
+}
+
+/// The model's bytes as tract is to read them: a quantized Softmax rewritten (see [`rewrite`]).
+fn for_tract(graph: &ModelGraph) -> Result<std::borrow::Cow<'_, [u8]>, BackendError> {
+    let refused = |reason: String| BackendError::Refused { path: graph.path.clone(), reason };
+    let softmax = rewrite::analyse(&graph.bytes).map_err(refused)?;
+    if softmax.rewrite.is_empty() {
+        return Ok(graph.bytes.as_slice().into());
+    }
+    tracing::info!(model = %graph.path.display(), dequantize = ?softmax.rewrite, "quantized Softmax: its input dequantized as arithmetic, so tract runs it in float");
+    Ok(rewrite::rewrite(&graph.bytes, &softmax.rewrite).map_err(refused)?.into())
+}
+
+struct TractSession {
+    /// The plan for every shape, when tract could analyse the symbolic dimensions.
+    symbolic: Option<Arc<TypedRunnableModel>>,
+    /// Plans for concrete shapes: the declared ones, and (without a symbolic plan) every shape
+    /// seen, within the cache's bound.
+    plans: Plans,
+    signature: Signature,
+}
+
+impl Session for TractSession {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+        let run_err = |e: TractError| BackendError::Run(format!("{e:#}"));
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.clone()).collect();
+        let plan = match (self.plans.lookup(&shapes), &self.symbolic) {
+            (Some(plan), _) => plan,
+            (None, Some(plan)) => plan.clone(),
+            (None, None) => self.plans.prepare(&shapes, false)?,
+        };
+        let mut values = tvec![];
+        for input in inputs {
+            let mut t = TractTensor::zero_dt(datum_type(input.datatype), &input.shape).map_err(run_err)?;
+            t.as_bytes_mut().copy_from_slice(&input.data);
+            values.push(t.into_tvalue());
+        }
+        let outputs = plan.run(values).map_err(run_err)?;
+        outputs.into_iter().zip(&self.signature.outputs).map(|(v, spec)| to_tensor(&spec.name, v)).collect()
+    }
+
+    fn plans(&self) -> Option<PlanStats> {
+        Some(PlanStats { symbolic: self.symbolic.is_some(), ..self.plans.stats() })
+    }
+}
+
+fn to_tensor(name: &str, v: TValue) -> Result<Tensor, BackendError> {
+    let datatype = from_datum_type(v.datum_type()).ok_or_else(|| {
+        BackendError::Run(format!("output `{name}` has type {:?}, which V2 cannot carry", v.datum_type()))
+    })?;
+    Ok(Tensor { name: name.to_owned(), datatype, shape: v.shape().to_vec(), data: v.as_bytes().to_vec() })
+}
+
+fn datum_type(dt: DataType) -> DatumType {
+    match dt {
+        DataType::Bool => DatumType::Bool,
+        DataType::Uint8 => DatumType::U8,
+        DataType::Uint16 => DatumType::U16,
+        DataType::Uint32 => DatumType::U32,
+        DataType::Uint64 => DatumType::U64,
+        DataType::Int8 => DatumType::I8,
+        DataType::Int16 => DatumType::I16,
+        DataType::Int32 => DatumType::I32,
+        DataType::Int64 => DatumType::I64,
+        DataType::Fp16 => DatumType::F16,
+        DataType::Fp32 => DatumType::F32,
+        DataType::Fp64 => DatumType::F64,
+        DataType::Bytes => DatumType::String,
+    }
+}
+
+fn from_datum_type(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::I8 => DataType::Int8,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
+        DatumType::F32 => DataType::Fp32,
+        DatumType::F64 => DataType::Fp64,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::golden::{Golden, GoldenError};
+
+    fn hazard() -> ModelGraph {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/hazards/digits-edge-qsoftmax.onnx");
+        ModelGraph::read(&path).unwrap()
+    }
+
+    fn golden_check(graph: &ModelGraph, session: &dyn Session) -> Result<f64, GoldenError> {
+        let golden_path = graph.path.with_file_name("digits-edge-qsoftmax.golden.json");
+        Golden::read(&golden_path).unwrap().check(&golden_path, session)
+    }
+
+    #[test]
+    fn the_quantized_softmax_hazard_is_real() {
+        // Guards the reason for the rewrite: tract reading the file as it is answers wrong.
+        let graph = hazard();
+        let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        let model = onnx.model_for_read(&mut graph.bytes.as_slice()).unwrap();
+        let plan = symbolic_plan(&model, &graph.signature).unwrap();
+        let session = TractSession {
+            symbolic: Some(plan),
+            plans: Plans::new(model, graph.signature.clone(), 1),
+            signature: graph.signature.clone(),
+        };
+        let err = golden_check(&graph, &session).unwrap_err();
+        assert!(matches!(err, GoldenError::Mismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_quantized_softmax_is_served_correctly_once_rewritten() {
+        let graph = hazard();
+        Tract.check(&graph).unwrap();
+        let session = Tract.prepare(&graph, &SessionOptions::default()).unwrap();
+        // Within the golden file's tolerance: one output quantization step (ONNX Runtime's fused
+        // kernel rounds differently; the file says so).
+        golden_check(&graph, session.as_ref()).unwrap();
+    }
+
+    #[test]
+    fn unsupported_operators_are_named_at_load() {
+        let mut graph = hazard();
+        graph.nodes[3].op_type = "FancyAttention".into();
+        graph.nodes[3].name = "attn0".into();
+        let err = Tract.check(&graph).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("the tract backend does not support operator `FancyAttention` (node `attn0`)"), "{text}");
+        assert_eq!(text.contains("backend = \"ort\""), cfg!(feature = "ort"), "{text}");
+    }
+}
