@@ -112,7 +112,8 @@ fn as_arithmetic(dq: &pb::Node) -> Vec<pb::Node> {
     let node = |suffix: &str, op: &str, input: Vec<String>, output: String, attribute: Vec<pb::Attribute>| pb::Node {
         input,
         output: vec![output],
-        name: format!("{}/outpost_{suffix}", dq.name),
+        // Named after the output, which is unique where node names may be empty or repeated.
+        name: format!("{y}/outpost_{suffix}"),
         op_type: op.into(),
         attribute,
         domain: String::new(),
