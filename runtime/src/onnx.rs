@@ -7,11 +7,39 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use crate::backend::{Signature, TensorSpec};
 use crate::tensor::DataType;
 
 /// Largest model file `outpost` will read (the sample models are a few KiB to 200 KiB).
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+
+/// One input or output of a model, as V2 metadata shows it: dynamic dimensions are -1.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// Whether `shape` fits this spec: same rank, fixed dimensions equal.
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        shape.len() == self.shape.len()
+            && self.shape.iter().zip(shape).all(|(&want, &got)| want < 0 || want as usize == got)
+    }
+
+    /// The shape as V2 metadata and error messages write it, e.g. `[-1, 64]`.
+    pub fn shape_text(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("[{}]", dims.join(", "))
+    }
+}
+
+/// A model's inputs and outputs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
 
 /// A parsed ONNX model: its bytes, signature and nodes.
 #[derive(Clone, Debug)]

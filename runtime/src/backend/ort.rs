@@ -14,8 +14,9 @@ use ort::session::Session as OrtSession;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
 
-use super::{Backend, BackendError, ProviderChoice, Session, SessionOptions, Signature};
+use super::session::{Backend, BackendError, ProviderChoice, Session, SessionOptions};
 use crate::onnx::ModelGraph;
+use crate::onnx::Signature;
 use crate::tensor::{DataType, Tensor};
 
 /// The environment variable naming `libonnxruntime.so` when the configuration does not.

@@ -1,29 +1,25 @@
 //! The tract backend: pure Rust, CPU everywhere, the one the static binary carries.
 
+mod datum;
 mod plans;
 mod rewrite;
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue, TDim, TValue,
+    Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue, TDim, TValue,
     Tensor as TractTensor, TractError, TractResult, TypedRunnableModel, tvec,
 };
 
+use self::datum::{datum_type, from_datum_type};
 use self::plans::Plans;
-use super::{Backend, BackendError, PlanStats, Session, SessionOptions, Signature};
+use super::session::{Backend, BackendError, OTHER_BACKEND, PlanStats, Session, SessionOptions};
 use crate::onnx::ModelGraph;
+use crate::onnx::Signature;
 use crate::tensor::{DataType, Tensor};
 
 /// The tract backend.
 pub struct Tract;
-
-/// What a refusal adds where the build has another backend to offer.
-#[cfg(feature = "ort")]
-const OTHER_BACKEND: &str =
-    "; this build also has ONNX Runtime: serve the model with backend = \"ort\", or \"auto\" to fall back to it";
-#[cfg(not(feature = "ort"))]
-const OTHER_BACKEND: &str = "";
 
 impl Backend for Tract {
     fn name(&self) -> &'static str {
@@ -181,42 +177,6 @@ fn to_tensor(name: &str, v: TValue) -> Result<Tensor, BackendError> {
         BackendError::Run(format!("output `{name}` has type {:?}, which V2 cannot carry", v.datum_type()))
     })?;
     Ok(Tensor { name: name.to_owned(), datatype, shape: v.shape().to_vec(), data: v.as_bytes().to_vec() })
-}
-
-fn datum_type(dt: DataType) -> DatumType {
-    match dt {
-        DataType::Bool => DatumType::Bool,
-        DataType::Uint8 => DatumType::U8,
-        DataType::Uint16 => DatumType::U16,
-        DataType::Uint32 => DatumType::U32,
-        DataType::Uint64 => DatumType::U64,
-        DataType::Int8 => DatumType::I8,
-        DataType::Int16 => DatumType::I16,
-        DataType::Int32 => DatumType::I32,
-        DataType::Int64 => DatumType::I64,
-        DataType::Fp16 => DatumType::F16,
-        DataType::Fp32 => DatumType::F32,
-        DataType::Fp64 => DatumType::F64,
-        DataType::Bytes => DatumType::String,
-    }
-}
-
-fn from_datum_type(dt: DatumType) -> Option<DataType> {
-    Some(match dt {
-        DatumType::Bool => DataType::Bool,
-        DatumType::U8 => DataType::Uint8,
-        DatumType::U16 => DataType::Uint16,
-        DatumType::U32 => DataType::Uint32,
-        DatumType::U64 => DataType::Uint64,
-        DatumType::I8 => DataType::Int8,
-        DatumType::I16 => DataType::Int16,
-        DatumType::I32 => DataType::Int32,
-        DatumType::I64 => DataType::Int64,
-        DatumType::F16 => DataType::Fp16,
-        DatumType::F32 => DataType::Fp32,
-        DatumType::F64 => DataType::Fp64,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_core::ops::konst::Const;
 
-use super::{OTHER_BACKEND, datum_type};
-use crate::backend::{BackendError, PlanStats, Signature};
+use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats};
+use crate::backend::tract::datum::datum_type;
+use crate::onnx::Signature;
 
 /// A plan for one set of concrete input shapes.
 fn concrete_plan(
@@ -28,7 +29,7 @@ fn concrete_plan(
 
 /// Plans per concrete input shapes: the declared ones, kept for the session's life, and up to
 /// `capacity` others, the least recently used evicted first.
-pub(super) struct Plans {
+pub(crate) struct Plans {
     model: InferenceModel,
     signature: Signature,
     capacity: usize,
@@ -55,7 +56,7 @@ struct CachedPlan {
 }
 
 impl Plans {
-    pub(super) fn new(model: InferenceModel, signature: Signature, capacity: usize) -> Plans {
+    pub(crate) fn new(model: InferenceModel, signature: Signature, capacity: usize) -> Plans {
         Plans { model, signature, capacity, state: Mutex::new(PlanCache::default()), preparing: Mutex::new(()) }
     }
 
@@ -63,7 +64,7 @@ impl Plans {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn lookup(&self, shapes: &[Vec<usize>]) -> Option<Arc<TypedRunnableModel>> {
+    pub(crate) fn lookup(&self, shapes: &[Vec<usize>]) -> Option<Arc<TypedRunnableModel>> {
         let mut cache = self.cache();
         if let Some((_, p)) = cache.declared.iter().find(|(s, _)| s == shapes) {
             return Some(p.plan.clone());
@@ -75,7 +76,7 @@ impl Plans {
         Some(plan)
     }
 
-    pub(super) fn prepare(
+    pub(crate) fn prepare(
         &self,
         shapes: &[Vec<usize>],
         declared: bool,
@@ -108,7 +109,7 @@ impl Plans {
         Ok(plan)
     }
 
-    pub(super) fn stats(&self) -> PlanStats {
+    pub(crate) fn stats(&self) -> PlanStats {
         let cache = self.cache();
         let held = cache.declared.iter().chain(&cache.recent);
         PlanStats {

@@ -29,7 +29,7 @@ const FLOAT: i64 = 1;
 
 /// What the rewrite found in a model's main graph.
 #[derive(Debug, Default, PartialEq)]
-pub(super) struct Analysis {
+pub(crate) struct Analysis {
     /// Output names of the DequantizeLinear nodes to rewrite.
     pub rewrite: Vec<String>,
     /// Softmax nodes whose output is quantized but whose input cannot be rewritten, with why.
@@ -37,7 +37,7 @@ pub(super) struct Analysis {
 }
 
 /// Finds the quantized Softmaxes of the main graph and which of them can be rewritten.
-pub(super) fn analyse(model: &[u8]) -> Result<Analysis, String> {
+pub(crate) fn analyse(model: &[u8]) -> Result<Analysis, String> {
     let graph = graph_field(model)?.ok_or("the model has no graph")?;
     let mut nodes = Vec::new();
     let mut scalars = Vec::new();
@@ -77,7 +77,7 @@ pub(super) fn analyse(model: &[u8]) -> Result<Analysis, String> {
 
 /// The model with each DequantizeLinear producing one of `outputs` written as arithmetic; other
 /// fields are copied as they are.
-pub(super) fn rewrite(model: &[u8], outputs: &[String]) -> Result<Vec<u8>, String> {
+pub(crate) fn rewrite(model: &[u8], outputs: &[String]) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(model.len() + 256);
     for field in fields(model)? {
         if field.tag != MODEL_GRAPH {
@@ -194,7 +194,7 @@ fn graph_field(model: &[u8]) -> Result<Option<&[u8]>, String> {
 mod tests {
     use std::path::Path;
 
-    use super::*;
+    use crate::backend::tract::rewrite::{Analysis, analyse, rewrite};
 
     fn hazard() -> Vec<u8> {
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/hazards/digits-edge-qsoftmax.onnx"))
