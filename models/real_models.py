@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (package, version, wheel file, wheel sha256, licence)
+# (package, version, wheel file, wheel sha256, licence[, platform tag of a wheel that is not pure Python])
 WHEELS = {
     "rapidocr": ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
                  "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf", "Apache-2.0"),
@@ -52,6 +52,10 @@ WHEELS = {
                "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf", "Apache-2.0"),
     "magika": ("magika", "1.0.3", "magika-1.0.3-py3-none-any.whl",
                "938d8e033953f2ddeb8c35dc423aa289ca116bfa7a71a778f6e77460f9025803", "Apache-2.0"),
+    # The release before: the same network (standard_v3_2), trained again for 1.0 (standard_v3_3).
+    "magika-0.6.1": ("magika", "0.6.1", "magika-0.6.1-py3-none-manylinux_2_28_x86_64.whl",
+                     "133c0e1a844361de86ca2dd7c530e38b324e86177d30c52e36fd82101c190b5c", "Apache-2.0",
+                     "manylinux_2_28_x86_64"),
     "silero": ("silero-vad", "6.2.3", "silero_vad-6.2.3-py3-none-any.whl",
                "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8", "MIT"),
 }
@@ -103,6 +107,9 @@ OCR_TEXT = "Hello World 2024"
 FLOAT_TOLERANCE = 1e-3
 FLOAT_REASON = ("float32 sums taken in another order by each backend, over a deep network: "
                 "measured differences are below 1e-4 on these inputs")
+INT8_REASON = ("INT8 integer products are exact on both backends (ONNX Runtime with "
+               "session.x64quantprecision); the float steps between them can round a "
+               "re-quantized activation to the neighbouring step")
 
 
 def sha256_bytes(data):
@@ -110,11 +117,12 @@ def sha256_bytes(data):
 
 
 def fetch_wheel(cache, key):
-    package, version, filename, digest, _ = WHEELS[key]
+    package, version, filename, digest, _, *platform = WHEELS[key]
     path = os.path.join(cache, filename)
     if not os.path.isfile(path) or sha256_file(path) != digest:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                        "--no-deps", "--only-binary=:all:", "--platform", "any", "--python-version", "3.11",
+                        "--no-deps", "--only-binary=:all:", "--platform", (platform or ["any"])[0],
+                        "--python-version", "3.11",
                         "-d", cache, f"{package}=={version}"], check=True)
     got = sha256_file(path)
     if got != digest:
@@ -321,6 +329,114 @@ def quantize(src, dst, kind, calibration):
         quantize_static(src, dst, Feeds(calibration))
 
 
+# ---------------------------------------------------------------------------------------------
+# Successors of an MB-scale model, for signed delta updates (tools/bench-deltas.sh --real): what a
+# device holds, and what replaces it. Written to models/real/successors/.
+#   magika-v3_2      magika 0.6.1's network: the same layers as magika 1.0's (models/real/magika),
+#                    trained again in between, so magika-v3_2 -> magika is a real retrain
+#   magika-head      magika with its last layer (512x214 and its bias) trained further on local
+#                    files: magika -> magika-head changes the last layer only
+#   magika-qdq-recal magika quantized like magika-qdq, calibrated on other files: a re-quantization
+SUCCESSOR_DIR = "successors"
+SUCCESSORS = ["magika-v3_2", "magika-head", "magika-qdq-recal"]
+
+
+def local_files(part, per_kind):
+    """Files of types magika names, from the pinned packages in this environment (sorted paths, at
+    least 512 bytes): of each type every second file (part 0 from the first, part 1 from the
+    second; the two never overlap), at most `per_kind` of them: (magika's label, bytes)."""
+    import sysconfig
+    kinds = {".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".csv": "csv", ".txt": "txt",
+             ".rst": "rst", ".md": "markdown"}
+    found = {}
+    for root, dirs, files in os.walk(sysconfig.get_paths()["purelib"]):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(("pip", "setuptools", "_distutils_hack")))
+        for f in sorted(files):
+            kind = kinds.get(os.path.splitext(f)[1])
+            path = os.path.join(root, f)
+            if kind and os.path.getsize(path) >= 512:
+                found.setdefault(kind, []).append(path)
+    return [(kind, open(p, "rb").read()) for kind, paths in sorted(found.items()) for p in paths[part::2][:per_kind]]
+
+
+def write_eval_set(path, labels):
+    """Labelled rows for `outpostctl eval` on magika (a label index, then the 2,048 input values),
+    from files other than those the head was trained on."""
+    with open(path, "w") as f:
+        f.write("label," + ",".join(f"b{i}" for i in range(2048)) + "\n")
+        for kind, data in local_files(part=1, per_kind=50):
+            f.write(f"{labels.index(kind)}," + ",".join(map(str, magika_input(data)[0])) + "\n")
+
+
+def fine_tune_head(src, dst, samples, labels, steps=200, rate=0.5):
+    """Trains a classifier's last layer (the MatMul feeding the logits, and its bias) further on
+    `samples`, from its shipped weights, by full-batch gradient descent on cross-entropy. Only that
+    layer's two initializers change. Returns the training accuracy before and after."""
+    model = onnx.load(src)
+    weights = {i.name: i for i in model.graph.initializer}
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                  and list(weights[n.input[1]].dims) == [512, len(labels)])
+    add = next(n for n in model.graph.node if n.op_type == "Add" and matmul.output[0] in n.input)
+    bias = next(i for i in add.input if i in weights)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(matmul.input[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    features = np.concatenate([sess.run([matmul.input[0]], {"bytes": magika_input(d)})[0] for _, d in samples])
+    features = features.reshape(len(samples), -1)
+    target = np.array([labels.index(k) for k, _ in samples])
+    w = onnx.numpy_helper.to_array(weights[matmul.input[1]]).astype(np.float64)
+    b = onnx.numpy_helper.to_array(weights[bias]).astype(np.float64)
+
+    def accuracy():
+        return float(((features @ w + b).argmax(1) == target).mean())
+
+    before = accuracy()
+    onehot = np.eye(len(labels))[target]
+    for _ in range(steps):
+        logits = features @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        grad = (p - onehot) / len(samples)
+        w -= rate * features.T @ grad
+        b -= rate * grad.sum(0, keepdims=True).reshape(b.shape)
+    for name, value in ((matmul.input[1], w), (bias, b)):
+        weights[name].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    onnx.save(model, dst)
+    return before, accuracy()
+
+
+def make_successors(out, cache, feeds, info):
+    """Writes models/real/successors/ (each with a golden set on the base model's golden input)."""
+    succ = os.path.join(out, SUCCESSOR_DIR)
+    os.makedirs(succ, exist_ok=True)
+    labels = info["magika"]["labels"]
+    rows = []
+
+    def finish(name, form, what):
+        path = os.path.join(succ, f"{name}.onnx")
+        outputs = write_golden(succ, name, path, feeds["magika"], FLOAT_TOLERANCE if form == "FP32" else 1e-2,
+                               FLOAT_REASON if form == "FP32" else INT8_REASON)
+        with open(os.path.join(succ, f"{name}.json"), "w") as f:
+            json.dump(dict(info["magika"], form=form, what=what, licence="Apache-2.0"), f)
+        rows.append((f"{SUCCESSOR_DIR}/{name}", form, os.path.getsize(path), summarise("magika", outputs, info["magika"])))
+
+    v32 = extract(cache, "magika-0.6.1", "magika/models/standard_v3_2/model.onnx",
+                  "ba4f372744331c0088d7c9b8b4fd702f4bc2bdddbeecde27488fceeadf71c3ce")
+    with open(os.path.join(succ, "magika-v3_2.onnx"), "wb") as f:
+        f.write(v32)
+    finish("magika-v3_2", "FP32", "magika==0.6.1:magika/models/standard_v3_2/model.onnx, the release before magika")
+    files = local_files(part=0, per_kind=40)
+    before, after = fine_tune_head(os.path.join(out, "magika.onnx"), os.path.join(succ, "magika-head.onnx"), files, labels)
+    finish("magika-head", "FP32", f"magika with its last layer trained further on {len(files)} local files "
+           f"(training accuracy {before:.3f} -> {after:.3f})")
+    quantize(os.path.join(out, "magika.onnx"), os.path.join(succ, "magika-qdq-recal.onnx"), "qdq",
+             [{"bytes": magika_input(d)} for _, d in files[::8]])
+    finish("magika-qdq-recal", "INT8 (qdq)", f"magika quantized like magika-qdq, calibrated on {len(files[::8])} other files")
+    write_eval_set(os.path.join(out, "magika-files.csv"), labels)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(HERE, "real"))
@@ -332,7 +448,9 @@ def main():
     with open(__file__, "rb") as f:
         stamp = sha256_bytes(f.read() + ort.__version__.encode() + onnx.__version__.encode())
     if os.path.isfile(stamp_path) and open(stamp_path).read().strip() == stamp and all(
-            os.path.isfile(os.path.join(out, f"{n}.golden.json")) for n in list(MODELS) + [v[0] for v in VARIANTS]):
+            os.path.isfile(os.path.join(out, f"{n}.golden.json"))
+            for n in list(MODELS) + [v[0] for v in VARIANTS] + [f"{SUCCESSOR_DIR}/{n}" for n in SUCCESSORS]) \
+            and os.path.isfile(os.path.join(out, "magika-files.csv")):
         print(f"{out}: up to date")
         return 0
 
@@ -394,10 +512,7 @@ def main():
             quantize(os.path.join(out, f"{base}.onnx"), path, kind, calibration.get(base, [feeds[base]]))
             # An INT8 model's float parts (DequantizeLinear, the operators between, Softmax) can
             # round to the other side of a quantization step on another backend.
-            outputs = write_golden(out, name, path, feeds[base], 1e-2,
-                                   "INT8 integer products are exact on both backends (ONNX Runtime with "
-                                   "session.x64quantprecision); the float steps between them can round a "
-                                   "re-quantized activation to the neighbouring step")
+            outputs = write_golden(out, name, path, feeds[base], 1e-2, INT8_REASON)
             meta = dict(info[base], source=f"{base}, quantized by onnxruntime {ort.__version__} "
                         f"({'quantize_dynamic' if kind == 'dynamic' else 'quantize_static, QDQ'}, defaults)",
                         licence=json.load(open(os.path.join(out, f"{base}.json")))["licence"],
@@ -406,10 +521,11 @@ def main():
                 json.dump(meta, f)
             rows.append((name, meta, os.path.getsize(path), summarise(base, outputs, info[base])))
 
+    rows += [(name, {"form": form}, size, answer) for name, form, size, answer in make_successors(out, cache, feeds, info)]
     with open(stamp_path, "w") as f:
         f.write(stamp + "\n")
     for name, meta, size, answer in rows:
-        print(f"{name:20} {size:>10,} B  {meta['form']:14} {answer}")
+        print(f"{name:28} {size:>10,} B  {meta['form']:14} {answer}")
     return 0
 
 

@@ -14,17 +14,24 @@ use outpost_tools::v2client;
 /// rate has an 8 kHz branch whose shapes do not fit 16 kHz inputs, and tract analyses both.
 const TRACT_REFUSES: [(&str, &str); 1] = [("silero-vad", "tract could not prepare the model for input shapes")];
 
-/// Every real model and INT8 variant the fetch script made, relative to the repository root.
+/// Every real model, INT8 variant and successor (the delta benchmark's) the fetch script made,
+/// relative to the repository root.
 fn real_models() -> Vec<PathBuf> {
-    let dir = repo_root().join("models/real");
-    let mut models: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}: run tools/fetch-real-models.sh (tools/test.sh does)", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
-        .map(|p| p.strip_prefix(repo_root()).unwrap().to_owned())
-        .collect();
+    let mut models = Vec::new();
+    for dir in ["models/real", "models/real/successors"] {
+        let dir = repo_root().join(dir);
+        models.extend(
+            std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| {
+                    panic!("{}: {e}: run tools/fetch-real-models.sh (tools/test.sh does)", dir.display())
+                })
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+                .map(|p| p.strip_prefix(repo_root()).unwrap().to_owned()),
+        );
+    }
     models.sort();
-    assert!(models.len() >= 13, "expected 8 real models and 5 INT8 variants, found {models:?}");
+    assert!(models.len() >= 16, "expected 8 real models, 5 INT8 variants and 3 successors, found {models:?}");
     models
 }
 

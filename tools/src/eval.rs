@@ -26,21 +26,21 @@ pub const POLICIES: [&str; 3] = ["max_probability", "margin", "entropy"];
 /// One labelled row.
 pub struct Row {
     pub label: usize,
-    pub pixels: Vec<f32>,
+    pub values: Vec<f32>,
 }
 
-/// Reads `label,p0..p63` rows.
+/// Reads `label,v0,v1,..` rows after a header line (the digits' 64 pixels, magika's 2,048 bytes).
 pub fn read_rows(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Row>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         let mut fields = line.split(',');
         let label = fields.next().and_then(|f| f.parse().ok()).with_context(|| format!("line {}: no label", i + 1))?;
-        let pixels = fields
+        let values = fields
             .map(|f| f.parse::<f32>())
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("line {}", i + 1))?;
-        rows.push(Row { label, pixels });
+        rows.push(Row { label, values });
         if limit.is_some_and(|l| rows.len() >= l) {
             break;
         }
@@ -64,12 +64,38 @@ pub struct Point {
     pub p99: Duration,
 }
 
-/// Where to send requests.
+/// Where to send requests, and the models' input.
 pub struct Target {
     pub edge: SocketAddr,
     pub model: String,
     pub central: SocketAddr,
     pub central_model: String,
+    /// The input's name, and its datatype: `FP32`, or `INT32` (the row's values are integers).
+    pub input: String,
+    pub datatype: Datatype,
+}
+
+/// The input datatypes a row can be sent as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Datatype {
+    #[value(name = "FP32")]
+    Fp32,
+    #[value(name = "INT32")]
+    Int32,
+}
+
+impl Target {
+    /// The row as a V2 JSON input tensor `[1, len]`.
+    fn input(&self, row: &Row) -> Value {
+        let shape = [1, row.values.len()];
+        match self.datatype {
+            Datatype::Fp32 => json!({"name": self.input, "shape": shape, "datatype": "FP32", "data": row.values}),
+            Datatype::Int32 => {
+                let data: Vec<i32> = row.values.iter().map(|&v| v as i32).collect();
+                json!({"name": self.input, "shape": shape, "datatype": "INT32", "data": data})
+            }
+        }
+    }
 }
 
 fn argmax(t: &outpost_runtime::tensor::Tensor) -> usize {
@@ -80,6 +106,7 @@ fn argmax(t: &outpost_runtime::tensor::Tensor) -> usize {
 async fn run_point(
     conn: &mut Conn,
     path: &str,
+    target: &Target,
     rows: &[Row],
     params: Value,
     metrics: Option<&mut Conn>,
@@ -92,10 +119,7 @@ async fn run_point(
     let (mut correct, mut escalated) = (0usize, 0usize);
     let mut latencies = Vec::with_capacity(rows.len());
     for row in rows {
-        let body = json!({
-            "inputs": [{"name": "input", "shape": [1, row.pixels.len()], "datatype": "FP32", "data": row.pixels}],
-            "parameters": params,
-        });
+        let body = json!({"inputs": [target.input(row)], "parameters": params});
         let t = Instant::now();
         let r = conn.post_json(path, &body).await?;
         latencies.push(t.elapsed());
@@ -138,7 +162,8 @@ pub async fn sweep(target: &Target, rows: &[Row], thresholds: &[f64]) -> anyhow:
     let edge_path = format!("/v2/models/{}/infer", target.model);
     let central_path = format!("/v2/models/{}/infer", target.central_model);
     let mut points = Vec::new();
-    let (acc, esc, _, mean, p99) = run_point(&mut edge, &edge_path, rows, json!({"escalation": "local"}), None).await?;
+    let (acc, esc, _, mean, p99) =
+        run_point(&mut edge, &edge_path, target, rows, json!({"escalation": "local"}), None).await?;
     points.push(Point {
         name: "edge only".into(),
         policy: None,
@@ -149,11 +174,13 @@ pub async fn sweep(target: &Target, rows: &[Row], thresholds: &[f64]) -> anyhow:
         mean,
         p99,
     });
-    let (acc, _, _, mean, p99) = run_point(&mut central, &central_path, rows, json!({}), None).await?;
+    let (acc, _, _, mean, p99) = run_point(&mut central, &central_path, target, rows, json!({}), None).await?;
+    // What the edge sends upstream per escalated row: the input as a binary tensor (both
+    // datatypes take four bytes an element).
     let per_row = v2client::binary_request(&[outpost_runtime::tensor::Tensor::from_f32(
-        "input",
-        vec![1, rows[0].pixels.len()],
-        &rows[0].pixels,
+        &target.input,
+        vec![1, rows[0].values.len()],
+        &rows[0].values,
     )])
     .bytes
     .len();
@@ -171,7 +198,7 @@ pub async fn sweep(target: &Target, rows: &[Row], thresholds: &[f64]) -> anyhow:
         for &t in thresholds {
             let params = json!({"escalation_policy": policy, "escalation_threshold": t});
             let (acc, esc, bytes, mean, p99) =
-                run_point(&mut edge, &edge_path, rows, params, Some(&mut edge_metrics)).await?;
+                run_point(&mut edge, &edge_path, target, rows, params, Some(&mut edge_metrics)).await?;
             points.push(Point {
                 name: "cascade".into(),
                 policy: Some(policy),
@@ -351,6 +378,27 @@ mod tests {
         let b = best(&points, 0.005).unwrap();
         assert_eq!((b.accuracy, b.escalated), (0.976, 0.12));
         assert!(best(&points, 0.0).is_none());
+    }
+
+    #[test]
+    fn rows_are_sent_as_the_named_input_in_its_datatype() {
+        let target = |datatype| Target {
+            edge: "127.0.0.1:1".parse().unwrap(),
+            model: "m".into(),
+            central: "127.0.0.1:2".parse().unwrap(),
+            central_model: "c".into(),
+            input: "bytes".into(),
+            datatype,
+        };
+        let row = Row { label: 0, values: vec![1.0, 256.0, 0.5] };
+        assert_eq!(
+            target(Datatype::Int32).input(&row),
+            json!({"name": "bytes", "shape": [1, 3], "datatype": "INT32", "data": [1, 256, 0]})
+        );
+        assert_eq!(
+            target(Datatype::Fp32).input(&row),
+            json!({"name": "bytes", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 256.0, 0.5]})
+        );
     }
 
     #[test]

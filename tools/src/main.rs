@@ -72,9 +72,15 @@ struct EvalArgs {
     central: SocketAddr,
     #[arg(long, default_value = "digits-central")]
     central_model: String,
-    /// Labelled rows: label, then the pixels.
+    /// Labelled rows: label, then the input's values.
     #[arg(long, default_value = "models/digits-test.csv")]
     data: PathBuf,
+    /// The models' input name (each row is sent as this input, shape [1, values]).
+    #[arg(long, default_value = "input")]
+    input: String,
+    /// The input's datatype.
+    #[arg(long, value_enum, default_value = "FP32")]
+    datatype: eval::Datatype,
     /// Use only the first N rows.
     #[arg(long)]
     limit: Option<usize>,
@@ -142,8 +148,14 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let rows = eval::read_rows(&args.data, args.limit)?;
     let thresholds =
         if args.thresholds.is_empty() { eval::DEFAULT_THRESHOLDS.to_vec() } else { args.thresholds.clone() };
-    let target =
-        eval::Target { edge: args.edge, model: args.model, central: args.central, central_model: args.central_model };
+    let target = eval::Target {
+        edge: args.edge,
+        model: args.model,
+        central: args.central,
+        central_model: args.central_model,
+        input: args.input,
+        datatype: args.datatype,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let points = runtime.block_on(eval::sweep(&target, &rows, &thresholds))?;
     println!("{} labelled rows from {}\n", rows.len(), args.data.display());
