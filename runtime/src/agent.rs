@@ -4,76 +4,17 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use outpost_updater::Refusal;
 use outpost_updater::apply::{Applied, Updater};
-use outpost_updater::mqtt::agent::{AgentConfig, Device};
-use outpost_updater::mqtt::{BrokerConfig, DEFAULT_PREFIX, Topics, valid_id};
+use outpost_updater::mqtt::agent::Device;
 use serde_json::{Map, Value, json};
 
-use crate::App;
-use crate::config::{MqttConfig, UpdatesConfig};
+use crate::registry::Registry;
 use crate::stats::{LATENCY_BUCKETS, quantile};
 use crate::update::Updates;
-
-/// The agent's settings from the config (password not read yet: see [`read_password`]).
-/// Errors name the key under `updates.mqtt`.
-pub fn agent_config(u: &UpdatesConfig, m: &MqttConfig) -> Result<AgentConfig, (&'static str, String)> {
-    fn range<T: PartialOrd + std::fmt::Display + Copy>(
-        key: &'static str,
-        v: Option<T>,
-        default: T,
-        lo: T,
-        hi: T,
-    ) -> Result<T, (&'static str, String)> {
-        let v = v.unwrap_or(default);
-        if v < lo || v > hi {
-            return Err((key, format!("must be between {lo} and {hi}")));
-        }
-        Ok(v)
-    }
-    if !valid_id(&m.device_id) {
-        return Err(("device_id", "letters, digits, - _ . only (at most 64)".into()));
-    }
-    let prefix = m.topic_prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
-    if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.starts_with('$') {
-        return Err(("topic_prefix", "a topic without wildcards, not starting with $".into()));
-    }
-    let mut broker = BrokerConfig::new(&m.broker, &m.device_id, m.ca_file.clone()).map_err(|e| ("broker", e))?;
-    broker.username = Some(m.username.clone().unwrap_or_else(|| m.device_id.clone()));
-    broker.keep_alive = Duration::from_secs(range("keep_alive_secs", m.keep_alive_secs, 30, 5, 3600)?);
-    let max_bps = m.max_bytes_per_second.unwrap_or(0);
-    let min_bps = range("min_bytes_per_second", m.min_bytes_per_second, 64, 0, 1 << 30)?;
-    if max_bps != 0 && max_bps < min_bps.max(64) {
-        return Err((
-            "max_bytes_per_second",
-            format!("0 (no cap) or at least min_bytes_per_second and 64, not {max_bps}"),
-        ));
-    }
-    let reconnect_min = range("reconnect_min_ms", m.reconnect_min_ms, 500, 10, 600_000)?;
-    let reconnect_max = range("reconnect_max_secs", m.reconnect_max_secs, 60, 1, 3600)?;
-    Ok(AgentConfig {
-        broker,
-        device_id: m.device_id.clone(),
-        fleet: u.fleet.clone(),
-        group: u.group.clone(),
-        topics: Topics::new(&prefix, &u.fleet),
-        downloads: u.state_dir.join("downloads"),
-        report_interval: Duration::from_secs(range("report_interval_secs", m.report_interval_secs, 60, 1, 86_400)?),
-        window: range("chunk_window", m.chunk_window, 4, 1, 64)?,
-        chunk_timeout: Duration::from_secs(range("chunk_timeout_secs", m.chunk_timeout_secs, 10, 1, 600)?),
-        chunk_tries: range("chunk_tries", m.chunk_tries, 5, 1, 100)?,
-        max_bytes_per_second: max_bps,
-        min_bytes_per_second: min_bps,
-        watchdog_window: Duration::from_secs(range("watchdog_secs", m.watchdog_secs, 60, 1, 3600)?),
-        reconnect_min: Duration::from_millis(reconnect_min),
-        reconnect_max: Duration::from_secs(reconnect_max),
-        retry_after: Duration::from_secs(range("retry_after_secs", m.retry_after_secs, 60, 1, 86_400)?),
-        max_attempts: range("max_attempts", m.max_attempts, 5, 1, 1000)?,
-    })
-}
 
 /// Reads the MQTT password file (first line, without its newline).
 pub fn read_password(path: &Path) -> std::io::Result<String> {
@@ -84,7 +25,7 @@ pub fn read_password(path: &Path) -> std::io::Result<String> {
 /// The device as the agent sees it: the update service and the serving runtime.
 pub struct RuntimeDevice {
     updates: Arc<Updates>,
-    app: Weak<App>,
+    registry: Arc<Registry>,
     started: Instant,
     labels: BTreeMap<String, String>,
     /// Counters at the last report, per model and version, to report what happened since.
@@ -104,23 +45,17 @@ struct Snapshot {
 }
 
 impl RuntimeDevice {
-    pub fn new(updates: Arc<Updates>, app: &Arc<App>, labels: BTreeMap<String, String>) -> Arc<RuntimeDevice> {
-        Arc::new(RuntimeDevice {
-            updates,
-            app: Arc::downgrade(app),
-            started: Instant::now(),
-            labels,
-            last: Mutex::default(),
-        })
+    pub fn new(updates: Arc<Updates>, registry: Arc<Registry>, labels: BTreeMap<String, String>) -> Arc<RuntimeDevice> {
+        Arc::new(RuntimeDevice { updates, registry, started: Instant::now(), labels, last: Mutex::default() })
     }
 
     /// Inference statistics since the previous call: totals and latency quantiles over every
     /// model, escalation rate and central failures, and the same per model.
-    fn stats(&self, app: &App) -> Value {
+    fn stats(&self) -> Value {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = Snapshot { latency: vec![0; LATENCY_BUCKETS.len() + 1], ..Snapshot::default() };
         let mut per_model = Map::new();
-        for slot in app.registry.slots().iter() {
+        for slot in self.registry.slots().iter() {
             let esc = slot.escalator().map(|e| &e.stats);
             for (version, st) in slot.stats() {
                 let key = format!("{}/{version}", slot.spec.name);
@@ -214,19 +149,17 @@ impl Device for RuntimeDevice {
     fn report(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("runtime".into(), json!(format!("outpost {}", env!("CARGO_PKG_VERSION"))));
-        if let Some(app) = self.app.upgrade() {
-            let models: Vec<Value> = app
-                .registry
-                .slots()
-                .iter()
-                .map(|s| {
-                    let versions: Vec<String> = s.served().iter().map(|v| v.version.clone()).collect();
-                    json!({"name": s.spec.name, "versions": versions, "state": s.state().as_str()})
-                })
-                .collect();
-            m.insert("models".into(), json!(models));
-            m.insert("stats".into(), self.stats(&app));
-        }
+        let models: Vec<Value> = self
+            .registry
+            .slots()
+            .iter()
+            .map(|s| {
+                let versions: Vec<String> = s.served().iter().map(|v| v.version.clone()).collect();
+                json!({"name": s.spec.name, "versions": versions, "state": s.state().as_str()})
+            })
+            .collect();
+        m.insert("models".into(), json!(models));
+        m.insert("stats".into(), self.stats());
         m.insert("resources".into(), resources(self.started));
         m.insert("labels".into(), json!(self.labels));
         m

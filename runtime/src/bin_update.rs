@@ -50,7 +50,7 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     let app = App::new(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _entered = runtime.enter();
-    let local = match Updates::open(&updates_config, &app) {
+    let local = match Updates::open(&updates_config, &app.registry) {
         Ok(u) => Some(u),
         Err(OpenError::Busy(StoreBusy::Locked)) => None,
         Err(e) => bail!("{}: {e}", updates_config.state_dir.display()),

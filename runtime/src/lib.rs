@@ -1,7 +1,8 @@
 //! Outpost's local inference runtime.
 //!
 //! `outpost` loads ONNX models on a [`Backend`](backend::Backend), puts a bounded queue and worker
-//! threads in front of each ([`model`]), and answers the KServe V2 HTTP API ([`v2`]). Everything
+//! threads in front of each ([`model`]), and answers the KServe V2 HTTP API ([`http`], its wire
+//! format in [`v2`]). Everything
 //! the daemon does is here so tests can drive it without spawning a process:
 //!
 //! ```no_run
@@ -18,11 +19,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod app;
 pub mod backend;
 pub mod batcher;
 pub mod config;
+pub mod error;
 pub mod escalation;
 pub mod golden;
+pub mod http;
 pub mod model;
 pub mod onnx;
 pub mod registry;
@@ -36,48 +40,5 @@ pub mod tensor;
 pub mod update;
 pub mod v2;
 
-use std::sync::Arc;
-
-/// Everything a request handler needs: the models and the server's limits.
-pub struct App {
-    pub registry: registry::Registry,
-    pub max_body_bytes: usize,
-    pub auth_token: Option<String>,
-    /// Where uploaded hard examples go; `None`: this server does not collect them.
-    pub hard_example_sink: Option<std::path::PathBuf>,
-    /// Signed releases, when `[updates]` is configured and the store is open.
-    pub updates: std::sync::OnceLock<Arc<update::Updates>>,
-    /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
-    pub agent: std::sync::OnceLock<outpost_updater::mqtt::agent::Agent>,
-}
-
-impl App {
-    /// The server state for a validated configuration (models not yet loaded).
-    pub fn new(config: &config::Validated) -> Arc<App> {
-        #[cfg(feature = "ort")]
-        if let Some(path) = &config.ort_library {
-            backend::ort::set_library(path);
-        }
-        Arc::new(App {
-            registry: registry::Registry::new(config.models.clone()),
-            max_body_bytes: config.max_body_bytes,
-            auth_token: config.auth_token.clone(),
-            hard_example_sink: config.hard_example_sink.clone(),
-            updates: std::sync::OnceLock::new(),
-            agent: std::sync::OnceLock::new(),
-        })
-    }
-}
-
-/// Errors of the runtime library, with their sources kept.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    ModelFile(#[from] onnx::ModelFileError),
-    #[error(transparent)]
-    Backend(#[from] backend::BackendError),
-    #[error(transparent)]
-    Golden(#[from] golden::GoldenError),
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-}
+pub use app::App;
+pub use error::Error;

@@ -207,7 +207,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let app = App::new(&config);
         if let Some(u) = &config.updates {
-            let updates = outpost_runtime::update::Updates::open(u, &app)
+            let updates = outpost_runtime::update::Updates::open(u, &app.registry)
                 .with_context(|| format!("cannot open the release store {}", u.state_dir.display()))?;
             let _ = app.updates.set(updates);
         }
@@ -300,14 +300,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn start_agent(app: &Arc<App>, u: &outpost_runtime::config::UpdatesConfig) -> Result<()> {
     let m = u.mqtt.as_ref().expect("checked by the caller");
     let mut cfg =
-        outpost_runtime::agent::agent_config(u, m).map_err(|(k, r)| anyhow::anyhow!("updates.mqtt.{k}: {r}"))?;
+        outpost_runtime::config::agent_config(u, m).map_err(|(k, r)| anyhow::anyhow!("updates.mqtt.{k}: {r}"))?;
     if let Some(path) = &m.password_file {
         let password = outpost_runtime::agent::read_password(path)
             .with_context(|| format!("updates.mqtt.password_file {}", path.display()))?;
         cfg.broker.password = Some(password);
     }
     let updates = app.updates.get().context("the release store is not open")?.clone();
-    let device = outpost_runtime::agent::RuntimeDevice::new(updates, app, m.labels.clone());
+    let device = outpost_runtime::agent::RuntimeDevice::new(updates, app.registry.clone(), m.labels.clone());
     tracing::info!(device = %cfg.device_id, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "starting the MQTT agent");
     let agent = outpost_updater::mqtt::agent::start(cfg, device).map_err(|e| anyhow::anyhow!("MQTT agent: {e}"))?;
     let _ = app.agent.set(agent);
@@ -409,11 +409,11 @@ fn inspect(path: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
 
 fn infer(path: &Path, input: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let request = v2::request::parse(&body, None).map_err(|e| anyhow::anyhow!("{}: {}", input.display(), e.message))?;
+    let request = v2::request::parse(&body, None).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
     let backend = backend::by_name(backend_name)?;
     let session = backend::load(backend.as_ref(), path, &Default::default())?;
     let inputs = v2::request::bind(request.inputs, &path.display().to_string(), session.signature(), false)
-        .map_err(|e| anyhow::anyhow!("{}: {}", input.display(), e.message))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
     let t = Instant::now();
     let outputs = session.run(&inputs)?;
     let elapsed = t.elapsed();

@@ -94,7 +94,7 @@ pub enum LoadError {
     #[error("model `{name}`: {reason}")]
     Versions { name: String, reason: String },
     #[error("model `{name}` version {version}: {source}")]
-    Version { name: String, version: String, source: crate::Error },
+    Version { name: String, version: String, source: crate::error::Error },
 }
 
 /// One line of the repository index.
@@ -303,15 +303,16 @@ struct Prepared {
 /// Parse, check and prepare on the configured backend, then warm up (the golden check). With
 /// `backend = "auto"`, tract first, and ONNX Runtime (where the build has it) when tract refuses
 /// the model at any step: an operator it lacks, a graph it cannot plan, a golden mismatch.
-fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::Error> {
+fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::error::Error> {
     let graph = ModelGraph::read(&files.model)?;
     if spec.backend != backend::AUTO {
         return prepare_on(&*backend::by_name(&spec.backend)?, spec, files, &graph);
     }
     let mut refusals = Vec::new();
     for name in backend::AUTO_ORDER {
-        let attempt =
-            backend::by_name(name).map_err(crate::Error::from).and_then(|b| prepare_on(&*b, spec, files, &graph));
+        let attempt = backend::by_name(name)
+            .map_err(crate::error::Error::from)
+            .and_then(|b| prepare_on(&*b, spec, files, &graph));
         match attempt {
             Ok(p) => {
                 if !refusals.is_empty() {
@@ -334,7 +335,7 @@ fn prepare_on(
     spec: &ModelSpec,
     files: &VersionFiles,
     graph: &ModelGraph,
-) -> Result<Prepared, crate::Error> {
+) -> Result<Prepared, crate::error::Error> {
     let refused = |reason: String| BackendError::Refused { path: files.model.clone(), reason };
     let shapes = spec.shapes.resolve(&graph.signature).map_err(refused)?;
     let options = SessionOptions {

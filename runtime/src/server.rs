@@ -8,8 +8,8 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
-use crate::App;
-use crate::v2::{self, ApiError};
+use crate::app::App;
+use crate::http::{self, ApiError};
 
 /// Serves the API on `listener` until `shutdown` resolves, then stops accepting and returns
 /// once in-flight requests have been answered.
@@ -18,7 +18,7 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = v2::router(app.clone()).layer(middleware::from_fn_with_state(app, require_token));
+    let router = http::router(app.clone()).layer(middleware::from_fn_with_state(app, require_token));
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 

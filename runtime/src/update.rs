@@ -3,7 +3,7 @@
 //! the daemon's update service (the store, opened and locked for the daemon's life).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use outpost_updater::apply::{Applied, ModelHost, StagedModel, Updater, staged_models};
 use outpost_updater::release::Target;
@@ -11,13 +11,13 @@ use outpost_updater::store::{Store, StoreBusy};
 use outpost_updater::{Refusal, envelope::Envelope};
 use serde_json::{Value, json};
 
-use crate::App;
 use crate::config::{Config, ModelConfig, ModelSpec, UpdatesConfig};
 use crate::model::ModelSlot;
+use crate::registry::Registry;
 
-/// Stages release models into an [`App`]'s registry.
+/// Stages release models beside the serving ones, and makes them the registry's release.
 pub struct RuntimeHost {
-    app: Weak<App>,
+    registry: Arc<Registry>,
 }
 
 /// The runtime's model specs for a release's models (their config keys are the `[[models]]`
@@ -56,11 +56,9 @@ impl ModelHost for RuntimeHost {
     }
 
     fn activate(&self, staged: Self::Staged) {
-        if let Some(app) = self.app.upgrade() {
-            let names: Vec<&str> = staged.iter().map(|s| s.spec.name.as_str()).collect();
-            tracing::info!(models = ?names, "release models serving");
-            app.registry.set_release(staged);
-        }
+        let names: Vec<&str> = staged.iter().map(|s| s.spec.name.as_str()).collect();
+        tracing::info!(models = ?names, "release models serving");
+        self.registry.set_release(staged);
     }
 }
 
@@ -80,13 +78,13 @@ pub enum OpenError {
 }
 
 impl Updates {
-    /// Opens and locks the store for `app`.
-    pub fn open(config: &UpdatesConfig, app: &Arc<App>) -> Result<Arc<Updates>, OpenError> {
+    /// Opens and locks the store; releases it applies serve from `registry`.
+    pub fn open(config: &UpdatesConfig, registry: &Arc<Registry>) -> Result<Arc<Updates>, OpenError> {
         let store = Store::open(&config.state_dir)?;
         let target = Target { fleet: config.fleet.clone(), group: config.group.clone() };
         Ok(Arc::new(Updates {
             updater: Mutex::new(Updater { store, target }),
-            host: RuntimeHost { app: Arc::downgrade(app) },
+            host: RuntimeHost { registry: registry.clone() },
         }))
     }
 

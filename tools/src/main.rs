@@ -50,7 +50,7 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// The fleet console: device states, releases, staged rollouts, the blob server, a JSON
     /// API and a web page.
-    Console(console::ConsoleArgs),
+    Console(console::service::ConsoleArgs),
     /// Devices as the console sees them.
     #[command(subcommand)]
     Fleet(console::client::FleetCommand),
@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         Command::Publish(a) => fleet::publish(a),
         Command::ServeBlobs(a) => fleet::serve_blobs(a),
         Command::Simulate(a) => simulate::simulate(a),
-        Command::Console(a) => console::run(a),
+        Command::Console(a) => console::service::run(a),
         Command::Fleet(c) => console::client::fleet(c),
         Command::Rollout(c) => console::client::rollout(c),
     }

@@ -15,7 +15,8 @@ use http_body_util::BodyExt;
 use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
-use super::{Console, catalog, db, ingest, rollout};
+use super::state::Console;
+use super::{catalog, db, ingest, rollout};
 
 type Shared = State<Arc<Console>>;
 

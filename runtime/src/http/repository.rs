@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::App;
+use crate::app::App;
 use crate::model::{ModelSlot, ModelState};
 use crate::stats::{Histogram, ModelStats};
 

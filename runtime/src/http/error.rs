@@ -37,3 +37,9 @@ impl IntoResponse for ApiError {
         (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
     }
 }
+
+impl From<crate::v2::BadRequest> for ApiError {
+    fn from(e: crate::v2::BadRequest) -> ApiError {
+        ApiError::bad_request(e.0)
+    }
+}

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::App;
+use crate::app::App;
 use crate::update::Updates;
 
 fn service(app: &App) -> Result<Arc<Updates>, ApiError> {

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::App;
+use crate::app::App;
 use crate::escalation::write_atomically;
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);

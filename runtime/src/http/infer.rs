@@ -14,15 +14,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
-use super::request::{self, InferRequest, OutputRequest};
-use crate::App;
+use crate::app::App;
 use crate::escalation::Overrides;
 use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::Outcome;
 use crate::tensor::Tensor;
-
-/// The binary tensor extension's header: length of the JSON part of the body.
-pub const HEADER_LENGTH: &str = "inference-header-content-length";
+use crate::v2::HEADER_LENGTH;
+use crate::v2::request::{self, InferRequest, OutputRequest};
 
 pub async fn infer(
     State(app): State<Arc<App>>,

@@ -1,0 +1,38 @@
+//! The server's shared state: the models and the server's limits, and the update service and
+//! MQTT agent once they start.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::registry::Registry;
+use crate::{config, update};
+
+/// Everything a request handler needs: the models and the server's limits.
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub max_body_bytes: usize,
+    pub auth_token: Option<String>,
+    /// Where uploaded hard examples go; `None`: this server does not collect them.
+    pub hard_example_sink: Option<std::path::PathBuf>,
+    /// Signed releases, when `[updates]` is configured and the store is open.
+    pub updates: OnceLock<Arc<update::Updates>>,
+    /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
+    pub agent: OnceLock<outpost_updater::mqtt::agent::Agent>,
+}
+
+impl App {
+    /// The server state for a validated configuration (models not yet loaded).
+    pub fn new(config: &config::Validated) -> Arc<App> {
+        #[cfg(feature = "ort")]
+        if let Some(path) = &config.ort_library {
+            crate::backend::ort::set_library(path);
+        }
+        Arc::new(App {
+            registry: Arc::new(Registry::new(config.models.clone())),
+            max_body_bytes: config.max_body_bytes,
+            auth_token: config.auth_token.clone(),
+            hard_example_sink: config.hard_example_sink.clone(),
+            updates: OnceLock::new(),
+            agent: OnceLock::new(),
+        })
+    }
+}

@@ -1,0 +1,285 @@
+//! `outpost.toml`: what the daemon serves and how.
+//!
+//! The file is read into [`Config`] (serde, unknown keys refused), then checked into
+//! [`Validated`] before anything binds a port. Every error names the key, e.g.
+//! `models[1].queue_bound: must be between 1 and 65536`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod discovery;
+mod error;
+mod escalation;
+mod model;
+mod updates;
+
+pub use error::ConfigError;
+use error::{check_name, invalid};
+pub use escalation::{
+    DEFAULT_BREAKER_COOLDOWN_MS, DEFAULT_BREAKER_FAILURES, DEFAULT_CENTRAL_CONCURRENCY, DEFAULT_CENTRAL_TIMEOUT_MS,
+    DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_ITEMS, Escalation, EscalationConfig, Policy, QueueLimits,
+};
+pub use model::{
+    Batching, BatchingConfig, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_QUEUE_BOUND, DEFAULT_VERSION,
+    DEFAULT_WORKERS, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG, Source, VersionPolicy,
+    VersionPolicyConfig,
+};
+pub use updates::{MqttConfig, UpdatesConfig, agent_config};
+
+/// Where V2 clients expect a server.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Largest request body accepted (binary tensors included).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+/// How long SIGTERM waits for in-flight requests before exiting anyway.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Folder served by `outpost serve` with no arguments.
+pub const DEFAULT_MODEL_DIR: &str = "models";
+
+/// The configuration file as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// Signed releases: where the device keeps them and who it is.
+    pub updates: Option<UpdatesConfig>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind; default [`DEFAULT_LISTEN`].
+    pub listen: Option<String>,
+    /// Where hard examples uploaded by edges (`POST /v2/hard-examples`) are kept; none: refused.
+    pub hard_example_sink: Option<PathBuf>,
+    /// Bearer token required on every endpoint but liveness; mandatory off loopback.
+    pub auth_token: Option<String>,
+    /// Default [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: Option<usize>,
+    /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
+    pub drain_timeout_secs: Option<u64>,
+    /// A model repository (`REPO/NAME/<version>/model.onnx`): its models are served besides
+    /// any `[[models]]`.
+    pub model_repository: Option<PathBuf>,
+    /// ONNX Runtime's `libonnxruntime.so`, for models on the `ort` backend; default: the
+    /// `ORT_DYLIB_PATH` environment variable.
+    pub ort_library: Option<PathBuf>,
+}
+
+/// A configuration that passed validation, with defaults filled in.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub listen: SocketAddr,
+    pub hard_example_sink: Option<PathBuf>,
+    pub ort_library: Option<PathBuf>,
+    pub auth_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub drain_timeout: Duration,
+    pub models: Vec<ModelSpec>,
+    pub updates: Option<UpdatesConfig>,
+}
+
+impl Config {
+    /// Checks everything that can be checked before loading models.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let s = &self.server;
+        let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("server.listen", format!("`{listen_text}` is not an address like 127.0.0.1:8000")))?;
+        if let Some(t) = &s.auth_token
+            && (t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(invalid("server.auth_token", "must be at least 16 characters, without spaces"));
+        }
+        if !listen.ip().is_loopback() && s.auth_token.is_none() {
+            return Err(invalid(
+                "server.auth_token",
+                format!("required when listening on {listen} (not loopback): set a bearer token"),
+            ));
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if !(1024..=(1 << 30)).contains(&max_body_bytes) {
+            return Err(invalid("server.max_body_bytes", "must be between 1024 and 1073741824"));
+        }
+        let drain = s.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
+        if drain > 3600 {
+            return Err(invalid("server.drain_timeout_secs", "must be at most 3600"));
+        }
+        if let Some(u) = &self.updates {
+            check_name(&u.fleet).map_err(|r| invalid("updates.fleet", r))?;
+            check_name(&u.group).map_err(|r| invalid("updates.group", r))?;
+            if let Some(m) = &u.mqtt {
+                agent_config(u, m).map_err(|(k, r)| invalid(format!("updates.mqtt.{k}"), r))?;
+            }
+        }
+        if self.models.is_empty() && self.updates.is_none() {
+            return Err(invalid(
+                "models",
+                "no model is configured: add a [[models]] entry (or [updates] to serve releases)",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut models = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            check_name(&m.name).map_err(|r| invalid(key("name"), r))?;
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is configured twice", m.name)));
+            }
+            models.push(m.validate(&key)?);
+        }
+        Ok(Validated {
+            listen,
+            hard_example_sink: s.hard_example_sink.clone(),
+            ort_library: s.ort_library.clone(),
+            auth_token: s.auth_token.clone(),
+            max_body_bytes,
+            drain_timeout: Duration::from_secs(drain),
+            models,
+            updates: self.updates.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Validated, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?;
+        config.validate()
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const ONE: &str = "[[models]]\nname = \"m\"\npath = \"m.onnx\"\n";
+
+    #[test]
+    fn provider_options_become_strings() {
+        let v = parse(&format!(
+            "{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"cpu\"]\n[models.provider_options.cuda]\ndevice_id = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(v.models[0].providers, vec!["cuda", "cpu"]);
+        assert_eq!(v.models[0].provider_options["cuda"], vec![("device_id".to_string(), "0".to_string())]);
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let v = parse(ONE).unwrap();
+        assert_eq!(v.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(v.models[0].source, Source::File { path: "m.onnx".into(), version: "1".into() });
+        assert_eq!(v.models[0].backend, "tract");
+        assert_eq!(v.models[0].queue_bound, DEFAULT_QUEUE_BOUND);
+        assert_eq!(v.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&format!("{ONE}queue_bound = 0\n")).starts_with("models[0].queue_bound:"));
+        assert!(err(&format!("{ONE}workers = 1000\n")).starts_with("models[0].workers:"));
+        assert!(err(&format!("{ONE}backend = \"onnx\"\n")).starts_with("models[0].backend:"));
+        assert!(err(&format!("{ONE}name = \"x\"\n")).contains("duplicate key"));
+        assert!(err(&format!("{ONE}[[models]]\nname = \"m\"\npath = \"n.onnx\"\n")).contains("configured twice"));
+        assert!(err("[[models]]\nname = \"a/b\"\npath = \"m.onnx\"\n").starts_with("models[0].name:"));
+        assert!(err(&format!("[server]\nlisten = \"nowhere\"\n{ONE}")).starts_with("server.listen:"));
+        assert!(err(&format!("[server]\nlisten = \"0.0.0.0:8000\"\n{ONE}")).starts_with("server.auth_token:"));
+        assert!(
+            err(&format!("[server]\nlisten = \"0.0.0.0:8000\"\nauth_token = \"short\"\n{ONE}"))
+                .starts_with("server.auth_token:")
+        );
+        assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
+        assert!(err("").starts_with("models:"));
+        assert!(
+            err(&format!("{ONE}execution_providers = [\"cuda\"]\n"))
+                .contains("apply to backend = \"ort\" (or \"auto\") only")
+        );
+        let e = err(&format!("{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"gpu\"]\n"));
+        assert!(e.contains("unknown provider `gpu`"), "{e}");
+        let e = err(&format!(
+            "{ONE}backend = \"ort\"\nexecution_providers = [\"cpu\"]\n[models.provider_options.cuda]\ndevice_id = 0\n"
+        ));
+        assert!(e.starts_with("models[0].provider_options.cuda:"), "{e}");
+    }
+
+    #[test]
+    fn batching_is_validated() {
+        let v = parse(&format!("{ONE}[models.batching]\nmax_batch_size = 16\n")).unwrap();
+        let b = v.models[0].batching.clone().unwrap();
+        assert_eq!((b.max_batch_size, b.max_queue_delay), (16, Duration::from_micros(DEFAULT_MAX_QUEUE_DELAY_US)));
+        let e = err(&format!("{ONE}[models.batching]\nmax_batch_size = 8\npreferred_batch_sizes = [4, 16]\n"));
+        assert!(e.starts_with("models[0].batching.preferred_batch_sizes: 16 is not between"), "{e}");
+        assert!(
+            err(&format!("{ONE}[models.batching]\nmax_batch_size = 0\n"))
+                .starts_with("models[0].batching.max_batch_size")
+        );
+        assert!(err(&format!("{ONE}[models.batching]\nmax_delay = 3\n")).contains("unknown field `max_delay`"));
+    }
+
+    #[test]
+    fn escalation_is_validated() {
+        let esc = |extra: &str| {
+            format!(
+                "{ONE}[models.escalation]\ncentral_url = \"http://127.0.0.1:8001\"\ncentral_model = \"c\"\nthreshold = 0.9\n{extra}"
+            )
+        };
+        let v = parse(&esc("")).unwrap();
+        let e = v.models[0].escalation.clone().unwrap();
+        assert_eq!(
+            (e.central_authority.as_str(), e.policy, e.threshold),
+            ("127.0.0.1:8001", Policy::MaxProbability, 0.9)
+        );
+        assert!(err(&esc("policy = \"vibes\"\n")).starts_with("models[0].escalation.policy: `vibes`"));
+        assert!(err(&esc("timeout_ms = 0\n")).starts_with("models[0].escalation.timeout_ms"));
+        let https = esc("").replace("http://", "https://");
+        assert!(err(&https).starts_with("models[0].escalation.central_ca: required for an https central_url"));
+        let bad = esc("").replace("http://127.0.0.1:8001", "http://host:8001/path");
+        assert!(err(&bad).starts_with("models[0].escalation.central_url"));
+        let bad = esc("").replace("threshold = 0.9", "threshold = 1.5");
+        assert!(err(&bad).starts_with("models[0].escalation.threshold"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = err(&format!("{ONE}queue_size = 3\n"));
+        assert!(e.contains("unknown field `queue_size`"), "{e}");
+        let e = err(&format!("[sever]\n{ONE}"));
+        assert!(e.contains("unknown field `sever`"), "{e}");
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let v =
+            parse(&format!("[server]\nlisten = \"0.0.0.0:8000\"\nauth_token = \"0123456789abcdef\"\n{ONE}")).unwrap();
+        assert!(v.auth_token.is_some());
+    }
+
+    #[test]
+    fn the_sample_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../outpost.toml");
+        let v = Config::read(&path).unwrap().validate().unwrap();
+        assert!(v.models.iter().any(|m| m.name == "digits-edge" && m.golden == GoldenSource::Beside));
+    }
+
+    #[test]
+    fn model_dir_serves_every_onnx_file() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let v = Config::from_model_dir(&dir).unwrap().validate().unwrap();
+        let names: Vec<&str> = v.models.iter().map(|m| m.name.as_str()).collect();
+        assert!(names.contains(&"digits-edge") && names.contains(&"digits-cnn"), "{names:?}");
+        assert!(!names.contains(&"digits-edge-qsoftmax"), "hazards/ is not served");
+    }
+}

@@ -1,0 +1,323 @@
+//! The console process: its arguments, the HTTP server, the state subscriptions feeding
+//! SQLite, and the loop that steps rollouts and sends their offers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use outpost_updater::mqtt::blobserver::{self, BlobServerConfig, ServerStats};
+use outpost_updater::mqtt::{Backoff, Topics, check_suback, valid_id};
+use outpost_updater::offer::Offer;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event};
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+
+use super::state::Console;
+use super::{api, catalog, db, ingest, rollout};
+use crate::fleet::BrokerArgs;
+
+#[derive(clap::Args)]
+pub struct ConsoleArgs {
+    /// Where the console keeps its database (console.db) and uploaded objects.
+    #[arg(long, default_value = "console-data")]
+    pub data: PathBuf,
+    /// The HTTP address of the API and the web page (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A file holding the access token (first line). Without it, the console makes one in
+    /// DATA/token (mode 0600) on first start and keeps it.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Each fleet's first root document (the fleet comes from the document): uploads are
+    /// verified against it, and the fleet's device states are followed.
+    #[arg(long = "root", required = true)]
+    pub roots: Vec<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// MQTT client id prefix (unique per console instance).
+    #[arg(long, default_value = "outpost-console")]
+    pub client_id: String,
+    /// The blob servers' shared-subscription group (consoles in one group share requests).
+    #[arg(long, default_value = "outpost-blobs")]
+    pub share_group: String,
+    /// Milliseconds between rollout steps.
+    #[arg(long, default_value_t = 500)]
+    pub tick_ms: u64,
+}
+
+pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
+    crate::init_logging();
+    let roots = catalog::Roots::load(&a.roots)?;
+    if let Some(bad) = roots.fleets().find(|f| !valid_id(f)) {
+        anyhow::bail!("fleet `{bad}`: letters, digits, - _ . only");
+    }
+    if !valid_id(&a.client_id) || !valid_id(&a.share_group) {
+        anyhow::bail!("--client-id and --share-group: letters, digits, - _ . only");
+    }
+    let objects = a.data.join("objects");
+    std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
+    let token = token(&a)?;
+    let conn = db::open(&a.data.join("console.db")).context("opening the console database")?;
+    let fleets: Vec<String> = roots.fleets().map(str::to_owned).collect();
+    let console = Arc::new(Console {
+        db: Mutex::new(conn),
+        objects: objects.clone(),
+        roots,
+        token,
+        blob_stats: Arc::new(ServerStats::default()),
+        bad_states: Default::default(),
+        states_ready: Default::default(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+        let mut broker = a.broker.config(&format!("{}-states", a.client_id))?;
+        broker.max_packet = ingest::MAX_STATE_BYTES as u32 + 1024;
+        let (client, eventloop) = AsyncClient::new(broker.options().map_err(anyhow::Error::msg)?, 8192);
+        let (states_tx, states_rx) = mpsc::channel(8192);
+        let prefix = a.broker.topic_prefix.clone();
+        tokio::spawn(follow_states(
+            console.clone(),
+            eventloop,
+            client.clone(),
+            prefix.clone(),
+            fleets.clone(),
+            states_tx,
+        ));
+        tokio::spawn(record_states(console.clone(), prefix.clone(), states_rx));
+        tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), Duration::from_millis(a.tick_ms.max(50))));
+        let blobs = BlobServerConfig {
+            broker: a.broker.config(&format!("{}-blobs", a.client_id))?,
+            prefix,
+            fleets,
+            share_group: a.share_group.clone(),
+            dirs: vec![objects],
+        };
+        let stats = console.blob_stats.clone();
+        tokio::spawn(async move {
+            if let Err(e) = blobserver::serve(blobs, stats).await {
+                tracing::error!(error = %e, "the blob server stopped");
+            }
+        });
+        tracing::info!(listen = %a.listen, data = %a.data.display(), "console ready");
+        axum::serve(listener, api::router(console))
+            .with_graceful_shutdown(async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = crate::fleet::sigterm() => {}
+                }
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn token(a: &ConsoleArgs) -> anyhow::Result<String> {
+    let read = |p: &PathBuf| -> anyhow::Result<String> {
+        let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let t = t.lines().next().unwrap_or_default().trim().to_owned();
+        anyhow::ensure!(t.len() >= 16, "{}: the token must be at least 16 characters", p.display());
+        Ok(t)
+    };
+    if let Some(p) = &a.token_file {
+        return read(p);
+    }
+    let p = a.data.join("token");
+    if p.exists() {
+        return read(&p);
+    }
+    let mut raw = [0u8; 24];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for the token: {e}"))?;
+    let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p)?;
+    std::io::Write::write_all(&mut f, format!("{t}\n").as_bytes())?;
+    eprintln!("outpostctl console: made an access token in {}", p.display());
+    Ok(t)
+}
+
+/// Keeps the states connection: subscribes to every fleet's state topics at each connect
+/// (the retained states arrive again) and passes messages on without waiting.
+async fn follow_states(
+    console: Arc<Console>,
+    mut eventloop: rumqttc::v5::EventLoop,
+    client: AsyncClient,
+    prefix: String,
+    fleets: Vec<String>,
+    tx: mpsc::Sender<(String, bytes::Bytes)>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                tracing::info!("console connected to the broker");
+                for f in &fleets {
+                    let filter = format!("{prefix}/{f}/devices/+/state");
+                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        tracing::warn!(error = %e, "subscribe not queued");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                check_suback(&ack);
+                console.states_ready.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                // A full queue drops the message: the device reports again on change and
+                // periodically, and the retained copy comes back at reconnect.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send((topic, p.payload)) {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "console lost the broker");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Writes states in batches, one transaction each (a thousand devices reporting at once is a
+/// few transactions, not a thousand fsyncs).
+async fn record_states(console: Arc<Console>, prefix: String, mut rx: mpsc::Receiver<(String, bytes::Bytes)>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let items = std::mem::take(&mut batch);
+        let c = console.clone();
+        let prefix = prefix.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let now = db::now_ms();
+            let mut conn = c.db();
+            let tx = match conn.transaction() {
+                Ok(tx) => tx,
+                Err(e) => return tracing::error!(error = %e, "cannot record states"),
+            };
+            for (topic, payload) in items {
+                if payload.is_empty() {
+                    continue;
+                }
+                let parsed = state_topic(&prefix, &topic)
+                    .ok_or_else(|| format!("not a state topic: {topic}"))
+                    .and_then(|(fleet, id)| ingest::parse(fleet, id, &payload));
+                match parsed {
+                    Ok(s) => {
+                        if let Err(e) = ingest::record(&tx, &s, now) {
+                            tracing::error!(error = %e, device = s.id, "state not recorded");
+                        }
+                    }
+                    Err(e) => {
+                        c.bad_states.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(topic, error = %e, "state ignored");
+                    }
+                }
+            }
+            if let Err(e) = tx.commit() {
+                tracing::error!(error = %e, "states not committed");
+            }
+        })
+        .await;
+        if done.is_err() {
+            tracing::error!("recording states panicked");
+        }
+    }
+}
+
+/// `{prefix}/{fleet}/devices/{id}/state` → (fleet, id).
+fn state_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (fleet, devices, id, state) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (devices == "devices" && state == "state" && parts.next().is_none() && valid_id(id)).then_some((fleet, id))
+}
+
+/// Publishes offers as retained `desired` messages: a release's signed offer (read once per
+/// release and step) with the device's attempt. Queued without waiting; false when the client's
+/// queue is full or the release is unreadable.
+struct OfferSender {
+    client: AsyncClient,
+    prefix: String,
+    offers: std::collections::HashMap<String, Option<Offer>>,
+}
+
+impl OfferSender {
+    fn new(client: &AsyncClient, prefix: &str) -> OfferSender {
+        OfferSender { client: client.clone(), prefix: prefix.to_owned(), offers: Default::default() }
+    }
+
+    fn send(&mut self, conn: &Connection, fleet: &str, device: &str, release: &str, attempt: u32) -> bool {
+        let offer = self.offers.entry(release.to_owned()).or_insert_with(|| {
+            let bytes: Vec<u8> =
+                conn.query_row("SELECT offer FROM releases WHERE id = ?1", [release], |r| r.get(0)).ok()?;
+            Offer::parse(&bytes).ok()
+        });
+        let Some(offer) = offer else { return false };
+        offer.attempt = attempt;
+        let topic = Topics::new(&self.prefix, fleet).desired(device);
+        self.client.try_publish(topic, QoS::AtLeastOnce, true, offer.to_bytes()).is_ok()
+    }
+}
+
+/// Steps every live rollout on a timer. Offers are queued to the MQTT client without waiting;
+/// one that cannot be queued leaves its device pending for the next step.
+async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration) {
+    // No step before the devices' retained states are in: a console that was down longer than
+    // a deadline would otherwise time out devices that answered while it was away.
+    while !console.states_ready.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Offers recorded as sent go out again: one queued just before a kill may never have left.
+    let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
+    let resent = tokio::task::spawn_blocking(move || {
+        let conn = c.db();
+        for (fleet, device, release, attempt) in rollout::outstanding(&conn)? {
+            sender.send(&conn, &fleet, &device, &release, attempt);
+        }
+        Ok::<_, rusqlite::Error>(())
+    })
+    .await;
+    if !matches!(resent, Ok(Ok(()))) {
+        tracing::error!("in-flight offers not sent again");
+    }
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
+        let done = tokio::task::spawn_blocking(move || {
+            let now = db::now_ms();
+            let mut conn = c.db();
+            let tx = conn.transaction()?;
+            rollout::tick(&tx, now, &mut |fleet, device, release, attempt| {
+                sender.send(&tx, fleet, device, release, attempt)
+            })?;
+            tx.commit()
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "rollout step failed"),
+            Err(_) => tracing::error!("rollout step panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn state_topics_name_a_fleet_and_a_device() {
+        assert_eq!(super::state_topic("outpost/v1", "outpost/v1/demo/devices/d-1/state"), Some(("demo", "d-1")));
+        assert_eq!(super::state_topic("outpost/v1", "outpost/v1/demo/devices/d-1/desired"), None);
+        assert_eq!(super::state_topic("outpost/v1", "outpost/v1/demo/devices/d-1/state/x"), None);
+        assert_eq!(super::state_topic("outpost/v1", "other/demo/devices/d/state"), None);
+    }
+}
