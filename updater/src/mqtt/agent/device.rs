@@ -1,0 +1,19 @@
+//! What the agent needs from the device it runs on.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::Refusal;
+use crate::apply::{Applied, Updater};
+
+/// What the agent needs from the device.
+pub trait Device: Send + Sync + 'static {
+    /// Runs `f` with the device's updater (store and target), one caller at a time.
+    fn with_updater<R>(&self, f: impl FnOnce(&Updater) -> R) -> R;
+    /// Applies a release directory (verify, stage, health check, commit, activate).
+    fn apply(&self, dir: &Path) -> Result<Applied, Refusal>;
+    /// The device's part of its report: `runtime`, `models`, `stats` (since the last call),
+    /// `resources`.
+    fn report(&self) -> Map<String, Value>;
+}

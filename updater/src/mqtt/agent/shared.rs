@@ -1,0 +1,176 @@
+//! What the agent's tasks share: settings, the device, the MQTT client and the status, and
+//! the helpers every task uses (state changes, refusals kept across restarts, the report).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rumqttc::v5::AsyncClient;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::device::Device;
+use super::settings::AgentConfig;
+use super::status::{ConnectionStatus, ErrorReport, UpdateStatus};
+use crate::Refusal;
+use crate::time;
+
+pub(crate) struct Shared<D> {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) device: Arc<D>,
+    pub(crate) client: AsyncClient,
+    pub(crate) update: Mutex<UpdateStatus>,
+    pub(crate) conn: Mutex<ConnectionStatus>,
+    pub(crate) report_now: Notify,
+    pub(crate) seq: AtomicU64,
+    pub(crate) dropped_replies: AtomicU64,
+    /// The largest reply the current transfer can use (0: no transfer).
+    pub(crate) reply_max: AtomicU64,
+    /// Set by [`Agent::shutdown`]: no more reports, offers or reconnects.
+    pub(crate) stopping: AtomicBool,
+}
+
+/// Chunk replies queued between the connection and the transfer at most.
+pub(crate) const REPLY_QUEUE: usize = 64;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn offline_payload(cfg: &AgentConfig) -> Vec<u8> {
+    serde_json::to_vec(&json!({"device": cfg.device_id, "fleet": cfg.fleet, "online": false})).expect("json")
+}
+
+/// Why a transfer stopped.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// A new offer arrived: start over with it.
+    Superseded,
+    Failed {
+        kind: &'static str,
+        reason: String,
+    },
+    /// The release itself cannot be transferred (no chunk hashes for a large object).
+    Refused(Refusal),
+}
+
+pub(crate) fn failed(kind: &'static str, reason: impl Into<String>) -> Failure {
+    Failure::Failed { kind, reason: reason.into() }
+}
+
+pub(crate) enum Outcome {
+    Done,
+    Superseded,
+    Failed,
+}
+
+/// An offer refused for good in this device's trusted state (kept across restarts, so a
+/// retained offer is not examined again): keyed by the offer's exact bytes and the trusted root
+/// and last release number, so neither another offer of the same release (say with junk roots
+/// beside it) nor a change of the device's state inherits it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct RefusedRecord {
+    pub(crate) key: String,
+    pub(crate) release: String,
+    pub(crate) kind: String,
+    pub(crate) reason: String,
+    pub(crate) at: String,
+}
+
+impl<D: Device> Shared<D> {
+    pub(crate) fn set_state(&self, f: impl FnOnce(&mut UpdateStatus)) {
+        f(&mut lock(&self.update));
+        self.report_now.notify_one();
+    }
+
+    pub(crate) fn error_report(kind: &str, reason: &str, release: Option<&str>) -> ErrorReport {
+        ErrorReport {
+            kind: kind.into(),
+            reason: reason.into(),
+            at: time::format(SystemTime::now()),
+            release: release.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn refused_path(&self) -> PathBuf {
+        self.cfg.downloads.join("refused.json")
+    }
+
+    pub(crate) fn refused_record(&self, key: &str) -> Option<RefusedRecord> {
+        let bytes = std::fs::read(self.refused_path()).ok()?;
+        serde_json::from_slice::<RefusedRecord>(&bytes).ok().filter(|r| r.key == key)
+    }
+
+    /// Reports a refusal; records it under `key` unless it may pass later without a new offer
+    /// (the device not provisioned yet, its storage failing, its clock behind).
+    pub(crate) fn refuse(&self, key: Option<&str>, id: Option<&str>, release: Option<Value>, r: &Refusal) {
+        use crate::error::RefusalKind::{Expired, Missing, Storage};
+        tracing::warn!(kind = r.kind.as_str(), reason = %r.detail, "offer refused; nothing changed");
+        if let (Some(key), Some(id)) = (key, id)
+            && !matches!(r.kind, Missing | Storage | Expired)
+        {
+            let rec = RefusedRecord {
+                key: key.into(),
+                release: id.into(),
+                kind: r.kind.as_str().into(),
+                reason: r.detail.clone(),
+                at: time::format(SystemTime::now()),
+            };
+            let _ = std::fs::create_dir_all(&self.cfg.downloads);
+            let _ = std::fs::write(self.refused_path(), serde_json::to_vec(&rec).expect("json"));
+        }
+        self.set_state(|u| {
+            u.state = "refused";
+            u.release = release;
+            u.progress = None;
+            u.retry_in_secs = None;
+            u.last_error = Some(Self::error_report(r.kind.as_str(), &r.detail, id));
+        });
+    }
+
+    /// Removes downloads of other releases.
+    pub(crate) fn clean_downloads(&self, keep: Option<&str>) {
+        if let Ok(entries) = std::fs::read_dir(&self.cfg.downloads) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() && Some(name.as_str()) != keep {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn blocking<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> R + Send + 'static,
+    ) -> R {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.expect("update task panicked")
+    }
+}
+
+impl<D: Device> Shared<D> {
+    /// The retained state report.
+    pub(crate) fn state_doc(&self) -> Value {
+        let mut doc = self.device.report();
+        let release = self.device.with_updater(|u| {
+            let current = u.store.current().ok().flatten()?;
+            let active = current.active?;
+            let d = u.store.release(&active).ok()?;
+            Some(json!({"id": active, "number": d.number}))
+        });
+        let cfg = &self.cfg;
+        doc.insert("device".into(), json!(cfg.device_id));
+        doc.insert("fleet".into(), json!(cfg.fleet));
+        doc.insert("group".into(), json!(cfg.group));
+        doc.insert("online".into(), json!(true));
+        doc.insert("release".into(), json!(release));
+        let mut update = serde_json::to_value(&*lock(&self.update)).expect("json");
+        update["dropped_replies"] = json!(self.dropped_replies.load(Ordering::Relaxed));
+        doc.insert("update".into(), update);
+        doc.insert("seq".into(), json!(self.seq.fetch_add(1, Ordering::Relaxed)));
+        doc.insert("at".into(), json!(time::format(SystemTime::now())));
+        Value::Object(doc)
+    }
+}

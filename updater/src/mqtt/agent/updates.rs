@@ -1,0 +1,212 @@
+//! The update task: one offer at a time, from its verification to the applied release.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use super::device::Device;
+use super::shared::{Failure, Outcome, Shared, lock};
+use super::status::ErrorReport;
+use crate::Refusal;
+use crate::offer::Offer;
+use crate::time;
+
+pub(crate) async fn run_updates<D: Device>(
+    s: Arc<Shared<D>>,
+    mut desired: watch::Receiver<Option<Bytes>>,
+    mut replies: mpsc::Receiver<Bytes>,
+    mut connected: watch::Receiver<bool>,
+) {
+    let mut pending = false;
+    let mut attempts = 0u32;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        if !pending {
+            let changed = match retry_at {
+                Some(at) => tokio::select! {
+                    r = desired.changed() => { if r.is_err() { return; } true }
+                    _ = tokio::time::sleep_until(at) => false,
+                },
+                None => {
+                    if desired.changed().await.is_err() {
+                        return;
+                    }
+                    true
+                }
+            };
+            if changed {
+                attempts = 0;
+            }
+        }
+        pending = false;
+        retry_at = None;
+        if s.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(bytes) = desired.borrow_and_update().clone() else {
+            // The offer was withdrawn (an empty retained message): stop and say so.
+            s.clean_downloads(None);
+            s.set_state(|u| {
+                u.state = "idle";
+                u.progress = None;
+                u.retry_in_secs = None;
+            });
+            continue;
+        };
+        attempts += 1;
+        lock(&s.update).attempt = attempts;
+        match s.handle(&bytes, &mut desired, &mut replies, &mut connected).await {
+            Outcome::Done => attempts = 0,
+            Outcome::Superseded => {
+                pending = true;
+                attempts = 0;
+            }
+            Outcome::Failed => {
+                // Doubling from retry_after; past max_attempts, once an hour (a fleet's blob
+                // servers may be down for a while: a device must not stay stuck until restarted).
+                let hour = Duration::from_secs(3600);
+                let wait = if attempts < s.cfg.max_attempts {
+                    s.cfg.retry_after.saturating_mul(1 << (attempts - 1).min(10)).min(hour)
+                } else {
+                    tracing::warn!(attempts, "download keeps failing; trying again hourly");
+                    hour
+                };
+                let wait = wait.mul_f64(0.75 + 0.25 * crate::mqtt::random_unit());
+                lock(&s.update).retry_in_secs = Some(wait.as_secs());
+                retry_at = Some(tokio::time::Instant::now() + wait);
+                s.report_now.notify_one();
+            }
+        }
+    }
+}
+
+impl<D: Device> Shared<D> {
+    async fn handle(
+        self: &Arc<Self>,
+        bytes: &Bytes,
+        desired: &mut watch::Receiver<Option<Bytes>>,
+        replies: &mut mpsc::Receiver<Bytes>,
+        connected: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let offer = match Offer::parse(bytes) {
+            Ok(o) => o,
+            Err(r) => {
+                self.refuse(None, None, None, &r);
+                return Outcome::Done;
+            }
+        };
+        let id = offer.release_id();
+        let number = offer.unverified_doc().ok().map(|d| d.number);
+        // The offer's attempt tells the console which of its offers this report answers.
+        let release = json!({"id": id, "number": number, "attempt": offer.attempt});
+        let o = offer.clone();
+        let (active, trusted) = self
+            .blocking(move |s| {
+                s.device.with_updater(|u| {
+                    let current = u.store.current().ok().flatten();
+                    let trusted = current.map(|c| format!("{} {:?}", c.root, c.last_number)).unwrap_or_default();
+                    (u.is_active(&o), trusted)
+                })
+            })
+            .await;
+        let key = crate::sha256_hex(&[&bytes[..], b"\n", trusted.as_bytes()].concat());
+        if active {
+            self.clean_downloads(None);
+            self.set_state(|u| {
+                u.state = "idle";
+                u.progress = None;
+                u.retry_in_secs = None;
+            });
+            return Outcome::Done;
+        }
+        if let Some(rec) = self.refused_record(&key) {
+            self.set_state(|u| {
+                u.state = "refused";
+                u.release = Some(release);
+                u.last_error = Some(ErrorReport { kind: rec.kind, reason: rec.reason, at: rec.at, release: Some(id) });
+            });
+            return Outcome::Done;
+        }
+        self.set_state(|u| {
+            u.state = "verifying";
+            u.release = Some(release.clone());
+            u.retry_in_secs = None;
+        });
+        // Verified before a byte is fetched: a replayed, misdirected or badly signed offer
+        // costs nothing but this check.
+        let o = offer.clone();
+        let verified = self
+            .blocking(move |s| {
+                s.device.with_updater(|u| {
+                    let v = u.verify(&o, SystemTime::now())?;
+                    let plan = u.plan(&v.doc)?;
+                    Ok::<_, Refusal>((v.doc, plan))
+                })
+            })
+            .await;
+        let (doc, plan) = match verified {
+            Ok(v) => v,
+            Err(r) => {
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
+                return Outcome::Done;
+            }
+        };
+        let dir = self.cfg.downloads.join(&id);
+        self.clean_downloads(Some(&id));
+        if let Err(r) = offer.write_dir(&dir) {
+            return self.transfer_failed("storage", &r.detail, &id);
+        }
+        tracing::info!(number = doc.number, objects = plan.len(), "downloading release");
+        let started = Instant::now();
+        match self.transfer(&doc, &dir, &plan, desired, replies, connected).await {
+            Ok(()) => {}
+            Err(Failure::Superseded) => return Outcome::Superseded,
+            Err(Failure::Failed { kind, reason }) => return self.transfer_failed(kind, &reason, &id),
+            Err(Failure::Refused(r)) => {
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
+                return Outcome::Done;
+            }
+        }
+        let download_ms = started.elapsed().as_millis() as u64;
+        self.set_state(|u| u.state = "applying");
+        let d = dir.clone();
+        match self.blocking(move |s| s.device.apply(&d)).await {
+            Ok(applied) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                let progress = lock(&self.update).progress.clone();
+                self.set_state(|u| {
+                    u.state = "idle";
+                    u.last_applied = Some(json!({
+                        "number": applied.number,
+                        "release": applied.release,
+                        "models": applied.models,
+                        "download_ms": download_ms,
+                        "apply_ms": applied.millis,
+                        "transfer": progress,
+                        "at": time::format(SystemTime::now()),
+                    }));
+                    u.progress = None;
+                });
+                Outcome::Done
+            }
+            Err(r) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                self.refuse(Some(&key), Some(&id), Some(release), &r);
+                Outcome::Done
+            }
+        }
+    }
+
+    pub(crate) fn transfer_failed(&self, kind: &'static str, reason: &str, id: &str) -> Outcome {
+        tracing::warn!(kind, reason, "release download failed; the current release keeps serving");
+        self.set_state(|u| {
+            u.state = "failed";
+            u.last_error = Some(Self::error_report(kind, reason, Some(id)));
+        });
+        Outcome::Failed
+    }
+}
