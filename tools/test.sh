@@ -37,6 +37,9 @@ tools/fetch-real-models.sh
 stage "cargo fmt"
 cargo fmt --all -- --check
 
+stage "source layout (no import cycle between a crate's files, no file over 600 lines)"
+python3 tools/check-layout.py
+
 stage "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 

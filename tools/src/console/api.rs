@@ -124,7 +124,7 @@ fn list_rollouts(conn: &rusqlite::Connection, limit: i64) -> Result<Vec<Value>, 
         .collect::<Result<_, _>>()?;
     let mut out = Vec::new();
     for id in ids {
-        out.extend(rollout::show(conn, id)?);
+        out.extend(rollout::view::show(conn, id)?);
     }
     Ok(out)
 }
@@ -262,19 +262,20 @@ async fn rollouts(State(c): Shared, Query(q): Query<ListQuery>) -> Json {
 }
 
 async fn start_rollout(State(c): Shared, body: Bytes) -> Json {
-    let req: rollout::StartRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("rollout request: {e}")))?;
+    let req: rollout::spec::StartRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("rollout request: {e}")))?;
     with_db(c, move |conn| {
         let tx = conn.transaction()?;
-        let id = rollout::start(&tx, &req, db::now_ms()).map_err(bad)?;
+        let id = rollout::store::start(&tx, &req, db::now_ms()).map_err(bad)?;
         tx.commit()?;
-        Ok(axum::Json(rollout::show(conn, id)?.unwrap_or(Value::Null)))
+        Ok(axum::Json(rollout::view::show(conn, id)?.unwrap_or(Value::Null)))
     })
     .await
 }
 
 async fn show_rollout(State(c): Shared, Path(id): Path<i64>) -> Json {
     with_db(c, move |conn| {
-        rollout::show(conn, id)?.map(axum::Json).ok_or_else(|| not_found(format!("no rollout {id}")))
+        rollout::view::show(conn, id)?.map(axum::Json).ok_or_else(|| not_found(format!("no rollout {id}")))
     })
     .await
 }
@@ -285,7 +286,7 @@ async fn act(State(c): Shared, Path((id, action)): Path<(i64, String)>) -> Json 
     }
     with_db(c, move |conn| {
         let tx = conn.transaction()?;
-        let r = rollout::act(&tx, id, &action, db::now_ms()).map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+        let r = rollout::store::act(&tx, id, &action, db::now_ms()).map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
         tx.commit()?;
         Ok(axum::Json(r))
     })

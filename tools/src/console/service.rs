@@ -279,7 +279,7 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
     let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
     let resent = tokio::task::spawn_blocking(move || {
         let conn = c.db();
-        for (fleet, device, release, attempt) in rollout::outstanding(&conn)? {
+        for (fleet, device, release, attempt) in rollout::store::outstanding(&conn)? {
             sender.send(&conn, &fleet, &device, &release, attempt);
         }
         Ok::<_, rusqlite::Error>(())
@@ -297,7 +297,7 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
             let now = db::now_ms();
             let mut conn = c.db();
             let tx = conn.transaction()?;
-            rollout::tick(&tx, now, &mut |fleet, device, release, attempt| {
+            rollout::store::tick(&tx, now, &mut |fleet, device, release, attempt| {
                 sender.send(&tx, fleet, device, release, attempt)
             })?;
             tx.commit()

@@ -1,128 +1,13 @@
-//! Rollouts: waves, thresholds, rate limit, deadlines, and the operator's actions. Everything a
-//! rollout knows is in the database; [`tick`] moves each live rollout one step from what is
-//! there, so a console restarted mid-rollout carries on from exactly where it was.
+//! The rollout state machine's SQL side: starting a rollout, the operator's actions, and
+//! [`tick`], which reads each live rollout and the counts the decision needs, asks
+//! [`decide`](super::decide::decide) what to do, and does it.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::db::event;
-
-/// One wave: a number of devices or a share of the selected devices (cumulative).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Wave {
-    Count(u64),
-    Percent(f64),
-}
-
-impl Wave {
-    fn parse(s: &str) -> Result<Wave, String> {
-        let s = s.trim();
-        if let Some(p) = s.strip_suffix('%') {
-            let p: f64 = p.trim().parse().map_err(|_| format!("wave `{s}`: not a percentage"))?;
-            if !(p > 0.0 && p <= 100.0) {
-                return Err(format!("wave `{s}`: a share must be above 0% and at most 100%"));
-            }
-            Ok(Wave::Percent(p))
-        } else {
-            let n: u64 = s.parse().map_err(|_| format!("wave `{s}`: a device count or a share like 10%"))?;
-            if n == 0 {
-                return Err(format!("wave `{s}`: at least one device"));
-            }
-            Ok(Wave::Count(n))
-        }
-    }
-
-    fn label(&self) -> String {
-        match self {
-            Wave::Count(n) => n.to_string(),
-            Wave::Percent(p) => format!("{p}%"),
-        }
-    }
-
-    /// How many of `total` devices this wave reaches.
-    fn reach(&self, total: u64) -> u64 {
-        match *self {
-            Wave::Count(n) => n.min(total),
-            Wave::Percent(p) => ((p / 100.0 * total as f64).ceil() as u64).min(total),
-        }
-    }
-}
-
-/// Parses `1,10%,50%,100%`. The last wave must be 100%: a rollout is complete when every
-/// selected device has it, and devices that join later get it too.
-pub fn parse_waves(s: &str) -> Result<Vec<Wave>, String> {
-    let waves = s.split(',').map(Wave::parse).collect::<Result<Vec<_>, _>>()?;
-    if waves.len() > 20 {
-        return Err("at most 20 waves".into());
-    }
-    if waves.last() != Some(&Wave::Percent(100.0)) {
-        return Err("the last wave must be 100%".into());
-    }
-    Ok(waves)
-}
-
-/// An error threshold: a count (`5`) or a share of the devices offered so far (`10%`).
-pub fn parse_errors(s: &str) -> Result<(f64, bool), String> {
-    let s = s.trim();
-    match s.strip_suffix('%') {
-        Some(p) => match p.trim().parse::<f64>() {
-            Ok(p) if (0.0..=100.0).contains(&p) => Ok((p, true)),
-            _ => Err(format!("error threshold `{s}`: a share from 0% to 100%")),
-        },
-        None => s
-            .parse::<u64>()
-            .map(|n| (n as f64, false))
-            .map_err(|_| format!("error threshold `{s}`: a count or a share like 10%")),
-    }
-}
-
-/// A rollout request (the JSON API's `POST /api/rollouts`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StartRequest {
-    /// A release id or a unique prefix of one (8 characters or more).
-    #[serde(default)]
-    pub release: Option<String>,
-    /// Or the release number, with `fleet` (and `group`, default `default`).
-    #[serde(default)]
-    pub number: Option<u64>,
-    #[serde(default)]
-    pub fleet: Option<String>,
-    #[serde(default)]
-    pub group: Option<String>,
-    #[serde(default)]
-    pub labels: Map<String, Value>,
-    #[serde(default = "default_waves")]
-    pub waves: String,
-    /// Per wave: the share of its devices that must succeed before the next wave.
-    #[serde(default = "default_success")]
-    pub success_pct: f64,
-    #[serde(default)]
-    pub soak_secs: f64,
-    /// Failures (count or share) that pause the rollout.
-    #[serde(default = "default_errors")]
-    pub errors: String,
-    /// Devices offered per minute at most (0: no limit).
-    #[serde(default)]
-    pub rate_per_min: u64,
-    /// A device that has not answered within this many seconds of its offer counts as timed out.
-    #[serde(default = "default_deadline")]
-    pub deadline_secs: f64,
-}
-
-fn default_waves() -> String {
-    "1,10%,50%,100%".into()
-}
-fn default_success() -> f64 {
-    100.0
-}
-fn default_errors() -> String {
-    "5%".into()
-}
-fn default_deadline() -> f64 {
-    900.0
-}
+use super::decide::{Counts, Decision, Live, decide};
+use super::spec::{StartRequest, Wave, parse_errors, parse_waves};
+use crate::console::db::event;
 
 /// Starts a rollout; older live rollouts of the same fleet and group are superseded.
 pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, String> {
@@ -275,31 +160,6 @@ pub fn act(conn: &Connection, id: i64, action: &str, now: i64) -> Result<Value, 
     Ok(json!({"rollout": id, "action": action}))
 }
 
-fn count(conn: &Connection, id: i64, filter: &str) -> rusqlite::Result<i64> {
-    conn.query_row(&format!("SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND {filter}"), [id], |r| {
-        r.get(0)
-    })
-}
-
-struct Live {
-    id: i64,
-    release_id: String,
-    fleet: String,
-    group: String,
-    labels: Map<String, Value>,
-    waves: Vec<Wave>,
-    success_pct: f64,
-    soak_ms: i64,
-    error_limit: f64,
-    error_is_pct: bool,
-    rate_per_min: i64,
-    deadline_ms: i64,
-    state: String,
-    wave: usize,
-    wave_done: Option<i64>,
-    resumed: i64,
-}
-
 /// Sends one offer: `(fleet, device, release id, attempt)`; false when it could not be queued
 /// (the device stays pending and is offered on a later tick).
 pub type Offer<'a> = dyn FnMut(&str, &str, &str, u32) -> bool + 'a;
@@ -345,6 +205,8 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
     Ok(())
 }
 
+/// One live rollout's step: adopt newly selected devices, take states that show the release
+/// as successes, time out silent devices, then do what [`decide`] says.
 fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
     adopt(conn, r, now)?;
     // A device whose state already shows the release has it, whatever its row says (say the
@@ -363,77 +225,45 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
         )?;
         event(conn, now, Some(r.id), None, to, reason)
     };
-    if r.state == "paused" {
-        return Ok(());
-    }
-    let total = count(conn, r.id, "1")? as u64;
-    if total == 0 {
-        return Ok(());
-    }
-    let offered_so_far = count(conn, r.id, "status != 'pending'")?;
-    let new_failures: i64 = conn.query_row(
-        "SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND status IN ('failed', 'timed_out') AND finished > ?2",
-        params![r.id, r.resumed],
-        |x| x.get(0),
-    )?;
-    let new_failures = new_failures as f64;
-    let limit = if r.error_is_pct { r.error_limit / 100.0 * offered_so_far as f64 } else { r.error_limit };
-    if new_failures > 0.0 && new_failures > limit {
-        let how = if r.error_is_pct { format!("{}%", r.error_limit) } else { format!("{}", r.error_limit) };
-        return set_state("paused", &format!("error threshold: {new_failures} failed or timed out, over {how}"));
-    }
-    let last = r.waves.len().saturating_sub(1);
-    let wave = if r.state == "completed" { last } else { r.wave.min(last) };
-    let target = r.waves[..=wave].iter().map(|w| w.reach(total)).max().unwrap_or(total);
-    let in_flight = count(conn, r.id, "status = 'offered'")?;
-    let pending = count(conn, r.id, "status = 'pending'")?;
-    if (offered_so_far as u64) < target && pending > 0 {
-        let budget = target - offered_so_far as u64;
-        let budget = if r.rate_per_min > 0 {
-            let recent: i64 = conn.query_row(
-                "SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND offered > ?2",
-                params![r.id, now - 60_000],
-                |x| x.get(0),
-            )?;
-            budget.min((r.rate_per_min - recent).max(0) as u64)
-        } else {
-            budget
-        };
-        return offer_some(conn, r, wave, budget, now, offer);
-    }
-    if r.state == "completed" || in_flight > 0 {
-        return Ok(());
-    }
-    // The wave is fully offered and answered: did enough of it succeed?
-    let (ok, all): (i64, i64) = conn.query_row(
-        "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FROM rollout_devices
-         WHERE rollout_id = ?1 AND wave = ?2 AND status != 'pending'",
-        params![r.id, wave as i64],
-        |x| Ok((x.get(0)?, x.get(1)?)),
-    )?;
-    let pct = if all == 0 { 100.0 } else { ok as f64 * 100.0 / all as f64 };
-    if r.wave_done.is_none() && pct + 1e-9 < r.success_pct {
-        return set_state("paused", &format!("wave {}: {pct:.1}% succeeded, below {}%", wave + 1, r.success_pct));
-    }
-    match r.wave_done {
-        None => {
+    match decide(r, &counts(conn, r, now)?, now) {
+        Decision::Wait => Ok(()),
+        Decision::Pause(reason) => set_state("paused", &reason),
+        Decision::Offer { wave, budget } => offer_some(conn, r, wave, budget, now, offer),
+        Decision::WaveDone { wave, succeeded, offered } => {
             conn.execute("UPDATE rollouts SET wave_done = ?2, updated = ?2 WHERE id = ?1", params![r.id, now])?;
-            event(conn, now, Some(r.id), None, "wave", &format!("wave {} done: {ok} of {all} succeeded", wave + 1))?;
+            let what = format!("wave {} done: {succeeded} of {offered} succeeded", wave + 1);
+            event(conn, now, Some(r.id), None, "wave", &what)
         }
-        Some(done) if now - done >= r.soak_ms => {
-            if wave >= last {
-                set_state("completed", "every wave done")?;
-            } else {
-                conn.execute(
-                    "UPDATE rollouts SET wave = ?2, wave_done = NULL, updated = ?3 WHERE id = ?1",
-                    params![r.id, wave as i64 + 1, now],
-                )?;
-                event(conn, now, Some(r.id), None, "wave", &format!("wave {} opened", wave + 2))?;
-            }
+        Decision::OpenWave(next) => {
+            conn.execute(
+                "UPDATE rollouts SET wave = ?2, wave_done = NULL, updated = ?3 WHERE id = ?1",
+                params![r.id, next as i64, now],
+            )?;
+            event(conn, now, Some(r.id), None, "wave", &format!("wave {} opened", next + 1))
         }
-        Some(_) => {}
+        Decision::Complete => set_state("completed", "every wave done"),
     }
-    Ok(())
+}
+
+/// The counts [`decide`] reads, for the rollout's current wave.
+fn counts(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<Counts> {
+    let n = |filter: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<u64> {
+        let sql = format!("SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND {filter}");
+        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&r.id];
+        all.extend_from_slice(p);
+        conn.query_row(&sql, all.as_slice(), |x| x.get::<_, i64>(0)).map(|v| v as u64)
+    };
+    let wave = r.current_wave() as i64;
+    Ok(Counts {
+        total: n("1", &[])?,
+        offered: n("status != 'pending'", &[])?,
+        new_failures: n("status IN ('failed', 'timed_out') AND finished > ?2", &[&r.resumed])?,
+        in_flight: n("status = 'offered'", &[])?,
+        pending: n("status = 'pending'", &[])?,
+        recent_offers: n("offered > ?2", &[&(now - 60_000)])?,
+        wave_succeeded: n("wave = ?2 AND status = 'succeeded'", &[&wave])?,
+        wave_offered: n("wave = ?2 AND status != 'pending'", &[&wave])?,
+    })
 }
 
 /// Adds devices the selector now matches (late joiners included); those that already run the
@@ -534,119 +364,12 @@ pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<(String, String, S
     s.query_map([], |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)))?.collect()
 }
 
-/// A rollout as the API shows it: settings, per-wave progress and the failures with reasons.
-pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
-    let Some(mut v) = conn
-        .query_row(
-            "SELECT r.id, r.release_id, rel.number, r.fleet, r.grp, r.labels, r.waves, r.success_pct, r.soak_ms,
-                    r.error_limit, r.error_is_pct, r.rate_per_min, r.deadline_ms, r.state, r.reason, r.wave, r.created, r.updated
-             FROM rollouts r JOIN releases rel ON rel.id = r.release_id WHERE r.id = ?1",
-            [id],
-            |r| {
-                let waves: Vec<String> = serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default();
-                let limit: f64 = r.get(9)?;
-                let pct: bool = r.get(10)?;
-                Ok(json!({
-                    "id": r.get::<_, i64>(0)?,
-                    "release": r.get::<_, String>(1)?,
-                    "number": r.get::<_, i64>(2)?,
-                    "fleet": r.get::<_, String>(3)?,
-                    "group": r.get::<_, String>(4)?,
-                    "labels": serde_json::from_str::<Value>(&r.get::<_, String>(5)?).unwrap_or(json!({})),
-                    "wave_spec": waves,
-                    "success_pct": r.get::<_, f64>(7)?,
-                    "soak_secs": r.get::<_, i64>(8)? as f64 / 1000.0,
-                    "errors": if pct { format!("{limit}%") } else { format!("{limit}") },
-                    "rate_per_min": r.get::<_, i64>(11)?,
-                    "deadline_secs": r.get::<_, i64>(12)? as f64 / 1000.0,
-                    "state": r.get::<_, String>(13)?,
-                    "reason": r.get::<_, Option<String>>(14)?,
-                    "wave": r.get::<_, i64>(15)? + 1,
-                    "created": r.get::<_, i64>(16)?,
-                    "updated": r.get::<_, i64>(17)?,
-                }))
-            },
-        )
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let mut by =
-        conn.prepare("SELECT wave, status, count(*) FROM rollout_devices WHERE rollout_id = ?1 GROUP BY wave, status")?;
-    let rows: Vec<(Option<i64>, String, i64)> =
-        by.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-    let total: i64 = rows.iter().map(|r| r.2).sum();
-    let spec: Vec<Wave> =
-        v["wave_spec"].as_array().into_iter().flatten().filter_map(|w| Wave::parse(w.as_str()?).ok()).collect();
-    let mut totals = Map::new();
-    for (_, status, n) in &rows {
-        let e = totals.entry(status.clone()).or_insert(json!(0));
-        *e = json!(e.as_i64().unwrap_or(0) + n);
-    }
-    let mut reached_before = 0;
-    let waves: Vec<Value> = spec
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let reach = spec[..=i].iter().map(|w| w.reach(total as u64)).max().unwrap_or(0);
-            let mut counts = Map::new();
-            for (wave, status, n) in &rows {
-                if *wave == Some(i as i64) {
-                    counts.insert(status.clone(), json!(n));
-                }
-            }
-            let size = reach.saturating_sub(reached_before);
-            reached_before = reached_before.max(reach);
-            json!({"wave": i + 1, "spec": w.label(), "size": size, "counts": counts})
-        })
-        .collect();
-    v["devices"] = json!(total);
-    v["counts"] = Value::Object(totals);
-    v["waves"] = json!(waves);
-    let mut f = conn.prepare(
-        "SELECT device_id, status, reason, attempt, finished FROM rollout_devices
-         WHERE rollout_id = ?1 AND status IN ('failed', 'timed_out') ORDER BY finished DESC LIMIT 200",
-    )?;
-    let failures: Vec<Value> = f
-        .query_map([id], |r| {
-            Ok(json!({"device": r.get::<_, String>(0)?, "status": r.get::<_, String>(1)?,
-                      "reason": r.get::<_, Option<String>>(2)?, "attempt": r.get::<_, i64>(3)? + 1,
-                      "at": r.get::<_, Option<i64>>(4)?}))
-        })?
-        .collect::<Result<_, _>>()?;
-    v["failures"] = json!(failures);
-    Ok(Some(v))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waves_and_thresholds_parse_and_bad_ones_say_why() {
-        assert_eq!(
-            parse_waves("1,10%,50%,100%").unwrap(),
-            vec![Wave::Count(1), Wave::Percent(10.0), Wave::Percent(50.0), Wave::Percent(100.0)]
-        );
-        assert!(parse_waves("1,10%").unwrap_err().contains("100%"));
-        assert!(parse_waves("0,100%").unwrap_err().contains("at least one"));
-        assert!(parse_waves("150%").unwrap_err().contains("at most 100%"));
-        assert!(parse_waves("x,100%").unwrap_err().contains("device count"));
-        assert_eq!(parse_errors("5").unwrap(), (5.0, false));
-        assert_eq!(parse_errors("10%").unwrap(), (10.0, true));
-        assert!(parse_errors("-1").is_err());
-        assert!(parse_errors("120%").is_err());
-        // Reach rounds up, and never past the devices there are.
-        assert_eq!(Wave::Percent(10.0).reach(51), 6);
-        assert_eq!(Wave::Count(5).reach(3), 3);
-    }
-}
-
 /// The state machine driven by hand: states recorded as devices would send them, steps at
 /// chosen times, offers collected instead of published.
 #[cfg(test)]
 mod machine {
     use super::*;
+    use crate::console::rollout::view::show;
     use crate::console::{db, ingest};
 
     struct Fleet {

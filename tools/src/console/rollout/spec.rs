@@ -1,0 +1,144 @@
+//! What a rollout is asked to do: its waves, error threshold and the rest of a start request.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// One wave: a number of devices or a share of the selected devices (cumulative).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Wave {
+    Count(u64),
+    Percent(f64),
+}
+
+impl Wave {
+    pub fn parse(s: &str) -> Result<Wave, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| format!("wave `{s}`: not a percentage"))?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!("wave `{s}`: a share must be above 0% and at most 100%"));
+            }
+            Ok(Wave::Percent(p))
+        } else {
+            let n: u64 = s.parse().map_err(|_| format!("wave `{s}`: a device count or a share like 10%"))?;
+            if n == 0 {
+                return Err(format!("wave `{s}`: at least one device"));
+            }
+            Ok(Wave::Count(n))
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Wave::Count(n) => n.to_string(),
+            Wave::Percent(p) => format!("{p}%"),
+        }
+    }
+
+    /// How many of `total` devices this wave reaches.
+    pub fn reach(&self, total: u64) -> u64 {
+        match *self {
+            Wave::Count(n) => n.min(total),
+            Wave::Percent(p) => ((p / 100.0 * total as f64).ceil() as u64).min(total),
+        }
+    }
+}
+
+/// Parses `1,10%,50%,100%`. The last wave must be 100%: a rollout is complete when every
+/// selected device has it, and devices that join later get it too.
+pub fn parse_waves(s: &str) -> Result<Vec<Wave>, String> {
+    let waves = s.split(',').map(Wave::parse).collect::<Result<Vec<_>, _>>()?;
+    if waves.len() > 20 {
+        return Err("at most 20 waves".into());
+    }
+    if waves.last() != Some(&Wave::Percent(100.0)) {
+        return Err("the last wave must be 100%".into());
+    }
+    Ok(waves)
+}
+
+/// An error threshold: a count (`5`) or a share of the devices offered so far (`10%`).
+pub fn parse_errors(s: &str) -> Result<(f64, bool), String> {
+    let s = s.trim();
+    match s.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<f64>() {
+            Ok(p) if (0.0..=100.0).contains(&p) => Ok((p, true)),
+            _ => Err(format!("error threshold `{s}`: a share from 0% to 100%")),
+        },
+        None => s
+            .parse::<u64>()
+            .map(|n| (n as f64, false))
+            .map_err(|_| format!("error threshold `{s}`: a count or a share like 10%")),
+    }
+}
+
+/// A rollout request (the JSON API's `POST /api/rollouts`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// A release id or a unique prefix of one (8 characters or more).
+    #[serde(default)]
+    pub release: Option<String>,
+    /// Or the release number, with `fleet` (and `group`, default `default`).
+    #[serde(default)]
+    pub number: Option<u64>,
+    #[serde(default)]
+    pub fleet: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub labels: Map<String, Value>,
+    #[serde(default = "default_waves")]
+    pub waves: String,
+    /// Per wave: the share of its devices that must succeed before the next wave.
+    #[serde(default = "default_success")]
+    pub success_pct: f64,
+    #[serde(default)]
+    pub soak_secs: f64,
+    /// Failures (count or share) that pause the rollout.
+    #[serde(default = "default_errors")]
+    pub errors: String,
+    /// Devices offered per minute at most (0: no limit).
+    #[serde(default)]
+    pub rate_per_min: u64,
+    /// A device that has not answered within this many seconds of its offer counts as timed out.
+    #[serde(default = "default_deadline")]
+    pub deadline_secs: f64,
+}
+
+fn default_waves() -> String {
+    "1,10%,50%,100%".into()
+}
+fn default_success() -> f64 {
+    100.0
+}
+fn default_errors() -> String {
+    "5%".into()
+}
+fn default_deadline() -> f64 {
+    900.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_and_thresholds_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_waves("1,10%,50%,100%").unwrap(),
+            vec![Wave::Count(1), Wave::Percent(10.0), Wave::Percent(50.0), Wave::Percent(100.0)]
+        );
+        assert!(parse_waves("1,10%").unwrap_err().contains("100%"));
+        assert!(parse_waves("0,100%").unwrap_err().contains("at least one"));
+        assert!(parse_waves("150%").unwrap_err().contains("at most 100%"));
+        assert!(parse_waves("x,100%").unwrap_err().contains("device count"));
+        assert_eq!(parse_errors("5").unwrap(), (5.0, false));
+        assert_eq!(parse_errors("10%").unwrap(), (10.0, true));
+        assert!(parse_errors("-1").is_err());
+        assert!(parse_errors("120%").is_err());
+        // Reach rounds up, and never past the devices there are.
+        assert_eq!(Wave::Percent(10.0).reach(51), 6);
+        assert_eq!(Wave::Count(5).reach(3), 3);
+    }
+}
