@@ -276,6 +276,20 @@ def unknown_op_model():
     return model
 
 
+def two_input_add_model():
+    """`y = a + b`, both inputs `[batch, 4]`: the smallest model with two inputs sharing a batch
+    dimension, for what a batcher must check (requests whose inputs disagree on it)."""
+    node = helper.make_node("Add", ["a", "b"], ["y"], name="add0")
+    graph = helper.make_graph(
+        [node], "add-two-inputs",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="outpost-models")
+    model.ir_version = 8
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs.
 
@@ -384,6 +398,7 @@ def main():
                         "kernel, whose table-based exp rounds differently from the float Softmax the graph "
                         "specifies (which tract computes)"))
         onnx.save(unknown_op_model(), os.path.join(hazards, "unknown-op.onnx"))
+        onnx.save(two_input_add_model(), os.path.join(hazards, "add-two-inputs.onnx"))
 
         successors = os.path.join(HERE, "successors")
         os.makedirs(successors, exist_ok=True)

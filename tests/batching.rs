@@ -77,3 +77,45 @@ async fn a_model_whose_rows_depend_on_each_other_refuses_batching() {
     assert_eq!(failures.len(), 1);
     assert!(failures[0].to_string().contains("DynamicQuantizeLinear"), "{}", failures[0]);
 }
+
+/// Two inputs that must agree on the batch dimension. A request whose inputs disagree, stacked
+/// with a good one, once made the backend panic, killed the model's only worker, and left the
+/// model "ready" while every later request got 503 (queue full). It is refused with a 400 naming
+/// the inputs; the good request beside it is answered, and so is every request after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inputs_that_disagree_on_the_batch_dimension_are_refused_and_the_model_keeps_serving() {
+    let server = Server::start(
+        "[[models]]\nname = \"add\"\npath = \"models/hazards/add-two-inputs.onnx\"\n\
+         [models.batching]\nmax_batch_size = 8\nmax_queue_delay_us = 50000\n",
+    )
+    .await;
+    let request = |a_rows: usize, b_rows: usize| {
+        v2client::binary_request(&[
+            Tensor::from_f32("a", vec![a_rows, 4], &vec![1.0; a_rows * 4]),
+            Tensor::from_f32("b", vec![b_rows, 4], &vec![2.0; b_rows * 4]),
+        ])
+    };
+    let send = |body: v2client::Body| {
+        let server = &server;
+        async move {
+            let mut conn = server.conn().await;
+            conn.send(Method::POST, "/v2/models/add/infer", &body.headers, body.bytes).await.unwrap()
+        }
+    };
+    // Sent together, so that the batcher would stack them (its delay is 50 ms).
+    let (bad, good) = tokio::join!(send(request(1, 2)), send(request(1, 1)));
+    assert_eq!(bad.status, 400, "{}", bad.error());
+    assert!(bad.error().contains("`a` has 1 rows, `b` has 2"), "{}", bad.error());
+    assert_eq!(good.status, 200, "{}", good.error());
+    assert_eq!(v2client::outputs(&good).unwrap()[0].to_f64(), vec![3.0; 4]);
+    for _ in 0..3 {
+        let r = send(request(2, 2)).await;
+        assert_eq!(r.status, 200, "the model keeps serving: {}", r.error());
+        assert_eq!(v2client::outputs(&r).unwrap()[0].to_f64(), vec![3.0; 8]);
+    }
+    let mut conn = server.conn().await;
+    assert_eq!(conn.get("/v2/health/ready").await.unwrap().status, 200);
+    let metrics = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+    assert!(metrics.contains("outpost_backend_panics_total{model=\"add\",version=\"1\"} 0"), "{metrics}");
+    assert!(metrics.contains("outpost_model_workers{model=\"add\",version=\"1\"} 1"), "{metrics}");
+}

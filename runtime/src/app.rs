@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::budget::Budget;
 use crate::registry::Registry;
 use crate::{config, update};
 
@@ -10,6 +11,8 @@ use crate::{config, update};
 pub struct App {
     pub registry: Arc<Registry>,
     pub max_body_bytes: usize,
+    /// The bytes all requests in flight may hold together.
+    pub inflight: Budget,
     pub auth_token: Option<String>,
     /// Where uploaded hard examples go; `None`: this server does not collect them.
     pub hard_example_sink: Option<std::path::PathBuf>,
@@ -29,6 +32,7 @@ impl App {
         Arc::new(App {
             registry: Arc::new(Registry::new(config.models.clone())),
             max_body_bytes: config.max_body_bytes,
+            inflight: Budget::new(config.max_inflight_bytes),
             auth_token: config.auth_token.clone(),
             hard_example_sink: config.hard_example_sink.clone(),
             updates: OnceLock::new(),

@@ -30,7 +30,8 @@ pub struct Job {
 }
 
 impl Job {
-    /// Rows in the batch dimension (every input's first dimension; bound requests agree).
+    /// Rows in the batch dimension (the first input's first dimension: a batched model's
+    /// requests are checked by [`batch_rows`] to agree on it before they are queued).
     fn rows(&self) -> usize {
         self.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(0)
     }
@@ -70,7 +71,43 @@ pub fn check_batchable(graph: &ModelGraph) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs jobs from `queue` until every sender is gone and the queue is drained.
+/// The rows a request gives a batched model: every input's first (batch) dimension, which must
+/// agree, since the batcher stacks and splits all inputs by the same row ranges.
+pub fn batch_rows(inputs: &[Tensor]) -> Result<usize, String> {
+    let rows = |t: &Tensor| t.shape.first().copied().unwrap_or(0);
+    let Some(first) = inputs.first() else { return Ok(0) };
+    match inputs.iter().find(|t| rows(t) != rows(first)) {
+        None => Ok(rows(first)),
+        Some(other) => Err(format!(
+            "inputs disagree on the batch (first) dimension: `{}` has {} rows, `{}` has {}; this model batches \
+             requests and needs the same number of rows in every input",
+            first.name,
+            rows(first),
+            other.name,
+            rows(other)
+        )),
+    }
+}
+
+/// A worker counted in `stats.workers` from [`Alive::claim`] until this is dropped: held by the
+/// worker thread for its whole life (and dropped unused when the thread could not start).
+pub struct Alive(Arc<ModelStats>);
+
+impl Alive {
+    pub fn claim(stats: &Arc<ModelStats>) -> Alive {
+        stats.workers.fetch_add(1, Relaxed);
+        Alive(stats.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.workers.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Runs jobs from `queue` until every sender is gone and the queue is drained. A backend call
+/// that panics answers its jobs with an error and is counted; the worker carries on.
 pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<ModelStats>, batching: Option<Batching>) {
     let mut carried: Option<Job> = None;
     loop {
@@ -156,13 +193,31 @@ fn recv_until(queue: &Receiver<Job>, deadline: Instant) -> Result<Job, RecvTimeo
     }
 }
 
+/// The backend call, with a panic inside it (a backend bug, a hostile graph) turned into an
+/// error for the jobs at hand: the worker, and the model, keep serving.
+fn run_guarded(session: &dyn Session, stats: &ModelStats, inputs: &[Tensor]) -> Reply {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run(inputs))) {
+        Ok(result) => result,
+        Err(panic) => {
+            stats.panics.fetch_add(1, Relaxed);
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(panic = %message, "the backend panicked on a request; it is answered 500 and the worker carries on");
+            Err(BackendError::Run(format!("the backend failed on this request (it panicked: {message})")))
+        }
+    }
+}
+
 /// One backend call for `jobs` (stacked when more than one), each answered with its rows.
 fn execute(session: &dyn Session, stats: &ModelStats, mut jobs: Vec<Job>) {
     let started = Instant::now();
     if jobs.len() == 1 {
         let job = jobs.pop().expect("one job");
         stats.batch_size.observe_value(job.rows() as u64);
-        let result = session.run(&job.inputs);
+        let result = run_guarded(session, stats, &job.inputs);
         finish(stats, started);
         let _ = job.reply.send(result);
         return;
@@ -172,7 +227,7 @@ fn execute(session: &dyn Session, stats: &ModelStats, mut jobs: Vec<Job>) {
     stats.batch_size.observe_value(total as u64);
     let stacked: Vec<Tensor> =
         (0..jobs[0].inputs.len()).map(|i| stack(jobs.iter().map(|j| &j.inputs[i]), total)).collect();
-    let result = session.run(&stacked);
+    let result = run_guarded(session, stats, &stacked);
     finish(stats, started);
     match result.and_then(|outputs| split(outputs, &rows)) {
         Ok(per_job) => {
@@ -314,6 +369,52 @@ mod tests {
         // 2+2 hits the preferred 4; 3+1 = 4 again; the last 1 alone.
         assert_eq!(*session.calls.lock().unwrap(), vec![4, 4, 1]);
         assert!(replies.iter_mut().all(|r| r.try_recv().unwrap().is_ok()));
+    }
+
+    /// Panics on a negative first value, as a backend with a bug would on some input.
+    struct Fragile(Arc<Doubler>);
+
+    impl Session for Fragile {
+        fn signature(&self) -> &Signature {
+            self.0.signature()
+        }
+        fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            assert!(inputs[0].to_f64()[0] >= 0.0, "index out of bounds: the len is 0 but the index is 0");
+            self.0.run(inputs)
+        }
+    }
+
+    #[test]
+    fn a_backend_that_panics_answers_that_request_and_the_worker_carries_on() {
+        let stats = Arc::new(ModelStats::default());
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let (bad, mut bad_reply) = job(1, -5.0);
+        let (good, mut good_reply) = job(1, 1.0);
+        tx.send(bad).unwrap();
+        tx.send(good).unwrap();
+        drop(tx);
+        let alive = Alive::claim(&stats);
+        assert_eq!(stats.workers.load(Relaxed), 1);
+        let worker_stats = stats.clone();
+        std::thread::spawn(move || {
+            let _alive = alive;
+            run_worker(rx, Arc::new(Fragile(doubler())), worker_stats, None)
+        })
+        .join()
+        .expect("the worker ends when its queue closes, not by a panic");
+        let err = bad_reply.try_recv().unwrap().unwrap_err().to_string();
+        assert!(err.contains("panicked") && err.contains("index out of bounds"), "{err}");
+        assert_eq!(good_reply.try_recv().unwrap().unwrap()[0].to_f64(), vec![2.0, 4.0], "the next request is served");
+        assert_eq!(stats.panics.load(Relaxed), 1);
+        assert_eq!(stats.workers.load(Relaxed), 0, "a worker that ended is no longer counted");
+    }
+
+    #[test]
+    fn a_batched_request_whose_inputs_disagree_on_rows_is_refused_naming_them() {
+        let t = |name: &str, rows: usize| Tensor::from_f32(name, vec![rows, 4], &vec![0.0; rows * 4]);
+        assert_eq!(batch_rows(&[t("a", 2), t("b", 2)]), Ok(2));
+        let err = batch_rows(&[t("a", 1), t("b", 2)]).unwrap_err();
+        assert!(err.contains("`a` has 1 rows, `b` has 2"), "{err}");
     }
 
     fn sample(name: &str) -> ModelGraph {

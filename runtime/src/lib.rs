@@ -22,6 +22,7 @@ pub mod agent;
 pub mod app;
 pub mod backend;
 pub mod batcher;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod escalation;

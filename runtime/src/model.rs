@@ -9,6 +9,7 @@
 //! A version that fails to load or warm up never replaces the one serving.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -140,15 +141,18 @@ impl ModelSlot {
         }
     }
 
-    /// Whether the model serves at least one version.
+    /// Whether the model serves at least one version with a worker running.
     pub fn is_ready(&self) -> bool {
-        !self.served.load().is_empty()
+        self.served.load().iter().any(|v| v.stats.workers.load(Relaxed) > 0)
     }
 
     /// The model's state as one word and, when unavailable, why.
     pub fn state(&self) -> ModelState {
         if self.is_ready() {
             return ModelState::Ready;
+        }
+        if !self.served.load().is_empty() {
+            return ModelState::Unavailable("no inference worker is running".into());
         }
         let status = self.status();
         if status.loading {
@@ -405,8 +409,13 @@ impl ServedVersion {
         for i in 0..spec.workers {
             let (rx, session, stats, batching) = (rx.clone(), p.session.clone(), stats.clone(), spec.batching.clone());
             let name = format!("infer-{}-{}-{i}", spec.name, files.version);
-            let spawned =
-                std::thread::Builder::new().name(name).spawn(move || batcher::run_worker(rx, session, stats, batching));
+            // Counted from here, so the version is ready as soon as it is served; the count
+            // drops when the thread ends (or was never started).
+            let alive = batcher::Alive::claim(&stats);
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let _alive = alive;
+                batcher::run_worker(rx, session, stats, batching)
+            });
             if let Err(e) = spawned {
                 tracing::error!(model = %spec.name, error = %e, "could not start an inference thread");
             }

@@ -132,6 +132,10 @@ pub struct ModelStats {
     pub failure_time: Histogram,
     /// Rows per backend call.
     pub batch_size: Histogram,
+    /// Backend calls that panicked (answered 500; the worker carries on).
+    pub panics: AtomicU64,
+    /// Worker threads running now (a version with none cannot answer and is not ready).
+    pub workers: AtomicU64,
 }
 
 impl Default for ModelStats {
@@ -141,6 +145,8 @@ impl Default for ModelStats {
             failure: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             executions: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            workers: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
             request: Histogram::default(),
             queue: Histogram::default(),
@@ -180,6 +186,8 @@ impl ModelStats {
             let _ = writeln!(out, "outpost_inference_requests_total{{{l},outcome=\"{outcome}\"}} {}", c.load(Relaxed));
         }
         let _ = writeln!(out, "outpost_inference_executions_total{{{l}}} {}", self.executions.load(Relaxed));
+        let _ = writeln!(out, "outpost_backend_panics_total{{{l}}} {}", self.panics.load(Relaxed));
+        let _ = writeln!(out, "outpost_model_workers{{{l}}} {}", self.workers.load(Relaxed));
         self.request.render(out, "outpost_request_duration_seconds", &l, 1e-9);
         self.queue.render(out, "outpost_queue_duration_seconds", &l, 1e-9);
         self.compute.render(out, "outpost_compute_duration_seconds", &l, 1e-9);
@@ -193,6 +201,10 @@ pub const METRIC_HEADERS: &str = "\
 # TYPE outpost_inference_requests_total counter
 # HELP outpost_inference_executions_total Backend executions.
 # TYPE outpost_inference_executions_total counter
+# HELP outpost_backend_panics_total Backend calls that panicked (their requests answered 500; the worker carries on).
+# TYPE outpost_backend_panics_total counter
+# HELP outpost_model_workers Worker threads running for the model version.
+# TYPE outpost_model_workers gauge
 # HELP outpost_request_duration_seconds Time from request body to response, per inference request.
 # TYPE outpost_request_duration_seconds histogram
 # HELP outpost_queue_duration_seconds Time a request waited for a worker.

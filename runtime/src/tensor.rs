@@ -211,7 +211,13 @@ fn float_json(repr: String) -> serde_json::Value {
     }
 }
 
-fn encode_one(dt: DataType, index: usize, v: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), ElementError> {
+/// Appends one JSON element (the `index`-th of its tensor) to `out` as `dt`, little-endian.
+pub(crate) fn encode_one(
+    dt: DataType,
+    index: usize,
+    v: &serde_json::Value,
+    out: &mut Vec<u8>,
+) -> Result<(), ElementError> {
     let type_err = |expected: &'static str| ElementError::Type { index, expected, got: describe(v) };
     let range_err = || ElementError::Range { index, value: v.to_string(), datatype: dt };
     if dt == DataType::Bool {

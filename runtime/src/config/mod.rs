@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub auth_token: Option<String>,
     /// Default [`DEFAULT_MAX_BODY_BYTES`].
     pub max_body_bytes: Option<usize>,
+    /// Bytes all requests in flight may hold together (bodies and the tensors decoded from
+    /// them); past it a request gets 503 at once. Default: five times `max_body_bytes`.
+    pub max_inflight_bytes: Option<u64>,
     /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
     pub drain_timeout_secs: Option<u64>,
     /// A model repository (`REPO/NAME/<version>/model.onnx`): its models are served besides
@@ -81,6 +84,7 @@ pub struct Validated {
     pub ort_library: Option<PathBuf>,
     pub auth_token: Option<String>,
     pub max_body_bytes: usize,
+    pub max_inflight_bytes: u64,
     pub drain_timeout: Duration,
     pub models: Vec<ModelSpec>,
     pub updates: Option<UpdatesConfig>,
@@ -108,6 +112,18 @@ impl Config {
         let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if !(1024..=(1 << 30)).contains(&max_body_bytes) {
             return Err(invalid("server.max_body_bytes", "must be between 1024 and 1073741824"));
+        }
+        // The largest JSON body must fit alone, or it could never be served.
+        let largest = crate::budget::request_cost(max_body_bytes as u64, false);
+        let max_inflight_bytes = s.max_inflight_bytes.unwrap_or(largest);
+        if max_inflight_bytes < largest {
+            return Err(invalid(
+                "server.max_inflight_bytes",
+                format!(
+                    "must be at least {largest} (five times max_body_bytes: a JSON body of that size and the \
+                     tensors it holds); lower max_body_bytes to go lower"
+                ),
+            ));
         }
         let drain = s.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
         if drain > 3600 {
@@ -142,6 +158,7 @@ impl Config {
             ort_library: s.ort_library.clone(),
             auth_token: s.auth_token.clone(),
             max_body_bytes,
+            max_inflight_bytes,
             drain_timeout: Duration::from_secs(drain),
             models,
             updates: self.updates.clone(),

@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::app::App;
+use crate::budget;
 use crate::escalation::Overrides;
 use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::Outcome;
@@ -60,6 +61,24 @@ async fn run(
                 ApiError::bad_request("Inference-Header-Content-Length must be a non-negative integer")
             })?),
         };
+    // What this request may hold at its peak, reserved before its body is read.
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+    let cost = budget::request_cost(
+        declared.unwrap_or(app.max_body_bytes as u64).min(app.max_body_bytes as u64),
+        header_len.is_some(),
+    );
+    let Some(_reserved) = app.inflight.reserve(cost) else {
+        let busy = ApiError::unavailable(format!(
+            "the server is busy: requests in flight hold {} of the {} bytes allowed (server.max_inflight_bytes); retry later",
+            app.inflight.used(),
+            app.inflight.limit()
+        ));
+        // Read the body and drop it as it comes (nothing is kept), so that a client that sends
+        // its whole body before reading gets this answer, not a broken connection.
+        discard(body, app.max_body_bytes).await;
+        return Err(busy);
+    };
     let body = read_body(body, headers, app.max_body_bytes).await?;
     let InferRequest { id, inputs, outputs, binary_output, parameters } = request::parse(&body, header_len)?;
     drop(body);
@@ -70,6 +89,9 @@ async fn run(
     }
     let inputs = request::bind(inputs, &spec.name, &model.signature, spec.allow_non_finite)?;
     spec.shapes.admit(&model.shapes, &inputs, &model.signature).map_err(ApiError::bad_request)?;
+    if spec.batching.is_some() {
+        crate::batcher::batch_rows(&inputs).map_err(ApiError::bad_request)?;
+    }
     // The central gets the same inputs: keep a copy only when it may need them.
     let forwarded = escalator.map(|_| inputs.clone());
     if let Some(wanted) = &outputs
@@ -101,6 +123,19 @@ async fn run(
         _ => (results, None),
     };
     Ok(encode(&spec.name, &model.version, id, parameters, results, outputs, binary_output))
+}
+
+/// Reads and drops a body, up to `limit` bytes.
+async fn discard(body: Body, limit: usize) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut seen = 0;
+    while seen <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            Some(Err(_)) | None => break,
+        }
+    }
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<bytes::Bytes, ApiError> {

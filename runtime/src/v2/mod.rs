@@ -3,6 +3,7 @@
 //! here: the handlers are in [`crate::http`].
 
 pub mod client;
+mod elements;
 pub mod request;
 
 /// The binary tensor extension's header: length of the JSON part of the body.

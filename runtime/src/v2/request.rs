@@ -3,9 +3,11 @@
 //! expected, and nothing is allocated on the strength of a size the client merely claims.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::BadRequest;
+use super::elements::{self, DataError};
 use crate::backend::Signature;
 use crate::tensor::{DataType, Tensor};
 
@@ -30,23 +32,27 @@ pub struct OutputRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRequest {
+struct RawRequest<'a> {
     id: Option<String>,
     #[serde(default)]
     parameters: Map<String, Value>,
-    inputs: Vec<RawInput>,
+    #[serde(borrow)]
+    inputs: Vec<RawInput<'a>>,
     outputs: Option<Vec<RawOutput>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInput {
+struct RawInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Map<String, Value>,
-    data: Option<Value>,
+    /// Left as text until the datatype and shape are known, then decoded straight into the
+    /// tensor's bytes ([`elements::decode`]).
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -98,18 +104,13 @@ pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, Bad
                 return Err(BadRequest(format!("{field}: has both `data` and a `binary_data_size` parameter")));
             }
             (None, None) => return Err(BadRequest(format!("{field}: has no `data`"))),
-            (Some(value), None) => {
-                let mut flat = Vec::new();
-                flatten(value, &mut flat).map_err(|e| BadRequest(format!("{field}: `data` {e}")))?;
-                if flat.len() != elements {
-                    return Err(BadRequest(format!(
-                        "{field}: shape {:?} holds {elements} elements but `data` has {}",
-                        input.shape,
-                        flat.len()
-                    )));
-                }
-                Tensor::encode_json(datatype, &flat).map_err(|e| BadRequest(format!("{field}: `data` {e}")))?
-            }
+            (Some(value), None) => elements::decode(value, datatype, elements).map_err(|e| match e {
+                DataError::Count { expected, found } => BadRequest(format!(
+                    "{field}: shape {:?} holds {expected} elements but `data` has {found}",
+                    input.shape
+                )),
+                other => BadRequest(format!("{field}: `data` {other}")),
+            })?,
             (None, Some(size)) => {
                 let want = elements.checked_mul(elem_size);
                 if want != Some(size) {
@@ -175,22 +176,6 @@ fn binary_size(params: &Map<String, Value>, field: &str) -> Result<Option<usize>
             .and_then(|n| usize::try_from(n).ok())
             .map(Some)
             .ok_or_else(|| BadRequest(format!("{field}: binary_data_size must be a non-negative integer, got {v}"))),
-    }
-}
-
-/// Flattens nested arrays in row-major order (V2 allows either form).
-fn flatten(v: Value, out: &mut Vec<Value>) -> Result<(), &'static str> {
-    match v {
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::Array(_) => flatten(item, out)?,
-                    scalar => out.push(scalar),
-                }
-            }
-            Ok(())
-        }
-        _ => Err("must be an array"),
     }
 }
 

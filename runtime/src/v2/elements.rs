@@ -1,0 +1,181 @@
+//! A request's JSON `data`, streamed straight into the tensor's bytes: nested arrays flattened
+//! in row-major order, each element encoded as it is read. Nothing is kept per element but its
+//! encoded bytes, so a JSON body costs at most its own size plus the tensor it holds (where a
+//! parsed JSON tree costs tens of bytes per number).
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::tensor::{DataType, ElementError, encode_one};
+
+/// Why a `data` array could not become a tensor of the shape given.
+#[derive(Debug)]
+pub enum DataError {
+    /// Not an array at the top.
+    NotAnArray,
+    /// The shape holds `expected` elements, the array `found`.
+    Count { expected: usize, found: usize },
+    /// An element of the wrong type or out of the datatype's range.
+    Element(ElementError),
+    /// Not JSON the parser accepts (nesting too deep).
+    Json(String),
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DataError::NotAnArray => f.write_str("must be an array"),
+            DataError::Count { expected, found } => write!(f, "holds {found} elements but the shape holds {expected}"),
+            DataError::Element(e) => e.fmt(f),
+            DataError::Json(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Encodes `data` (an array, nested or flat) as `expected` elements of `datatype`. The element
+/// count is checked before the elements' types, as a client reads its mistakes: a wrong count
+/// is reported even when an element is also wrong. Encoding stops at `expected` elements (the
+/// rest are only counted), so the output never grows past what the shape holds.
+pub fn decode(data: &RawValue, datatype: DataType, expected: usize) -> Result<Vec<u8>, DataError> {
+    if !data.get().trim_start().starts_with('[') {
+        return Err(DataError::NotAnArray);
+    }
+    let mut sink = Sink { datatype, expected, out: Vec::new(), count: 0, error: None };
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    Level(&mut sink).deserialize(&mut de).map_err(|e| DataError::Json(e.to_string()))?;
+    if sink.count != expected {
+        return Err(DataError::Count { expected, found: sink.count });
+    }
+    match sink.error {
+        Some(e) => Err(DataError::Element(e)),
+        None => Ok(sink.out),
+    }
+}
+
+struct Sink {
+    datatype: DataType,
+    expected: usize,
+    out: Vec<u8>,
+    count: usize,
+    /// The first bad element; later ones are only counted.
+    error: Option<ElementError>,
+}
+
+impl Sink {
+    fn push(&mut self, v: Value) {
+        if self.count < self.expected
+            && self.error.is_none()
+            && let Err(e) = encode_one(self.datatype, self.count, &v, &mut self.out)
+        {
+            self.error = Some(e);
+        }
+        self.count += 1;
+    }
+}
+
+/// One array level (or one element of it).
+struct Level<'s>(&'s mut Sink);
+
+impl<'de> DeserializeSeed<'de> for Level<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Level<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of elements")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Level(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.push(Value::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.push(Value::from(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.push(Value::from(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.push(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.0.push(Value::String(String::new()));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.push(Value::Null);
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        self.0.push(Value::Object(serde_json::Map::new()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.into()).unwrap()
+    }
+
+    #[test]
+    fn nested_and_flat_arrays_give_the_same_bytes() {
+        let flat = decode(&raw("[1, 2.5, -3, 4]"), DataType::Fp32, 4).unwrap();
+        let nested = decode(&raw("[[1, 2.5], [-3, 4]]"), DataType::Fp32, 4).unwrap();
+        assert_eq!(flat, nested);
+        let want: Vec<u8> = [1.0f32, 2.5, -3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(flat, want);
+        assert_eq!(decode(&raw("[true, false]"), DataType::Bool, 2).unwrap(), vec![1, 0]);
+        assert_eq!(decode(&raw("[-1, 300]"), DataType::Int16, 2).unwrap(), [-1i16, 300].map(i16::to_le_bytes).concat());
+    }
+
+    #[test]
+    fn errors_name_the_count_first_then_the_element() {
+        let e = |text: &str, dt, n| decode(&raw(text), dt, n).unwrap_err().to_string();
+        assert_eq!(e("5", DataType::Fp32, 1), "must be an array");
+        assert_eq!(e("[1, 2, 3]", DataType::Fp32, 2), "holds 3 elements but the shape holds 2");
+        assert_eq!(e("[1, \"x\", null]", DataType::Fp32, 2), "holds 3 elements but the shape holds 2");
+        assert_eq!(e("[1, \"x\"]", DataType::Fp32, 2), "element 1: expected a number, got a string");
+        assert_eq!(e("[1, {\"a\": 1}]", DataType::Fp32, 2), "element 1: expected a number, got an object");
+        assert_eq!(e("[1, null]", DataType::Fp32, 2), "element 1: expected a number, got null");
+        assert_eq!(e("[1, 1.5]", DataType::Int32, 2), "element 1: expected an integer, got 1.5");
+        assert_eq!(e("[1, 300]", DataType::Int8, 2), "element 1: 300 is out of range for INT8");
+    }
+
+    #[test]
+    fn output_stops_growing_at_the_shape() {
+        // A million elements where the shape holds two: counted, not kept.
+        let text = format!("[{}]", vec!["1"; 1_000_000].join(","));
+        let err = decode(&raw(&text), DataType::Fp64, 2).unwrap_err();
+        assert_eq!(err.to_string(), "holds 1000000 elements but the shape holds 2");
+        let mut sink = Sink { datatype: DataType::Fp64, expected: 2, out: Vec::new(), count: 0, error: None };
+        Level(&mut sink).deserialize(&mut serde_json::Deserializer::from_str(&text)).unwrap();
+        assert_eq!((sink.count, sink.out.len()), (1_000_000, 16));
+    }
+}
