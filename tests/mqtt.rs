@@ -3,6 +3,7 @@
 //! full and delta updates, resume across a broker restart and a device kill, refusals that
 //! change nothing, and a device with no broker at all.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -465,4 +466,97 @@ fn simulated_devices_take_a_release_and_report_injected_failures() {
         states.iter().filter(|s| s["release"]["number"] == 1).filter_map(|s| s["device"].as_str()).collect();
     assert_eq!(running.len(), 18, "{running:?}");
     assert!(running.is_disjoint(&refused));
+}
+
+/// Runs one simulated device until its state messages (collected by `mosquitto_sub` into `log`)
+/// satisfy `done`, or 30 s pass; returns its states, newest last.
+fn simulate_until(
+    broker: &Broker,
+    pubdir: &Path,
+    state_dir: &Path,
+    prefix: &str,
+    crash: Option<&str>,
+    done: impl Fn(&[Value]) -> bool,
+) -> (std::process::ExitStatus, Vec<Value>) {
+    let log = state_dir.with_extension(format!("{prefix}.log"));
+    let mut watch = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", "console", "-P", "pw-console", "-V", "mqttv5"])
+        .args(["-t", &format!("outpost/v1/{FLEET}/devices/{prefix}-0001/state")])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sim = Command::new(outpost_tests::mqtt::outpostctl());
+    sim.args(["simulate", "--devices", "1", "--id-prefix", prefix, "--fleet", FLEET, "--every", "60"])
+        .arg("--root")
+        .arg(pubdir.join("root-1.json"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--broker", &broker.address()])
+        .env("OUTPOST_SIM_PASSWORD", "pw-{id}")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(c) = crash {
+        sim.args(["--crash-on-apply", c]);
+    }
+    let mut sim = sim.spawn().unwrap();
+    let states = || -> Vec<Value> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = sim.try_wait().unwrap() {
+            break status;
+        }
+        if done(&states()) || std::time::Instant::now() > deadline {
+            let _ = sim.kill();
+            break sim.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    (status, states())
+}
+
+/// A release whose staging crashes the device: a panic in the update task is an ordinary
+/// refusal (the agent takes the next offer); an abort of the whole process is recorded before
+/// staging, so that after the restart the retained offer is refused with the reason instead of
+/// crashing the device again, and again.
+#[test]
+fn a_release_that_crashes_the_device_while_staging_is_refused_not_retried() {
+    let dir = scratch("crash-apply");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let ids = ["pan-0001".to_string(), "abo-0001".to_string()];
+    let broker = Broker::start_with_users(&dir.join("broker"), &ids);
+    let _blobs = BlobServer::start(&broker, "blobs", &[&pubdir.join("r1")]);
+    publish(&broker, &pubdir, "r1", &ids.join(","));
+    // The newest report of the running device (the broker then publishes its offline will).
+    let refused_with = |states: &[Value], words: &str| {
+        states.iter().rev().find(|s| s["online"] == true).is_some_and(|s| {
+            s["update"]["state"] == "refused"
+                && s["update"]["last_error"]["kind"] == "health_check"
+                && s["update"]["last_error"]["reason"].as_str().is_some_and(|r| r.contains(words))
+        })
+    };
+
+    // A panic: refused, and the process carries on.
+    let (status, states) = simulate_until(&broker, &pubdir, &dir.join("sim"), "pan", Some("panic"), |s| {
+        refused_with(s, "applying the release panicked: simulated crash while staging")
+    });
+    assert!(status.code().is_none() || !status.success(), "killed by the test, not ended by the panic: {status:?}");
+    assert!(refused_with(&states, "panicked"), "{states:#?}");
+    assert!(states.iter().all(|s| s["release"]["number"] != 1), "never applied");
+
+    // An abort: the process dies while staging...
+    let (status, _) = simulate_until(&broker, &pubdir, &dir.join("sim"), "abo", Some("abort"), |_| false);
+    assert_eq!(status.signal(), Some(6), "SIGABRT: {status:?}");
+    // ...and, restarted (no crash now), it refuses the retained offer it was applying.
+    let (_, states) = simulate_until(&broker, &pubdir, &dir.join("sim"), "abo", None, |s| {
+        refused_with(s, "stopped while applying this release")
+    });
+    assert!(refused_with(&states, "stopped while applying this release"), "{states:#?}");
+    assert!(states.iter().all(|s| s["release"]["number"] != 1), "not applied after the restart: {states:#?}");
 }

@@ -200,11 +200,7 @@ fn run_guarded(session: &dyn Session, stats: &ModelStats, inputs: &[Tensor]) -> 
         Ok(result) => result,
         Err(panic) => {
             stats.panics.fetch_add(1, Relaxed);
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let message = outpost_updater::panic_message(&*panic);
             tracing::error!(panic = %message, "the backend panicked on a request; it is answered 500 and the worker carries on");
             Err(BackendError::Run(format!("the backend failed on this request (it panicked: {message})")))
         }

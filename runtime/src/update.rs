@@ -47,7 +47,12 @@ impl ModelHost for RuntimeHost {
         let specs = release_specs(models)?;
         let slots: Vec<Arc<ModelSlot>> = specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect();
         for slot in &slots {
-            if let Some(first) = slot.load().into_iter().next() {
+            // An untrusted model that makes the backend panic (a hostile graph) is refused like
+            // one that fails its golden check; the serving release is untouched.
+            let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.load())).map_err(|panic| {
+                format!("model `{}`: loading panicked: {}", slot.spec.name, outpost_updater::panic_message(&*panic))
+            })?;
+            if let Some(first) = failures.into_iter().next() {
                 // Dropping the staged slots stops their workers: nothing else saw them.
                 return Err(first.to_string());
             }

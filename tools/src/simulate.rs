@@ -46,6 +46,10 @@ pub struct SimulateArgs {
     /// Share of devices (0..1) whose health check fails (the release is refused).
     #[arg(long, default_value_t = 0.0)]
     pub fail_health: f64,
+    /// Every device crashes when it applies a release: `panic` (in the update task) or `abort`
+    /// (the whole process), as a backend on a hostile model, or the out-of-memory killer, would.
+    #[arg(long, value_enum)]
+    pub crash_on_apply: Option<Crash>,
     /// Share of devices that never connect (silent).
     #[arg(long, default_value_t = 0.0)]
     pub silent: f64,
@@ -63,10 +67,18 @@ pub struct SimulateArgs {
     pub every: u64,
 }
 
+/// How a device told to crash while applying does it.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Crash {
+    Panic,
+    Abort,
+}
+
 /// The fake backend: a release stages when its model files are there (the updater has already
-/// checked their hashes), unless this device is told to fail.
+/// checked their hashes), unless this device is told to fail or crash.
 struct FakeHost {
     fail: bool,
+    crash: Option<Crash>,
     serving: Mutex<Vec<(String, String)>>,
 }
 
@@ -74,6 +86,14 @@ impl ModelHost for FakeHost {
     type Staged = Vec<(String, String)>;
 
     fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String> {
+        match self.crash {
+            Some(Crash::Panic) => panic!("simulated crash while staging"),
+            Some(Crash::Abort) => {
+                eprintln!("simulated abort while staging");
+                std::process::abort()
+            }
+            None => {}
+        }
         if self.fail {
             return Err("simulated health-check failure".into());
         }
@@ -145,7 +165,7 @@ fn open_device(
     let updater = Updater { store, target: Target { fleet: args.fleet.clone(), group: args.group.clone() } };
     Ok(Arc::new(SimDevice {
         updater: Mutex::new(updater),
-        host: FakeHost { fail, serving: Mutex::new(Vec::new()) },
+        host: FakeHost { fail, crash: args.crash_on_apply, serving: Mutex::new(Vec::new()) },
         refuse,
         labels: labels(&args.labels)?,
         requests: AtomicU64::new(0),

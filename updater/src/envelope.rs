@@ -20,6 +20,9 @@ use crate::keys::{PublicKey, SecretKey};
 
 /// Largest envelope accepted from anywhere (a release for hundreds of models fits easily).
 pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
+/// Signature entries an envelope may carry: far more than any role's keys, and few enough that
+/// checking them costs nothing worth attacking.
+pub const MAX_SIGNATURES: usize = 32;
 
 pub const ROOT_TYPE: &str = "outpost.root/v1";
 pub const RELEASE_TYPE: &str = "outpost.release/v1";
@@ -107,6 +110,18 @@ impl Envelope {
     /// When the threshold is not met, the refusal names the most telling reason: a revoked key,
     /// then an unknown key, then a bad signature, else too few signatures.
     pub fn verify(&self, signers: &Signers) -> Result<(), Refusal> {
+        if self.signatures.len() > MAX_SIGNATURES {
+            return refuse(
+                RefusalKind::Malformed,
+                format!("{} signature entries (at most {MAX_SIGNATURES})", self.signatures.len()),
+            );
+        }
+        // One entry per key (signing replaces a key's entry): each key is verified at most once.
+        let mut keyids = BTreeSet::new();
+        if let Some(dup) = self.signatures.iter().find(|s| !keyids.insert(s.keyid.as_str())) {
+            let short: String = dup.keyid.chars().take(12).collect();
+            return refuse(RefusalKind::Malformed, format!("signature entries repeat key {short}"));
+        }
         let payload = self.payload(&self.payload_type)?;
         let msg = message(&self.payload_type, &payload);
         let mut valid = BTreeSet::new();
@@ -145,5 +160,37 @@ impl Envelope {
             }
             _ => refuse(RefusalKind::ThresholdNotMet, format!("{role}: {n} valid signature(s), {t} needed")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SecretKey;
+
+    #[test]
+    fn repeated_or_too_many_signature_entries_are_refused_before_any_is_verified() {
+        let key = SecretKey::generate().unwrap();
+        let public = key.public();
+        let keys = vec![(public.id(), &public)];
+        let revoked = BTreeSet::new();
+        let signers = Signers { role: "release", keys, revoked: &revoked, threshold: 1 };
+        let mut env = Envelope::new("outpost.test/v1", b"payload");
+        env.sign(&key).unwrap();
+        assert!(env.verify(&signers).is_ok());
+
+        let mut repeated = env.clone();
+        repeated.signatures.push(repeated.signatures[0].clone());
+        let e = repeated.verify(&signers).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Malformed);
+        assert!(e.detail.contains("repeat key"), "{}", e.detail);
+
+        let mut many = env.clone();
+        for i in 0..MAX_SIGNATURES {
+            many.signatures.push(SignatureEntry { keyid: format!("{i:064x}"), sig: String::new() });
+        }
+        let e = many.verify(&signers).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Malformed);
+        assert!(e.detail.contains("signature entries (at most 32)"), "{}", e.detail);
     }
 }

@@ -37,3 +37,12 @@ pub fn is_sha256_hex(s: &str) -> bool {
 pub fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
+
+/// The message a panic carried (`panic!` with a literal or a formatted string), for reports.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

@@ -39,6 +39,11 @@ pub struct Role {
     pub expires: Option<String>,
 }
 
+/// A key id as [`crate::keys::PublicKey::id`] writes it.
+fn is_key_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A checked root: every key parsed and strong, every role consistent.
 #[derive(Clone, Debug)]
 pub struct Root {
@@ -62,6 +67,15 @@ impl Root {
                 return refuse(RefusalKind::Malformed, format!("root: key id {id} is not the SHA-256 of its key"));
             }
             keys.insert(id.clone(), key);
+        }
+        // A revoked key is named by its id: the SHA-256 of the key, 64 lowercase hex digits.
+        // Anything else could never match a key, and would revoke nothing while looking as if it
+        // did.
+        if let Some(bad) = doc.revoked.iter().find(|id| !is_key_id(id)) {
+            return refuse(
+                RefusalKind::Malformed,
+                format!("root: revoked entry {bad:?} is not a key id (64 lowercase hex digits)"),
+            );
         }
         for (name, role) in [("root", &doc.root), ("release", &doc.release)] {
             if role.threshold == 0 || role.threshold > role.keyids.len() {
@@ -220,6 +234,23 @@ mod tests {
         let mut listed = root(3, &[&a, &b], 1, std::slice::from_ref(&gone));
         listed.sign(&a).unwrap();
         assert!(v2.rotate(&listed).unwrap_err().detail.contains("revoked key"));
+    }
+
+    #[test]
+    fn a_revoked_entry_that_is_not_a_key_id_is_refused() {
+        let k = SecretKey::generate().unwrap();
+        let id = k.public().id();
+        for bad in [id.to_uppercase(), id[..16].to_string(), format!("{id}0"), "ed25519:abc".into(), String::new()] {
+            let mut r = root(1, &[&k], 1, std::slice::from_ref(&bad));
+            r.sign(&k).unwrap();
+            let e = Root::trust_first(&r).unwrap_err();
+            assert_eq!(e.kind, RefusalKind::Malformed, "{bad:?}");
+            assert!(e.detail.contains("is not a key id"), "{bad:?}: {}", e.detail);
+        }
+        let other = SecretKey::generate().unwrap().public().id();
+        let mut good = root(1, &[&k], 1, &[other]);
+        good.sign(&k).unwrap();
+        assert!(Root::trust_first(&good).is_ok());
     }
 
     #[test]

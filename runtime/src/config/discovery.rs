@@ -16,9 +16,17 @@ impl Config {
         let mut config: Config =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(p) = config.server.auth_token_file.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
         for m in &mut config.models {
             if m.path.is_relative() {
                 m.path = base.join(&m.path);
+            }
+            if let Some(p) =
+                m.escalation.as_mut().and_then(|e| e.central_token_file.as_mut()).filter(|p| p.is_relative())
+            {
+                *p = base.join(&*p);
             }
             if let Some(g) = m.golden.as_mut().filter(|g| g.is_relative()) {
                 *g = base.join(&*g);

@@ -33,6 +33,8 @@ pub struct EscalationConfig {
     pub central_version: Option<String>,
     /// Bearer token for the central.
     pub central_token: Option<String>,
+    /// The same, read from the first line of this file.
+    pub central_token_file: Option<PathBuf>,
     /// The output holding class scores; default the model's first output.
     pub output: Option<String>,
     /// Apply softmax to the scores first (for models that output logits).
@@ -179,7 +181,12 @@ impl EscalationConfig {
             central_tls_ca,
             central_model: self.central_model.clone(),
             central_version: self.central_version.clone(),
-            central_token: self.central_token.clone(),
+            central_token: super::secret::inline_or_file(
+                &key("escalation.central_token"),
+                self.central_token.as_ref(),
+                &key("escalation.central_token_file"),
+                self.central_token_file.as_deref(),
+            )?,
             output: self.output.clone(),
             softmax: self.softmax,
             policy,

@@ -15,6 +15,7 @@ mod discovery;
 mod error;
 mod escalation;
 mod model;
+mod secret;
 mod updates;
 
 pub use error::ConfigError;
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     pub hard_example_sink: Option<PathBuf>,
     /// Bearer token required on every endpoint but liveness; mandatory off loopback.
     pub auth_token: Option<String>,
+    /// The same, read from the first line of this file (keep it mode 0600, out of the
+    /// world-readable configuration).
+    pub auth_token_file: Option<PathBuf>,
     /// Default [`DEFAULT_MAX_BODY_BYTES`].
     pub max_body_bytes: Option<usize>,
     /// Bytes all requests in flight may hold together (bodies and the tensors decoded from
@@ -98,15 +102,21 @@ impl Config {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("server.listen", format!("`{listen_text}` is not an address like 127.0.0.1:8000")))?;
-        if let Some(t) = &s.auth_token
+        let auth_token = secret::inline_or_file(
+            "server.auth_token",
+            s.auth_token.as_ref(),
+            "server.auth_token_file",
+            s.auth_token_file.as_deref(),
+        )?;
+        if let Some(t) = &auth_token
             && (t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(invalid("server.auth_token", "must be at least 16 characters, without spaces"));
         }
-        if !listen.ip().is_loopback() && s.auth_token.is_none() {
+        if !listen.ip().is_loopback() && auth_token.is_none() {
             return Err(invalid(
                 "server.auth_token",
-                format!("required when listening on {listen} (not loopback): set a bearer token"),
+                format!("required when listening on {listen} (not loopback): set a bearer token (or auth_token_file)"),
             ));
         }
         let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
@@ -156,7 +166,7 @@ impl Config {
             listen,
             hard_example_sink: s.hard_example_sink.clone(),
             ort_library: s.ort_library.clone(),
-            auth_token: s.auth_token.clone(),
+            auth_token,
             max_body_bytes,
             max_inflight_bytes,
             drain_timeout: Duration::from_secs(drain),
@@ -282,6 +292,36 @@ mod tests {
         let v =
             parse(&format!("[server]\nlisten = \"0.0.0.0:8000\"\nauth_token = \"0123456789abcdef\"\n{ONE}")).unwrap();
         assert!(v.auth_token.is_some());
+    }
+
+    #[test]
+    fn tokens_can_be_read_from_files_relative_to_the_config() {
+        let dir = std::env::temp_dir().join(format!("outpost-config-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "0123456789abcdef-from-a-file\n").unwrap();
+        std::fs::write(dir.join("central-token"), "central-secret\n").unwrap();
+        let file = dir.join("outpost.toml");
+        let write = |text: &str| std::fs::write(&file, text).unwrap();
+        write(
+            "[server]\nlisten = \"0.0.0.0:8000\"\nauth_token_file = \"token\"\n\
+             [[models]]\nname = \"m\"\npath = \"m.onnx\"\n[models.escalation]\n\
+             central_url = \"http://127.0.0.1:8001\"\ncentral_model = \"c\"\nthreshold = 0.9\ncentral_token_file = \"central-token\"\n",
+        );
+        let v = Config::read(&file).unwrap().validate().unwrap();
+        assert_eq!(v.auth_token.as_deref(), Some("0123456789abcdef-from-a-file"));
+        let esc = v.models[0].escalation.as_ref().unwrap();
+        assert_eq!(esc.central_token.as_deref(), Some("central-secret"));
+        let err = |text: &str| {
+            write(text);
+            Config::read(&file).unwrap().validate().unwrap_err().to_string()
+        };
+        let both = err(
+            "[server]\nauth_token = \"0123456789abcdef\"\nauth_token_file = \"token\"\n[[models]]\nname = \"m\"\npath = \"m.onnx\"\n",
+        );
+        assert!(both.starts_with("server.auth_token_file: give `server.auth_token` or this, not both"), "{both}");
+        let missing = err("[server]\nauth_token_file = \"nowhere\"\n[[models]]\nname = \"m\"\npath = \"m.onnx\"\n");
+        assert!(missing.starts_with("server.auth_token_file: cannot read") && missing.contains("nowhere"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

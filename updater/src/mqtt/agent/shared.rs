@@ -97,6 +97,47 @@ impl<D: Device> Shared<D> {
         self.cfg.downloads.join("refused.json")
     }
 
+    /// Written, synced, before a release is applied and removed after: found at start, it means
+    /// the process died applying that release (an abort, the out-of-memory killer), and
+    /// [`Shared::recover_interrupted_apply`] turns it into a refusal of the same offer.
+    pub(crate) fn applying_path(&self) -> PathBuf {
+        self.cfg.downloads.join("applying.json")
+    }
+
+    /// Records, durably, that the offer under `key` is being applied.
+    pub(crate) fn mark_applying(&self, key: &str, release: &str) -> std::io::Result<()> {
+        let rec = RefusedRecord {
+            key: key.into(),
+            release: release.into(),
+            kind: crate::error::RefusalKind::HealthCheck.as_str().into(),
+            reason: "the device stopped while applying this release (a crash, or out of memory): refused so that \
+                     it is not applied again"
+                .into(),
+            at: time::format(SystemTime::now()),
+        };
+        std::fs::create_dir_all(&self.cfg.downloads)?;
+        let path = self.applying_path();
+        let mut f = std::fs::File::create(&path)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec(&rec).expect("json"))?;
+        f.sync_all()?;
+        if let Ok(dir) = std::fs::File::open(&self.cfg.downloads) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    /// At start: an apply the previous process did not finish becomes the recorded refusal of
+    /// its offer, so that a retained offer whose release kills the process is not retried.
+    pub(crate) fn recover_interrupted_apply(&self) {
+        let marker = self.applying_path();
+        if marker.exists() {
+            tracing::error!("the previous run stopped while applying a release; that offer is refused");
+            if let Err(e) = std::fs::rename(&marker, self.refused_path()) {
+                tracing::warn!(error = %e, "could not record the interrupted apply");
+            }
+        }
+    }
+
     pub(crate) fn refused_record(&self, key: &str) -> Option<RefusedRecord> {
         let bytes = std::fs::read(self.refused_path()).ok()?;
         serde_json::from_slice::<RefusedRecord>(&bytes).ok().filter(|r| r.key == key)

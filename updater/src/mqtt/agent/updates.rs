@@ -21,6 +21,7 @@ pub(crate) async fn run_updates<D: Device>(
     mut replies: mpsc::Receiver<Bytes>,
     mut connected: watch::Receiver<bool>,
 ) {
+    s.recover_interrupted_apply();
     let mut pending = false;
     let mut attempts = 0u32;
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -173,8 +174,23 @@ impl<D: Device> Shared<D> {
         }
         let download_ms = started.elapsed().as_millis() as u64;
         self.set_state(|u| u.state = "applying");
+        if let Err(e) = self.mark_applying(&key, &id) {
+            return self.transfer_failed("storage", &format!("could not record the apply: {e}"), &id);
+        }
         let d = dir.clone();
-        match self.blocking(move |s| s.device.apply(&d)).await {
+        // A panic while applying (a backend on a hostile graph) is a refusal like any other.
+        let applied = self
+            .blocking(move |s| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.device.apply(&d))).unwrap_or_else(|panic| {
+                    Err(Refusal::new(
+                        crate::error::RefusalKind::HealthCheck,
+                        format!("applying the release panicked: {}", crate::panic_message(&*panic)),
+                    ))
+                })
+            })
+            .await;
+        let _ = std::fs::remove_file(self.applying_path());
+        match applied {
             Ok(applied) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 let progress = lock(&self.update).progress.clone();

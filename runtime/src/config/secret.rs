@@ -1,0 +1,32 @@
+//! Secrets kept in files of their own (tokens, passwords), out of a configuration file that is
+//! often world-readable: the file's first line, without its line ending.
+
+use std::path::Path;
+
+use super::error::{ConfigError, invalid};
+
+/// Reads a secret file; errors name `key` and the file.
+pub fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.lines().next().unwrap_or_default().to_owned();
+    if secret.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
+/// The secret given inline or in a file, not both.
+pub fn inline_or_file(
+    inline_key: &str,
+    inline: Option<&String>,
+    file_key: &str,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(invalid(file_key, format!("give `{inline_key}` or this, not both"))),
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(p)) => read_secret(file_key, p).map(Some),
+        (None, None) => Ok(None),
+    }
+}
