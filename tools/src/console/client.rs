@@ -86,16 +86,26 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
+/// A value as terminal text. Strings come from devices (states, errors, model names, labels):
+/// their control characters (an escape sequence could rewrite the screen) are shown escaped.
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         Value::Number(n) => match n.as_f64() {
             Some(f) if n.is_f64() => format!("{f:.2}"),
             _ => n.to_string(),
         },
-        other => other.to_string(),
+        other => printable(&other.to_string()),
     }
+}
+
+/// `s` with every control character escaped (`\u{1b}`, `\n`).
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 fn ago(now: i64, at: &Value) -> String {
@@ -459,7 +469,7 @@ pub fn describe(r: &Value) -> String {
         text(&r["fleet"]),
         text(&r["group"]),
         text(&r["state"]),
-        r["reason"].as_str().map(|s| format!(" ({s})")).unwrap_or_default(),
+        r["reason"].as_str().map(|s| format!(" ({})", printable(s))).unwrap_or_default(),
         r["devices"],
         n("succeeded"),
         n("failed"),
@@ -518,5 +528,26 @@ impl Bar {
         if self.tty {
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_reach_the_terminal_with_their_control_characters_escaped() {
+        let evil = serde_json::json!("ok\u{1b}[2J\u{1b}]0;owned\u{7}\r\nnext");
+        assert_eq!(text(&evil), "ok\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\r\\nnext");
+        assert_eq!(text(&serde_json::json!("plain ü")), "plain ü");
+        let rollout = serde_json::json!({"id": 1, "number": 2, "fleet": "f", "group": "g", "state": "paused",
+            "reason": "bad\u{1b}[31m", "devices": 1, "counts": {}, "waves": [],
+            "failures": [{"device": "d\u{1b}c", "status": "failed", "reason": "x\u{9b}y"}]});
+        let shown = describe(&rollout);
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert!(
+            shown.contains("bad\\u{1b}[31m") && shown.contains("d\\u{1b}c") && shown.contains("x\\u{9b}y"),
+            "{shown}"
+        );
     }
 }
