@@ -145,6 +145,19 @@ def cycles(edges):
     return found
 
 
+def too_long(folder, root):
+    """Prints each .rs file below `folder` over the size rule; returns how many."""
+    found = 0
+    for dirpath, _, names in sorted(os.walk(folder)):
+        for name in sorted(n for n in names if n.endswith(".rs")):
+            path = os.path.join(dirpath, name)
+            lines = sum(1 for _ in open(path, encoding="utf-8", errors="replace"))
+            if lines > MAX_LINES:
+                found += 1
+                print(f"{os.path.relpath(path, root)}: {lines} lines (at most {MAX_LINES}): split it by idea")
+    return found
+
+
 def main():
     root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..")
     failures = 0
@@ -153,13 +166,7 @@ def main():
         if not (os.path.isfile(os.path.join(root, crate, "Cargo.toml")) and os.path.isdir(src)):
             continue
         files = modules(src)
-        for dirpath, _, names in sorted(os.walk(src)):
-            for name in sorted(n for n in names if n.endswith(".rs")):
-                path = os.path.join(dirpath, name)
-                lines = sum(1 for _ in open(path, encoding="utf-8", errors="replace"))
-                if lines > MAX_LINES:
-                    failures += 1
-                    print(f"{os.path.relpath(path, root)}: {lines} lines (at most {MAX_LINES}): split it by idea")
+        failures += too_long(src, root)
         edges = dependencies(files)
         for comp in cycles(edges):
             failures += 1
@@ -170,13 +177,7 @@ def main():
                 for b in sorted(edges[a] & members):
                     print(f"    {os.path.relpath(files[a], root)} -> {os.path.relpath(files[b], root)}")
     # Integration tests: each file is a crate of its own; only the size rule applies.
-    for dirpath, _, names in sorted(os.walk(os.path.join(root, "tests"))):
-        for name in sorted(n for n in names if n.endswith(".rs")):
-            path = os.path.join(dirpath, name)
-            lines = sum(1 for _ in open(path, encoding="utf-8", errors="replace"))
-            if lines > MAX_LINES:
-                failures += 1
-                print(f"{os.path.relpath(path, root)}: {lines} lines (at most {MAX_LINES}): split it by idea")
+    failures += too_long(os.path.join(root, "tests"), root)
     print(f"layout: {failures} problem(s)")
     return 1 if failures else 0
 
