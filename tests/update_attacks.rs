@@ -2,6 +2,8 @@
 //! broken release is handed to a running daemon through `outpost update apply`, and for each we
 //! assert (a) refused with its specific reason, (b) the trusted state on disk unchanged, (c) the
 //! served model unchanged. Then a good release (a delta against what the device holds) applies.
+//! Each attack is checked on its own: a failing one is recorded and the rest still run, and the
+//! test fails at the end naming every attack that got through.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -31,7 +33,7 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &Value) -> (
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -75,18 +77,45 @@ struct Device {
     config: PathBuf,
     state: PathBuf,
     daemon: Daemon,
+    /// Attacks that were not refused as they should be, with what happened instead.
+    failures: std::cell::RefCell<Vec<String>>,
+    cases: std::cell::Cell<usize>,
 }
 
 impl Device {
-    /// Refused with `kind`, nothing trusted or served changed.
+    /// Refused with `kind`, nothing trusted or served changed. A failure is recorded, and the
+    /// next attack runs.
     fn assert_refused(&self, case: &str, dir: &Path, kind: &str) {
-        let before = (trusted_state(&self.state), served(self.daemon.addr));
-        let (code, answer) = apply(&self.config, dir);
-        assert_eq!(code, 2, "{case}: {answer}");
-        assert_eq!(answer["refusal"], kind, "{case}: {answer}");
-        assert_eq!(trusted_state(&self.state), before.0, "{case}: the trusted state changed");
-        assert_eq!(served(self.daemon.addr), before.1, "{case}: the served model changed");
-        println!("{case}: refused ({})", answer["error"].as_str().unwrap());
+        self.cases.set(self.cases.get() + 1);
+        let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let before = (trusted_state(&self.state), served(self.daemon.addr));
+            let (code, answer) = apply(&self.config, dir);
+            assert_eq!(code, 2, "{case}: {answer}");
+            assert_eq!(answer["refusal"], kind, "{case}: {answer}");
+            assert_eq!(trusted_state(&self.state), before.0, "{case}: the trusted state changed");
+            assert_eq!(served(self.daemon.addr), before.1, "{case}: the served model changed");
+            println!("{case}: refused ({})", answer["error"].as_str().unwrap());
+        }));
+        if let Err(panic) = check {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            self.failures.borrow_mut().push(format!("{case}: {message}"));
+        }
+    }
+
+    /// Fails naming every attack that was not refused as it should be.
+    fn assert_all_refused(&self) {
+        let failures = self.failures.borrow();
+        assert!(
+            failures.is_empty(),
+            "{} of {} attacks failed:\n{}",
+            failures.len(),
+            self.cases.get(),
+            failures.join("\n")
+        );
     }
 }
 
@@ -130,6 +159,8 @@ fn every_attack_is_refused_and_changes_nothing() {
         config: config.clone(),
         state: state.clone(),
         daemon: Daemon::serve_at(addr.parse().unwrap(), &["--config", config.to_str().unwrap()]),
+        failures: Default::default(),
+        cases: Default::default(),
     };
     assert_eq!(served(device.daemon.addr).0, "1");
 
@@ -255,6 +286,7 @@ fn every_attack_is_refused_and_changes_nothing() {
     let d = write_release(&case_dir("garbage"), &good, &files2, &[]);
     std::fs::write(d.join("release.json"), b"{\"payload_type\": 7").unwrap();
     device.assert_refused("malformed document", &d, "malformed");
+    device.assert_all_refused();
 
     // And the good release, as a delta against the held blob, applies and serves.
     let good_delta = delta::make(&b1, &b2, delta::DEFAULT_LEVEL).unwrap().unwrap();

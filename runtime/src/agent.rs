@@ -10,7 +10,7 @@ use std::time::Instant;
 use outpost_updater::Refusal;
 use outpost_updater::apply::{Applied, Updater};
 use outpost_updater::mqtt::agent::Device;
-use serde_json::{Map, Value, json};
+use outpost_updater::mqtt::report::{DeviceReport, ModelReport, Resources, StatsReport};
 
 use crate::registry::Registry;
 use crate::stats::{LATENCY_BUCKETS, quantile};
@@ -51,10 +51,10 @@ impl RuntimeDevice {
 
     /// Inference statistics since the previous call: totals and latency quantiles over every
     /// model, escalation rate and central failures, and the same per model.
-    fn stats(&self) -> Value {
+    fn stats(&self) -> StatsReport {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = Snapshot { latency: vec![0; LATENCY_BUCKETS.len() + 1], ..Snapshot::default() };
-        let mut per_model = Map::new();
+        let mut per_model = BTreeMap::new();
         for slot in self.registry.slots().iter() {
             let esc = slot.escalator().map(|e| &e.stats);
             for (version, st) in slot.stats() {
@@ -102,30 +102,30 @@ impl RuntimeDevice {
                 }
             }
         }
-        let mut out = summary(&total);
-        out["models"] = Value::Object(per_model);
-        out
+        StatsReport { models: per_model, ..summary(&total) }
     }
 }
 
-fn summary(s: &Snapshot) -> Value {
+fn summary(s: &Snapshot) -> StatsReport {
     let q = |p: f64| quantile(&LATENCY_BUCKETS, &s.latency, p).map(|v| v * 1e3);
-    json!({
-        "count": s.success + s.failure + s.rejected,
-        "failures": s.failure,
-        "rejected": s.rejected,
-        "p50_ms": q(0.50),
-        "p95_ms": q(0.95),
-        "p99_ms": q(0.99),
-        "escalation_rate": (s.decided > 0).then(|| s.escalated as f64 / s.decided as f64),
-        "central_failures": s.central_failures,
+    StatsReport {
+        count: s.success + s.failure + s.rejected,
+        failures: s.failure,
+        rejected: s.rejected,
+        p50_ms: q(0.50),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        escalation_rate: (s.decided > 0).then(|| s.escalated as f64 / s.decided as f64),
+        central_failures: s.central_failures,
         // The confidence histogram keeps millionths in its sum.
-        "mean_confidence": (s.decided > 0).then(|| s.confidence_sum as f64 / 1e6 / s.decided as f64),
-    })
+        mean_confidence: (s.decided > 0).then(|| s.confidence_sum as f64 / 1e6 / s.decided as f64),
+        simulated: false,
+        models: BTreeMap::new(),
+    }
 }
 
 /// This process's resources, from /proc (absent fields where it cannot be read).
-fn resources(started: Instant) -> Value {
+fn resources(started: Instant) -> Resources {
     let page = 4096u64;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -134,7 +134,7 @@ fn resources(started: Instant) -> Value {
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()));
-    json!({"rss_bytes": rss, "load1": load, "uptime_secs": started.elapsed().as_secs()})
+    Resources { rss_bytes: rss, load1: load, uptime_secs: started.elapsed().as_secs() }
 }
 
 impl Device for RuntimeDevice {
@@ -146,22 +146,23 @@ impl Device for RuntimeDevice {
         self.updates.apply(dir)
     }
 
-    fn report(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("runtime".into(), json!(format!("outpost {}", env!("CARGO_PKG_VERSION"))));
-        let models: Vec<Value> = self
+    fn report(&self) -> DeviceReport {
+        let models = self
             .registry
             .slots()
             .iter()
-            .map(|s| {
-                let versions: Vec<String> = s.served().iter().map(|v| v.version.clone()).collect();
-                json!({"name": s.spec.name, "versions": versions, "state": s.state().as_str()})
+            .map(|s| ModelReport {
+                name: s.spec.name.clone(),
+                versions: s.served().iter().map(|v| v.version.clone()).collect(),
+                state: s.state().as_str().into(),
             })
             .collect();
-        m.insert("models".into(), json!(models));
-        m.insert("stats".into(), self.stats());
-        m.insert("resources".into(), resources(self.started));
-        m.insert("labels".into(), json!(self.labels));
-        m
+        DeviceReport {
+            runtime: Some(format!("outpost {}", env!("CARGO_PKG_VERSION"))),
+            models,
+            stats: Some(self.stats()),
+            resources: Some(resources(self.started)),
+            labels: self.labels.clone(),
+        }
     }
 }

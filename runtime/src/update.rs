@@ -5,14 +5,16 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use outpost_updater::apply::{Applied, ModelHost, StagedModel, Updater, staged_models};
+use outpost_updater::apply::{Applied, Updater};
+use outpost_updater::host::{ModelHost, StageError, StageStep, StagedModel, staged_models};
 use outpost_updater::release::Target;
 use outpost_updater::store::{Store, StoreBusy};
 use outpost_updater::{Refusal, envelope::Envelope};
 use serde_json::{Value, json};
 
 use crate::config::{Config, ModelConfig, ModelSpec, UpdatesConfig};
-use crate::model::ModelSlot;
+use crate::error::Error;
+use crate::model::{LoadError, ModelSlot};
 use crate::registry::Registry;
 
 /// Stages release models beside the serving ones, and makes them the registry's release.
@@ -22,7 +24,7 @@ pub struct RuntimeHost {
 
 /// The runtime's model specs for a release's models (their config keys are the `[[models]]`
 /// keys; name, path, version and golden come from the release).
-pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, String> {
+pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, StageError> {
     let mut configs = Vec::new();
     for m in models {
         let mut obj = m.config.clone();
@@ -33,28 +35,46 @@ pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, String> {
             obj.insert("golden".into(), json!(g));
         }
         let config: ModelConfig =
-            serde_json::from_value(Value::Object(obj)).map_err(|e| format!("model `{}`: config: {e}", m.name))?;
+            serde_json::from_value(Value::Object(obj)).map_err(|e| StageError::new(&m.name, StageStep::Config, e))?;
         configs.push(config);
     }
     let config = Config { models: configs, ..Config::default() };
-    config.validate().map(|v| v.models).map_err(|e| e.to_string())
+    config.validate().map(|v| v.models).map_err(|e| {
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        StageError::new(names.join(", "), StageStep::Config, e)
+    })
+}
+
+/// The updater's view of a model that did not load: which step, with the runtime's error.
+fn stage_error(e: LoadError) -> StageError {
+    match e {
+        LoadError::Versions { name, reason } => StageError::new(name, StageStep::Load, reason),
+        LoadError::Version { name, version, source } => {
+            let step = match &source {
+                Error::Golden(_) => StageStep::Golden,
+                Error::Config(_) => StageStep::Config,
+                Error::ModelFile(_) | Error::Backend(_) => StageStep::Load,
+            };
+            StageError::new(name, step, source).of_version(version)
+        }
+    }
 }
 
 impl ModelHost for RuntimeHost {
     type Staged = Vec<Arc<ModelSlot>>;
 
-    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String> {
+    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, StageError> {
         let specs = release_specs(models)?;
         let slots: Vec<Arc<ModelSlot>> = specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect();
         for slot in &slots {
             // An untrusted model that makes the backend panic (a hostile graph) is refused like
             // one that fails its golden check; the serving release is untouched.
             let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.load())).map_err(|panic| {
-                format!("model `{}`: loading panicked: {}", slot.spec.name, outpost_updater::panic_message(&*panic))
+                StageError::new(&slot.spec.name, StageStep::Panic, outpost_updater::panic_message(&*panic))
             })?;
             if let Some(first) = failures.into_iter().next() {
                 // Dropping the staged slots stops their workers: nothing else saw them.
-                return Err(first.to_string());
+                return Err(stage_error(first));
             }
         }
         Ok(slots)
@@ -157,5 +177,48 @@ impl Updates {
             "last_number": current.as_ref().and_then(|c| c.last_number),
             "last_update": last,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use outpost_updater::host::{ModelHost, StageStep, StagedModel};
+
+    use super::RuntimeHost;
+    use crate::registry::Registry;
+
+    fn staged(model: &str, golden: &str, config: serde_json::Value) -> StagedModel {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        StagedModel {
+            name: "m".into(),
+            version: "7".into(),
+            model: dir.join(model),
+            golden: Some(dir.join(golden)),
+            config: config.as_object().unwrap().clone(),
+        }
+    }
+
+    fn stage_error(m: StagedModel) -> outpost_updater::host::StageError {
+        let host = RuntimeHost { registry: Arc::new(Registry::new(Vec::new())) };
+        host.stage(&[m]).err().expect("staging fails")
+    }
+
+    #[test]
+    fn a_failed_stage_keeps_its_step_and_the_runtimes_error() {
+        let e = stage_error(staged("digits-edge.onnx", "digits-central.golden.json", serde_json::json!({})));
+        assert_eq!((e.model.as_str(), e.version.as_deref(), e.step), ("m", Some("7"), StageStep::Golden), "{e}");
+        let source = e.source.downcast_ref::<crate::error::Error>().expect("the runtime's error");
+        assert!(matches!(source, crate::error::Error::Golden(_)), "{source:?}");
+
+        let e = stage_error(staged("digits-test.csv", "digits-edge.golden.json", serde_json::json!({})));
+        assert_eq!(e.step, StageStep::Load, "{e}");
+
+        let e =
+            stage_error(staged("digits-edge.onnx", "digits-edge.golden.json", serde_json::json!({"queue_bound": "x"})));
+        assert_eq!(e.step, StageStep::Config, "{e}");
+        assert!(e.to_string().starts_with("model `m`: configuration: "), "{e}");
     }
 }

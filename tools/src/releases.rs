@@ -7,6 +7,7 @@ use outpost_updater::author::{self, RootParams};
 use outpost_updater::envelope::{Envelope, RELEASE_TYPE, ROOT_TYPE};
 use outpost_updater::keys::{PublicKey, SecretKey};
 use outpost_updater::release::{ReleaseDoc, Target};
+use outpost_updater::release_dir::ReleaseDir;
 use outpost_updater::root::Root;
 
 #[derive(clap::Subcommand)]
@@ -177,7 +178,7 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ReleaseCommand::Sign { dir, key } => sign(&dir.join("release.json"), &key),
+        ReleaseCommand::Sign { dir, key } => sign(&ReleaseDir(&dir).envelope(), &key),
         ReleaseCommand::Ls { conn } => crate::console::client::release_ls(conn),
         ReleaseCommand::Upload { dir, conn } => crate::console::client::release_upload(&dir, conn),
         ReleaseCommand::Verify { dir, root, group } => {
@@ -188,14 +189,14 @@ pub fn release(cmd: ReleaseCommand) -> anyhow::Result<()> {
             let doc = ReleaseDoc::verify(&release_env, &root, std::time::SystemTime::now(), &target, None)
                 .map_err(|e| anyhow!("refused: {e}"))?;
             for b in doc.blobs() {
-                let (sha, len) = outpost_updater::store::hash_file(&dir.join("blobs").join(&b.sha256))
+                let (sha, len) = outpost_updater::store::hash_file(&ReleaseDir(&dir).blob(&b.sha256))
                     .with_context(|| format!("blob {}", b.sha256))?;
                 if sha != b.sha256 || len != b.length {
                     bail!("blob {} differs from the signed hash or length", b.sha256);
                 }
             }
             for d in &doc.deltas {
-                let (sha, len) = outpost_updater::store::hash_file(&dir.join("deltas").join(&d.sha256))?;
+                let (sha, len) = outpost_updater::store::hash_file(&ReleaseDir(&dir).delta(&d.sha256))?;
                 if sha != d.sha256 || len != d.length {
                     bail!("delta {} differs from the signed hash or length", d.sha256);
                 }

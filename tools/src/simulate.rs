@@ -3,6 +3,7 @@
 //! with a fake inference backend: staging a release checks the model files and can be told to
 //! fail. For rollout tests and fleet-scale measurements against a real broker.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use outpost_updater::Refusal;
-use outpost_updater::apply::{Applied, ModelHost, StagedModel, Updater};
+use outpost_updater::apply::{Applied, Updater};
 use outpost_updater::envelope::Envelope;
+use outpost_updater::host::{ModelHost, StageError, StageStep, StagedModel};
 use outpost_updater::mqtt::agent::{AgentConfig, Device};
+use outpost_updater::mqtt::report::{DeviceReport, ModelReport, Resources, StatsReport};
 use outpost_updater::mqtt::{Topics, valid_id};
 use outpost_updater::release::Target;
 use outpost_updater::store::Store;
-use serde_json::{Map, Value, json};
 
 use crate::fleet::BrokerArgs;
 
@@ -85,7 +87,7 @@ struct FakeHost {
 impl ModelHost for FakeHost {
     type Staged = Vec<(String, String)>;
 
-    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String> {
+    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, StageError> {
         match self.crash {
             Some(Crash::Panic) => panic!("simulated crash while staging"),
             Some(Crash::Abort) => {
@@ -95,12 +97,13 @@ impl ModelHost for FakeHost {
             None => {}
         }
         if self.fail {
-            return Err("simulated health-check failure".into());
+            let first = models.first().map_or("", |m| m.name.as_str());
+            return Err(StageError::new(first, StageStep::Golden, "simulated health-check failure"));
         }
         for m in models {
             let len = std::fs::metadata(&m.model).map(|md| md.len()).unwrap_or(0);
             if len == 0 {
-                return Err(format!("model `{}`: no file", m.name));
+                return Err(StageError::new(&m.name, StageStep::Load, "no file"));
             }
         }
         Ok(models.iter().map(|m| (m.name.clone(), m.version.clone())).collect())
@@ -115,7 +118,7 @@ struct SimDevice {
     updater: Mutex<Updater>,
     host: FakeHost,
     refuse: bool,
-    labels: Map<String, Value>,
+    labels: BTreeMap<String, String>,
     requests: AtomicU64,
     started: Instant,
 }
@@ -132,21 +135,19 @@ impl Device for SimDevice {
         self.updater.lock().unwrap_or_else(|e| e.into_inner()).apply_dir(dir, &self.host)
     }
 
-    fn report(&self) -> Map<String, Value> {
+    fn report(&self) -> DeviceReport {
         let serving = self.host.serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let count = self.requests.swap(0, Ordering::Relaxed);
-        let mut m = Map::new();
-        m.insert("runtime".into(), json!(format!("outpostctl simulate {}", env!("CARGO_PKG_VERSION"))));
-        m.insert(
-            "models".into(),
-            json!(
-                serving.iter().map(|(n, v)| json!({"name": n, "versions": [v], "state": "READY"})).collect::<Vec<_>>()
-            ),
-        );
-        m.insert("stats".into(), json!({"count": count, "failures": 0, "rejected": 0, "simulated": true}));
-        m.insert("resources".into(), json!({"uptime_secs": self.started.elapsed().as_secs()}));
-        m.insert("labels".into(), Value::Object(self.labels.clone()));
-        m
+        DeviceReport {
+            runtime: Some(format!("outpostctl simulate {}", env!("CARGO_PKG_VERSION"))),
+            models: serving
+                .into_iter()
+                .map(|(name, v)| ModelReport { name, versions: vec![v], state: "READY".into() })
+                .collect(),
+            stats: Some(StatsReport { count, simulated: true, ..StatsReport::default() }),
+            resources: Some(Resources { uptime_secs: self.started.elapsed().as_secs(), ..Resources::default() }),
+            labels: self.labels.clone(),
+        }
     }
 }
 
@@ -256,11 +257,11 @@ fn failing(devices: &[Arc<SimDevice>]) -> usize {
     devices.iter().filter(|d| d.host.fail || d.refuse).count()
 }
 
-fn labels(list: &[String]) -> anyhow::Result<Map<String, Value>> {
-    let mut m = Map::new();
+fn labels(list: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
     for l in list {
         let (k, v) = l.split_once('=').ok_or_else(|| anyhow::anyhow!("--label `{l}`: key=value"))?;
-        m.insert(k.to_owned(), json!(v));
+        m.insert(k.to_owned(), v.to_owned());
     }
     Ok(m)
 }

@@ -9,32 +9,13 @@ use std::time::{Instant, SystemTime};
 
 use crate::envelope::{Envelope, MAX_ENVELOPE_BYTES};
 use crate::error::{RefusalKind, refuse};
+use crate::host::{ModelHost, staged_models};
 use crate::offer::Offer;
 use crate::release::{BlobRef, ReleaseDoc, Target};
+use crate::release_dir::ReleaseDir;
 use crate::root::Root;
 use crate::store::{Current, Store};
 use crate::{Refusal, delta, time};
-
-/// A model of a release, as the runtime gets it to stage.
-#[derive(Clone, Debug)]
-pub struct StagedModel {
-    pub name: String,
-    pub version: String,
-    pub model: PathBuf,
-    pub golden: Option<PathBuf>,
-    pub config: serde_json::Map<String, serde_json::Value>,
-}
-
-/// What the updater needs from the runtime. Staging loads and checks models beside what serves
-/// (nothing served changes); activation swaps them in at once; dropping a staged set rolls it
-/// back.
-pub trait ModelHost {
-    type Staged;
-    /// Load, warm up and run the golden inputs of every model; the reason when any fails.
-    fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, String>;
-    /// Serve the staged models in place of the previous release's.
-    fn activate(&self, staged: Self::Staged);
-}
 
 /// What an applied release changed, and what it cost.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -49,20 +30,6 @@ pub struct Applied {
     /// Bytes read from the release directory.
     pub bytes_read: u64,
     pub millis: u64,
-}
-
-/// The staged models of a stored release (paths into the store).
-pub fn staged_models(store: &Store, doc: &ReleaseDoc) -> Vec<StagedModel> {
-    doc.models
-        .iter()
-        .map(|m| StagedModel {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            model: store.blob_path(&m.blob.sha256),
-            golden: m.golden.as_ref().map(|g| store.blob_path(&g.sha256)),
-            config: m.config.clone(),
-        })
-        .collect()
 }
 
 /// Opens a regular file of a release directory without blocking: a FIFO or device (which could
@@ -97,7 +64,7 @@ fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Refusal>
 
 /// The root versions in `dir/root/` above `trusted`, in order; a gap is refused.
 fn root_chain(dir: &Path, trusted: u64) -> Result<Vec<(u64, PathBuf)>, Refusal> {
-    let mut found: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir.join("root")) {
+    let mut found: Vec<(u64, PathBuf)> = match std::fs::read_dir(ReleaseDir(dir).roots()) {
         Ok(entries) => entries
             .flatten()
             .filter_map(|e| {
@@ -202,7 +169,7 @@ impl Updater {
 
     /// What must be fetched to apply a verified release: per blob, nothing when the store holds
     /// it intact, the delta when the store holds the delta's base intact, else the whole blob.
-    /// (The same choice [`Updater::apply_dir`] makes from a directory.)
+    /// (The one choice: [`Updater::apply_dir`] brings blobs in by it too.)
     pub fn plan(&self, doc: &ReleaseDoc) -> Result<Vec<Transfer>, Refusal> {
         let mut out: Vec<Transfer> = Vec::new();
         for blob in doc.blobs() {
@@ -239,7 +206,7 @@ impl Updater {
             None => 0,
         };
         let release =
-            Envelope::parse(&read_bounded(&dir.join("release.json"), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
+            Envelope::parse(&read_bounded(&ReleaseDir(dir).envelope(), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
         let mut roots = Vec::new();
         for (_, path) in root_chain(dir, trusted)? {
             roots.push(Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?);
@@ -258,9 +225,9 @@ impl Updater {
 
         let staged = match host.stage(&staged_models(store, &doc)) {
             Ok(s) => s,
-            Err(reason) => {
+            Err(e) => {
                 store.discard_blobs(&added);
-                return refuse(RefusalKind::HealthCheck, reason);
+                return refuse(RefusalKind::HealthCheck, e.to_string());
             }
         };
 
@@ -300,47 +267,40 @@ impl Updater {
         })
     }
 
-    /// Brings every blob of the release into the store: reused when held and intact, rebuilt
-    /// from a delta when the release has one against a held base, else copied whole.
+    /// Brings every blob of the release into the store by [`Updater::plan`], the choice the
+    /// MQTT transfer fetched by: reused when held and intact, rebuilt from a delta when the
+    /// release has one against a held base, else copied whole.
     fn fetch_all(
         &self,
         dir: &Path,
         doc: &ReleaseDoc,
         added: &mut Vec<String>,
     ) -> Result<(usize, usize, usize, u64), Refusal> {
-        let (mut full, mut from_delta, mut reused, mut bytes) = (0, 0, 0, 0u64);
-        let mut seen = std::collections::BTreeSet::new();
-        for blob in doc.blobs() {
-            if !seen.insert(&blob.sha256) {
-                continue;
-            }
+        let plan = self.plan(doc)?;
+        let distinct: std::collections::BTreeSet<&str> = doc.blobs().map(|b| b.sha256.as_str()).collect();
+        let (mut full, mut from_delta, mut bytes) = (0, 0, 0u64);
+        for t in &plan {
+            let blob = doc.blobs().find(|b| b.sha256 == t.target).expect("the plan names the release's blobs");
             // A damaged copy is not removed: the verified replacement is renamed over it.
             let held = self.store.has_blob(&blob.sha256);
-            if held && self.store.blob_intact(&blob.sha256)? {
-                reused += 1;
-                continue;
-            }
-            let delta =
-                doc.deltas.iter().find(|d| d.target == blob.sha256 && self.store.blob_intact(&d.base).unwrap_or(false));
-            match delta {
-                Some(d) => {
-                    bytes += self.rebuild(dir, d, blob)?;
-                    from_delta += 1;
-                }
-                None => {
-                    bytes += self.copy_full(dir, blob)?;
-                    full += 1;
-                }
+            if t.delta {
+                let d =
+                    doc.deltas.iter().find(|d| d.sha256 == t.object && d.target == t.target).expect("planned delta");
+                bytes += self.rebuild(dir, d, blob)?;
+                from_delta += 1;
+            } else {
+                bytes += self.copy_full(dir, blob)?;
+                full += 1;
             }
             if !held {
                 added.push(blob.sha256.clone());
             }
         }
-        Ok((full, from_delta, reused, bytes))
+        Ok((full, from_delta, distinct.len() - plan.len(), bytes))
     }
 
     fn copy_full(&self, dir: &Path, blob: &BlobRef) -> Result<u64, Refusal> {
-        let path = dir.join("blobs").join(&blob.sha256);
+        let path = ReleaseDir(dir).blob(&blob.sha256);
         let f = open_regular(&path, "blob")?;
         // Length first: a file longer than signed is refused before it is read.
         let len = f.metadata().map_err(|e| Refusal::new(RefusalKind::Storage, e.to_string()))?.len();
@@ -361,7 +321,7 @@ impl Updater {
     }
 
     fn rebuild(&self, dir: &Path, d: &crate::release::DeltaEntry, blob: &BlobRef) -> Result<u64, Refusal> {
-        let bytes = read_bounded(&dir.join("deltas").join(&d.sha256), d.length, "delta")?;
+        let bytes = read_bounded(&ReleaseDir(dir).delta(&d.sha256), d.length, "delta")?;
         if bytes.len() as u64 != d.length || crate::sha256_hex(&bytes) != d.sha256 {
             return refuse(
                 RefusalKind::HashMismatch,

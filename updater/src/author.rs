@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::envelope::{Envelope, RELEASE_TYPE, ROOT_TYPE};
 use crate::keys::PublicKey;
 use crate::release::{BlobRef, DeltaEntry, ModelEntry, ReleaseDoc};
+use crate::release_dir::ReleaseDir;
 use crate::root::{Role, RootDoc};
 use crate::{delta, sha256_hex, time};
 
@@ -83,10 +84,7 @@ fn index_chunks(dir: &Path, doc: &mut ReleaseDoc) -> Result<(), String> {
         if crate::release::chunk_count(len, doc.chunk_size) == 1 {
             continue;
         }
-        let path = [dir.join("blobs").join(&sha), dir.join("deltas").join(&sha)]
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| format!("object {sha} is not in {}", dir.display()))?;
+        let path = ReleaseDir(dir).find(&sha).ok_or_else(|| format!("object {sha} is not in {}", dir.display()))?;
         let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut buf = vec![0u8; doc.chunk_size as usize];
         let mut list = Vec::new();
@@ -116,7 +114,7 @@ fn err(what: impl std::fmt::Display) -> String {
 fn add_blob(dir: &Path, src: &Path) -> Result<BlobRef, String> {
     let bytes = std::fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?;
     let sha256 = sha256_hex(&bytes);
-    std::fs::write(dir.join("blobs").join(&sha256), &bytes).map_err(err)?;
+    std::fs::write(ReleaseDir(dir).blob(&sha256), &bytes).map_err(err)?;
     Ok(BlobRef { sha256, length: bytes.len() as u64 })
 }
 
@@ -125,7 +123,7 @@ pub fn create(spec_path: &Path, out: &Path) -> Result<ReleaseDoc, String> {
     let text = std::fs::read_to_string(spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     let spec: ReleaseSpec = toml::from_str(&text).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     let base = spec_path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(out.join("blobs")).map_err(err)?;
+    std::fs::create_dir_all(ReleaseDir(out).blobs()).map_err(err)?;
     let mut models = Vec::new();
     for m in &spec.models {
         models.push(ModelEntry {
@@ -158,12 +156,12 @@ pub fn create(spec_path: &Path, out: &Path) -> Result<ReleaseDoc, String> {
 
 fn write_unsigned(dir: &Path, doc: &ReleaseDoc) -> Result<(), String> {
     let payload = serde_json::to_vec_pretty(doc).map_err(err)?;
-    std::fs::write(dir.join("release.json"), Envelope::new(RELEASE_TYPE, &payload).to_bytes()).map_err(err)
+    std::fs::write(ReleaseDir(dir).envelope(), Envelope::new(RELEASE_TYPE, &payload).to_bytes()).map_err(err)
 }
 
 /// Reads a release directory's document (signatures not checked).
 pub fn read_release(dir: &Path) -> Result<(Envelope, ReleaseDoc), String> {
-    let bytes = std::fs::read(dir.join("release.json")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let bytes = std::fs::read(ReleaseDir(dir).envelope()).map_err(|e| format!("{}: {e}", dir.display()))?;
     let env = Envelope::parse(&bytes).map_err(err)?;
     let doc = ReleaseDoc::parse(&env.payload(RELEASE_TYPE).map_err(err)?).map_err(err)?;
     Ok((env, doc))
@@ -189,7 +187,7 @@ pub fn add_deltas(dir: &Path, base_dir: &Path, level: i32) -> Result<Vec<DeltaRe
         return Err("the release is already signed: add deltas before signing".into());
     }
     let (_, base_doc) = read_release(base_dir)?;
-    std::fs::create_dir_all(dir.join("deltas")).map_err(err)?;
+    std::fs::create_dir_all(ReleaseDir(dir).deltas()).map_err(err)?;
     let mut reports = Vec::new();
     for m in &doc.models.clone() {
         let Some(old) = base_doc.models.iter().find(|b| b.name == m.name) else { continue };
@@ -199,15 +197,15 @@ pub fn add_deltas(dir: &Path, base_dir: &Path, level: i32) -> Result<Vec<DeltaRe
             if b.sha256 == t.sha256 || doc.deltas.iter().any(|d| d.base == b.sha256 && d.target == t.sha256) {
                 continue;
             }
-            let base = std::fs::read(base_dir.join("blobs").join(&b.sha256)).map_err(err)?;
-            let target = std::fs::read(dir.join("blobs").join(&t.sha256)).map_err(err)?;
+            let base = std::fs::read(ReleaseDir(base_dir).blob(&b.sha256)).map_err(err)?;
+            let target = std::fs::read(ReleaseDir(dir).blob(&t.sha256)).map_err(err)?;
             let started = std::time::Instant::now();
             let made = delta::make(&base, &target, level).map_err(err)?;
             let millis = started.elapsed().as_millis() as u64;
             let kept = made.filter(|d| (d.len() as u64) < t.length);
             if let Some(d) = &kept {
                 let sha256 = sha256_hex(d);
-                std::fs::write(dir.join("deltas").join(&sha256), d).map_err(err)?;
+                std::fs::write(ReleaseDir(dir).delta(&sha256), d).map_err(err)?;
                 let window_log = delta::Header::parse(d).map_err(err)?.window_log;
                 doc.deltas.push(DeltaEntry {
                     base: b.sha256.clone(),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::{Envelope, MAX_ENVELOPE_BYTES, RELEASE_TYPE};
 use crate::error::{RefusalKind, refuse};
 use crate::release::ReleaseDoc;
+use crate::release_dir::ReleaseDir;
 use crate::root::Root;
 use crate::{Refusal, sha256_hex};
 
@@ -59,9 +60,9 @@ impl Offer {
     /// Reads a release directory's offer: `release.json` and every `root/N.json`.
     pub fn from_dir(dir: &Path) -> Result<Offer, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-        let release = Envelope::parse(&read(&dir.join("release.json"))?).map_err(|e| e.to_string())?;
+        let release = Envelope::parse(&read(&ReleaseDir(dir).envelope())?).map_err(|e| e.to_string())?;
         let mut roots = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(dir.join("root")) {
+        if let Ok(entries) = std::fs::read_dir(ReleaseDir(dir).roots()) {
             let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
             paths.sort();
             for p in paths.iter().filter(|p| p.extension().is_some_and(|x| x == "json")) {
@@ -74,11 +75,11 @@ impl Offer {
     /// Writes the offer as a release directory's documents (blobs are added beside them).
     pub fn write_dir(&self, dir: &Path) -> Result<(), Refusal> {
         let io = |e: std::io::Error| Refusal::new(RefusalKind::Storage, format!("{}: {e}", dir.display()));
-        std::fs::create_dir_all(dir.join("root")).map_err(io)?;
+        std::fs::create_dir_all(ReleaseDir(dir).roots()).map_err(io)?;
         for env in &self.roots {
             let version = Root::parse(env)?.doc.version;
-            std::fs::write(dir.join("root").join(format!("{version}.json")), env.to_bytes()).map_err(io)?;
+            std::fs::write(ReleaseDir(dir).root(version), env.to_bytes()).map_err(io)?;
         }
-        std::fs::write(dir.join("release.json"), self.release.to_bytes()).map_err(io)
+        std::fs::write(ReleaseDir(dir).envelope(), self.release.to_bytes()).map_err(io)
     }
 }

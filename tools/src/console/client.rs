@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use hyper::http::Method;
 use outpost_updater::mqtt::publish::offer_from_dir;
+use outpost_updater::release_dir::ReleaseDir;
 use serde_json::{Map, Value, json};
 
 use crate::http::{Conn, Reply};
@@ -277,17 +278,16 @@ pub fn release_upload(dir: &Path, conn: ConsoleConn) -> anyhow::Result<()> {
         let mut api = Api::open(&conn).await?;
         let objects: Vec<(String, u64)> = doc.objects().map(|(h, l)| (h.to_owned(), l)).collect();
         let total: u64 = objects.iter().map(|o| o.1).sum();
-        let mut bar = Bar::new("upload", total);
+        let bar = upload_bar(total);
         let mut sent = 0;
         for (hash, length) in &objects {
             let head = api.call(Method::HEAD, &format!("/api/objects/{hash}"), Bytes::new()).await?;
             if head.status == 200 {
-                bar.add(*length);
+                bar.inc(*length);
                 continue;
             }
-            let path = [dir.join("blobs").join(hash), dir.join("deltas").join(hash)]
-                .into_iter()
-                .find(|p| p.is_file())
+            let path = ReleaseDir(dir)
+                .find(hash)
                 .ok_or_else(|| anyhow!("{}: object {hash} is not in blobs/ or deltas/", dir.display()))?;
             let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
             if data.len() as u64 != *length {
@@ -295,9 +295,9 @@ pub fn release_upload(dir: &Path, conn: ConsoleConn) -> anyhow::Result<()> {
             }
             api.json(Method::PUT, &format!("/api/objects/{hash}"), data).await?;
             sent += length;
-            bar.add(*length);
+            bar.inc(*length);
         }
-        bar.done();
+        bar.finish();
         let v = api.json(Method::POST, "/api/releases", offer.to_bytes()).await?;
         if conn.json {
             print_json(&v);
@@ -504,31 +504,17 @@ fn bar(ok: u64, bad: u64, size: u64, width: u64) -> String {
     format!("[{}{}{}]", "#".repeat(g as usize), "x".repeat(b as usize), ".".repeat((width - g - b) as usize))
 }
 
-/// A byte progress bar on stderr (a terminal only).
-struct Bar {
-    what: &'static str,
-    total: u64,
-    done: u64,
-    tty: bool,
-}
-
-impl Bar {
-    fn new(what: &'static str, total: u64) -> Bar {
-        Bar { what, total, done: 0, tty: std::io::stderr().is_terminal() }
-    }
-
-    fn add(&mut self, n: u64) {
-        self.done += n;
-        if self.tty {
-            eprint!("\r{} {} {}/{} bytes", self.what, bar(self.done, 0, self.total.max(1), 30), self.done, self.total);
-        }
-    }
-
-    fn done(&self) {
-        if self.tty {
-            eprintln!();
-        }
-    }
+/// The upload's byte progress on stderr (drawn on a terminal only, at most 20 times a second),
+/// with its rate and time left.
+fn upload_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(
+        "upload [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta} left",
+    )
+    .expect("a valid template")
+    .progress_chars("#>.");
+    bar.set_style(style);
+    bar
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! Devices' retained `state` messages (and the offline will) into the database: the device row,
 //! its events, and what the state says about the rollouts offering it a release.
 
+use std::collections::BTreeMap;
+
+use outpost_updater::mqtt::report::{StateReport, UpdateState};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 
@@ -10,19 +13,19 @@ use super::db::event;
 pub const MAX_STATE_BYTES: usize = 256 * 1024;
 
 /// What the console takes from one state document.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct DeviceState {
     pub fleet: String,
     pub id: String,
     pub online: bool,
     pub group: Option<String>,
-    pub labels: Option<Value>,
+    pub labels: BTreeMap<String, String>,
     pub release: Option<(String, u64)>,
-    pub update_state: Option<String>,
+    pub update_state: Option<UpdateState>,
     /// The release the update state is about, and which offer of it.
     pub working_on: Option<(String, u32)>,
     pub last_error: Option<String>,
-    pub raw: Value,
+    pub report: StateReport,
 }
 
 /// Parses a state message from `fleet`'s topic for device `id`. A document that names another
@@ -39,31 +42,23 @@ pub fn parse(fleet: &str, id: &str, payload: &[u8]) -> Result<DeviceState, Strin
     if raw["device"] != id || raw["fleet"] != fleet {
         return Err(format!("state names device {} of fleet {}, not its topic's", raw["device"], raw["fleet"]));
     }
-    let online = raw["online"].as_bool().ok_or("state has no `online`")?;
-    let text = |v: &Value| v.as_str().map(str::to_owned);
-    let release = match (raw["release"]["id"].as_str(), raw["release"]["number"].as_u64()) {
-        (Some(i), Some(n)) => Some((i.to_owned(), n)),
-        _ => None,
-    };
-    let u = &raw["update"];
-    let working_on = u["release"]["id"]
-        .as_str()
-        .map(|i| (i.to_owned(), u["release"]["attempt"].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32));
-    let last_error = u["last_error"]["kind"].as_str().map(|k| {
-        let reason: String = u["last_error"]["reason"].as_str().unwrap_or_default().chars().take(500).collect();
-        format!("{k}: {reason}")
+    let report: StateReport = serde_json::from_value(raw).map_err(|e| format!("state is not a state report: {e}"))?;
+    let u = report.update.as_ref();
+    let last_error = u.and_then(|u| u.last_error.as_ref()).map(|e| {
+        let reason: String = e.reason.chars().take(500).collect();
+        format!("{}: {reason}", e.kind)
     });
     Ok(DeviceState {
         fleet: fleet.to_owned(),
         id: id.to_owned(),
-        online,
-        group: text(&raw["group"]),
-        labels: raw.get("labels").filter(|l| l.is_object()).cloned(),
-        release,
-        update_state: text(&u["state"]),
-        working_on,
+        online: report.online,
+        group: report.group.clone(),
+        labels: report.body.labels.clone(),
+        release: report.release.as_ref().map(|r| (r.id.clone(), r.number)),
+        update_state: u.map(|u| u.state),
+        working_on: u.and_then(|u| u.release.as_ref()).map(|r| (r.id.clone(), r.attempt)),
         last_error,
-        raw,
+        report,
     })
 }
 
@@ -89,7 +84,7 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
         )?;
         return Ok(());
     }
-    let labels = s.labels.as_ref().map_or_else(|| "{}".to_owned(), Value::to_string);
+    let labels = serde_json::to_string(&s.labels).expect("json");
     conn.execute(
         "INSERT INTO devices (id, fleet, grp, labels, online, release_id, release_number, update_state, last_error, \
          state, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
@@ -102,9 +97,9 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
             labels,
             s.release.as_ref().map(|r| &r.0),
             s.release.as_ref().map(|r| r.1 as i64),
-            s.update_state,
+            s.update_state.map(UpdateState::as_str),
             s.last_error,
-            s.raw.to_string(),
+            serde_json::to_string(&s.report).expect("json"),
             now
         ],
     )?;
@@ -152,7 +147,7 @@ fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()
             continue;
         }
         let answers_offer = s.working_on.as_ref().is_some_and(|(id, a)| *id == release && *a == attempt);
-        let failing = matches!(s.update_state.as_deref(), Some("refused" | "failed"));
+        let failing = matches!(s.update_state, Some(UpdateState::Refused | UpdateState::Failed));
         if status == "offered" && answers_offer && failing {
             let reason = s.last_error.clone().unwrap_or_else(|| "failed without a reason".into());
             conn.execute(
@@ -169,22 +164,12 @@ fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()
 /// The device list as the API shows it.
 pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
     let state: String = row.get("state")?;
-    let state: Value = serde_json::from_str(&state).unwrap_or(Value::Null);
+    // Written by `record` from a parsed report; a row from an older console reads as empty.
+    let state: StateReport = serde_json::from_str(&state).unwrap_or_default();
     let labels: String = row.get("labels")?;
-    let stats = &state["stats"];
-    let models: Vec<Value> = state["models"]
-        .as_array()
-        .map(|ms| {
-            // Only strings reach the page, whatever a device sent.
-            ms.iter()
-                .map(|m| {
-                    let versions: Vec<&str> =
-                        m["versions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                    json!({"name": m["name"].as_str().unwrap_or("?"), "versions": versions})
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let stats = state.body.stats.as_ref();
+    let models: Vec<Value> =
+        state.body.models.iter().map(|m| json!({"name": m.name, "versions": m.versions})).collect();
     Ok(json!({
         "id": row.get::<_, String>("id")?,
         "fleet": row.get::<_, String>("fleet")?,
@@ -196,11 +181,11 @@ pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
         "update_state": row.get::<_, Option<String>>("update_state")?,
         "last_error": row.get::<_, Option<String>>("last_error")?,
         "models": models,
-        "requests": stats["count"],
-        "p50_ms": stats["p50_ms"],
-        "p99_ms": stats["p99_ms"],
-        "escalation_rate": stats["escalation_rate"],
-        "runtime": state["runtime"],
+        "requests": stats.map(|s| s.count),
+        "p50_ms": stats.and_then(|s| s.p50_ms),
+        "p99_ms": stats.and_then(|s| s.p99_ms),
+        "escalation_rate": stats.and_then(|s| s.escalation_rate),
+        "runtime": state.body.runtime,
         "first_seen": row.get::<_, i64>("first_seen")?,
         "last_seen": row.get::<_, i64>("last_seen")?,
     }))
@@ -236,6 +221,8 @@ mod tests {
         assert!(parse("f", "d1", b"{\"device\"").unwrap_err().contains("not JSON"));
         assert!(parse("f", "d1", b"[1]").unwrap_err().contains("not a JSON object"));
         assert!(parse("f", "d1", br#"{"device":"d1","fleet":"f"}"#).unwrap_err().contains("online"));
+        let e = parse("f", "d1", &doc(json!({"update": {"state": "idle", "attempt": "two"}}))).unwrap_err();
+        assert!(e.contains("not a state report") && e.contains("invalid type"), "{e}");
         assert!(parse("f", "d1", &vec![b' '; MAX_STATE_BYTES + 1]).unwrap_err().contains("over"));
     }
 }

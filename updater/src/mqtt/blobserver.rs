@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::chunks::{ChunkReply, ChunkRequest, MAX_REQUEST_BYTES};
 use super::{Backoff, BrokerConfig, chunk_request_filter, reply_topic_for};
 use crate::release::CHUNK_SIZES;
+use crate::release_dir::ReleaseDir;
 
 #[derive(Clone, Debug)]
 pub struct BlobServerConfig {
@@ -45,8 +46,7 @@ impl BlobServerConfig {
     fn find(&self, object: &str) -> Option<PathBuf> {
         self.dirs
             .iter()
-            .flat_map(|d| [d.join(object), d.join("blobs").join(object), d.join("deltas").join(object)])
-            .find(|p| p.is_file())
+            .find_map(|d| Some(d.join(object)).filter(|p| p.is_file()).or_else(|| ReleaseDir(d).find(object)))
     }
 
     /// The answer to one request.

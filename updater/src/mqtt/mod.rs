@@ -18,6 +18,7 @@ pub mod blobserver;
 pub mod chunks;
 pub mod partial;
 pub mod publish;
+pub mod report;
 
 use std::path::PathBuf;
 use std::time::Duration;

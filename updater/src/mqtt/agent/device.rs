@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
-
 use crate::Refusal;
 use crate::apply::{Applied, Updater};
+use crate::mqtt::report::DeviceReport;
 
 /// What the agent needs from the device.
 pub trait Device: Send + Sync + 'static {
@@ -13,7 +12,6 @@ pub trait Device: Send + Sync + 'static {
     fn with_updater<R>(&self, f: impl FnOnce(&Updater) -> R) -> R;
     /// Applies a release directory (verify, stage, health check, commit, activate).
     fn apply(&self, dir: &Path) -> Result<Applied, Refusal>;
-    /// The device's part of its report: `runtime`, `models`, `stats` (since the last call),
-    /// `resources`.
-    fn report(&self) -> Map<String, Value>;
+    /// The device's part of its state report (`stats` since the last call).
+    fn report(&self) -> DeviceReport;
 }

@@ -30,7 +30,9 @@ mod updates;
 pub use device::Device;
 pub use settings::AgentConfig;
 use shared::{REPLY_QUEUE, Shared, lock, offline_payload};
-pub use status::{ConnectionStatus, ErrorReport, Progress, UpdateStatus};
+pub use status::ConnectionStatus;
+
+use crate::mqtt::report::UpdateStatus;
 
 /// A running agent.
 pub struct Agent {
@@ -84,15 +86,7 @@ pub fn start<D: Device>(cfg: AgentConfig, device: Arc<D>) -> Result<Agent, Strin
     let shared = Arc::new(Shared {
         device,
         client,
-        update: Mutex::new(UpdateStatus {
-            state: "idle",
-            release: None,
-            progress: None,
-            attempt: 0,
-            retry_in_secs: None,
-            last_error: None,
-            last_applied: None,
-        }),
+        update: Mutex::new(UpdateStatus::default()),
         conn: Mutex::new(ConnectionStatus::default()),
         report_now: Notify::new(),
         seq: AtomicU64::new(0),

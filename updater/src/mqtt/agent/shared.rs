@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use rumqttc::v5::AsyncClient;
-use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::device::Device;
 use super::settings::AgentConfig;
-use super::status::{ConnectionStatus, ErrorReport, UpdateStatus};
+use super::status::ConnectionStatus;
 use crate::Refusal;
+use crate::mqtt::report::{ErrorReport, OfferRef, ReleaseRef, StateReport, UpdateState, UpdateStatus};
 use crate::time;
 
 pub(crate) struct Shared<D> {
@@ -39,7 +39,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) fn offline_payload(cfg: &AgentConfig) -> Vec<u8> {
-    serde_json::to_vec(&json!({"device": cfg.device_id, "fleet": cfg.fleet, "online": false})).expect("json")
+    serde_json::to_vec(&StateReport::offline(&cfg.device_id, &cfg.fleet)).expect("json")
 }
 
 /// Why a transfer stopped.
@@ -145,7 +145,7 @@ impl<D: Device> Shared<D> {
 
     /// Reports a refusal; records it under `key` unless it may pass later without a new offer
     /// (the device not provisioned yet, its storage failing, its clock behind).
-    pub(crate) fn refuse(&self, key: Option<&str>, id: Option<&str>, release: Option<Value>, r: &Refusal) {
+    pub(crate) fn refuse(&self, key: Option<&str>, id: Option<&str>, release: Option<OfferRef>, r: &Refusal) {
         use crate::error::RefusalKind::{Expired, Missing, Storage};
         tracing::warn!(kind = r.kind.as_str(), reason = %r.detail, "offer refused; nothing changed");
         if let (Some(key), Some(id)) = (key, id)
@@ -162,7 +162,7 @@ impl<D: Device> Shared<D> {
             let _ = std::fs::write(self.refused_path(), serde_json::to_vec(&rec).expect("json"));
         }
         self.set_state(|u| {
-            u.state = "refused";
+            u.state = UpdateState::Refused;
             u.release = release;
             u.progress = None;
             u.retry_in_secs = None;
@@ -193,25 +193,27 @@ impl<D: Device> Shared<D> {
 
 impl<D: Device> Shared<D> {
     /// The retained state report.
-    pub(crate) fn state_doc(&self) -> Value {
-        let mut doc = self.device.report();
+    pub(crate) fn state_doc(&self) -> StateReport {
+        let body = self.device.report();
         let release = self.device.with_updater(|u| {
             let current = u.store.current().ok().flatten()?;
             let active = current.active?;
             let d = u.store.release(&active).ok()?;
-            Some(json!({"id": active, "number": d.number}))
+            Some(ReleaseRef { id: active, number: d.number })
         });
+        let mut update = lock(&self.update).clone();
+        update.dropped_replies = self.dropped_replies.load(Ordering::Relaxed);
         let cfg = &self.cfg;
-        doc.insert("device".into(), json!(cfg.device_id));
-        doc.insert("fleet".into(), json!(cfg.fleet));
-        doc.insert("group".into(), json!(cfg.group));
-        doc.insert("online".into(), json!(true));
-        doc.insert("release".into(), json!(release));
-        let mut update = serde_json::to_value(&*lock(&self.update)).expect("json");
-        update["dropped_replies"] = json!(self.dropped_replies.load(Ordering::Relaxed));
-        doc.insert("update".into(), update);
-        doc.insert("seq".into(), json!(self.seq.fetch_add(1, Ordering::Relaxed)));
-        doc.insert("at".into(), json!(time::format(SystemTime::now())));
-        Value::Object(doc)
+        StateReport {
+            device: cfg.device_id.clone(),
+            fleet: cfg.fleet.clone(),
+            group: Some(cfg.group.clone()),
+            online: true,
+            release,
+            update: Some(update),
+            body,
+            seq: Some(self.seq.fetch_add(1, Ordering::Relaxed)),
+            at: Some(time::format(SystemTime::now())),
+        }
     }
 }

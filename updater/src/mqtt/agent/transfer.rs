@@ -13,12 +13,13 @@ use tokio::sync::{mpsc, watch};
 
 use super::device::Device;
 use super::shared::{Failure, Shared, failed};
-use super::status::Progress;
 use crate::Refusal;
 use crate::apply::Transfer;
 use crate::mqtt::chunks::{ChunkReply, ChunkRequest};
 use crate::mqtt::partial::{Partial, WriteError};
+use crate::mqtt::report::{Progress, UpdateState};
 use crate::release::ReleaseDoc;
+use crate::release_dir::ReleaseDir;
 
 impl<D: Device> Shared<D> {
     /// Fetches every planned object into `dir` (`blobs/` or `deltas/`), chunk by chunk.
@@ -37,8 +38,8 @@ impl<D: Device> Shared<D> {
             .blocking(move |_| {
                 p.iter()
                     .map(|t| {
-                        let sub = if t.delta { "deltas" } else { "blobs" };
-                        Partial::open(&dir2.join(sub), &t.object, t.length, &d)
+                        let folder = if t.delta { ReleaseDir(&dir2).deltas() } else { ReleaseDir(&dir2).blobs() };
+                        Partial::open(&folder, &t.object, t.length, &d)
                     })
                     .collect::<Result<Vec<_>, Refusal>>()
             })
@@ -105,7 +106,7 @@ impl<D: Device> Shared<D> {
             let mut p = p.clone();
             p.millis = started.elapsed().as_millis() as u64;
             self.set_state(|u| {
-                u.state = "downloading";
+                u.state = UpdateState::Downloading;
                 u.progress = Some(p);
             });
         };

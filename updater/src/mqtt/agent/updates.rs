@@ -5,13 +5,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::device::Device;
 use super::shared::{Failure, Outcome, Shared, lock};
-use super::status::ErrorReport;
 use crate::Refusal;
+use crate::mqtt::report::{AppliedReport, ErrorReport, OfferRef, UpdateState};
 use crate::offer::Offer;
 use crate::time;
 
@@ -52,7 +51,7 @@ pub(crate) async fn run_updates<D: Device>(
             // The offer was withdrawn (an empty retained message): stop and say so.
             s.clean_downloads(None);
             s.set_state(|u| {
-                u.state = "idle";
+                u.state = UpdateState::Idle;
                 u.progress = None;
                 u.retry_in_secs = None;
             });
@@ -103,7 +102,7 @@ impl<D: Device> Shared<D> {
         let id = offer.release_id();
         let number = offer.unverified_doc().ok().map(|d| d.number);
         // The offer's attempt tells the console which of its offers this report answers.
-        let release = json!({"id": id, "number": number, "attempt": offer.attempt});
+        let release = OfferRef { id: id.clone(), number, attempt: offer.attempt };
         let o = offer.clone();
         let (active, trusted) = self
             .blocking(move |s| {
@@ -118,7 +117,7 @@ impl<D: Device> Shared<D> {
         if active {
             self.clean_downloads(None);
             self.set_state(|u| {
-                u.state = "idle";
+                u.state = UpdateState::Idle;
                 u.progress = None;
                 u.retry_in_secs = None;
             });
@@ -126,14 +125,14 @@ impl<D: Device> Shared<D> {
         }
         if let Some(rec) = self.refused_record(&key) {
             self.set_state(|u| {
-                u.state = "refused";
+                u.state = UpdateState::Refused;
                 u.release = Some(release);
                 u.last_error = Some(ErrorReport { kind: rec.kind, reason: rec.reason, at: rec.at, release: Some(id) });
             });
             return Outcome::Done;
         }
         self.set_state(|u| {
-            u.state = "verifying";
+            u.state = UpdateState::Verifying;
             u.release = Some(release.clone());
             u.retry_in_secs = None;
         });
@@ -173,7 +172,7 @@ impl<D: Device> Shared<D> {
             }
         }
         let download_ms = started.elapsed().as_millis() as u64;
-        self.set_state(|u| u.state = "applying");
+        self.set_state(|u| u.state = UpdateState::Applying);
         if let Err(e) = self.mark_applying(&key, &id) {
             return self.transfer_failed("storage", &format!("could not record the apply: {e}"), &id);
         }
@@ -195,16 +194,16 @@ impl<D: Device> Shared<D> {
                 let _ = std::fs::remove_dir_all(&dir);
                 let progress = lock(&self.update).progress.clone();
                 self.set_state(|u| {
-                    u.state = "idle";
-                    u.last_applied = Some(json!({
-                        "number": applied.number,
-                        "release": applied.release,
-                        "models": applied.models,
-                        "download_ms": download_ms,
-                        "apply_ms": applied.millis,
-                        "transfer": progress,
-                        "at": time::format(SystemTime::now()),
-                    }));
+                    u.state = UpdateState::Idle;
+                    u.last_applied = Some(AppliedReport {
+                        number: applied.number,
+                        release: applied.release,
+                        models: applied.models,
+                        download_ms,
+                        apply_ms: applied.millis,
+                        transfer: progress,
+                        at: time::format(SystemTime::now()),
+                    });
                     u.progress = None;
                 });
                 Outcome::Done
@@ -220,7 +219,7 @@ impl<D: Device> Shared<D> {
     pub(crate) fn transfer_failed(&self, kind: &'static str, reason: &str, id: &str) -> Outcome {
         tracing::warn!(kind, reason, "release download failed; the current release keeps serving");
         self.set_state(|u| {
-            u.state = "failed";
+            u.state = UpdateState::Failed;
             u.last_error = Some(Self::error_report(kind, reason, Some(id)));
         });
         Outcome::Failed
