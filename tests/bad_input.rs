@@ -140,7 +140,7 @@ async fn an_oversized_chunked_body_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = Server::start(CONFIG).await;
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"POST /v2/models/digits-edge/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /v2/models/digits-edge/infer HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await.unwrap();
     let chunk = vec![b' '; 8192];
     for _ in 0..10 {
         if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.is_err() {
@@ -189,4 +189,43 @@ async fn a_token_guards_everything_but_liveness() {
         .await
         .unwrap();
     assert_eq!(right.status, 200);
+}
+
+/// What a web page in a browser on the box can make the daemon do: nothing (DNS rebinding,
+/// cross-site requests and form posts are refused, and the model stays loaded).
+#[tokio::test(flavor = "multi_thread")]
+async fn web_pages_cannot_drive_the_daemon() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(CONFIG).await;
+    let unload = "/v2/repository/models/digits-edge/unload";
+
+    // A rebound name: same-origin for the browser, but the Host says whose page it is.
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let port = server.addr.port();
+    let request = format!(
+        "POST {unload} HTTP/1.1\r\nhost: rebind.evil.example:{port}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("server.allowed_hosts"), "{answer}");
+
+    let mut conn = server.conn().await;
+    let cross = [("origin", "http://evil.example".to_owned())];
+    let r = conn.send(Method::POST, unload, &cross, vec![]).await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.error());
+    assert!(r.error().contains("cross-origin"), "{}", r.error());
+    let form = [("content-type", "text/plain;charset=UTF-8".to_owned())];
+    let r = conn.send(Method::POST, unload, &form, "{}").await.unwrap();
+    assert_eq!(r.status, 415, "{}", r.error());
+    still_serving(&server).await;
+
+    // The daemon's own origin and a client without one (tritonclient, curl) are served.
+    let own = [("origin", format!("http://{}", server.addr))];
+    let r = conn.send(Method::POST, "/v2/repository/models/digits-edge/load", &own, vec![]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.error());
+    let r = conn.send(Method::POST, unload, &[], vec![]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.error());
+    assert_ne!(conn.get("/v2/models/digits-edge/ready").await.unwrap().status, 200, "unloaded by a plain client");
 }

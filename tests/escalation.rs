@@ -60,6 +60,20 @@ async fn metric(conn: &mut Conn, line_start: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// The metric once it reads `want` (hard examples are written off the request path), or what
+/// it read last after 10 s.
+async fn metric_reaching(conn: &mut Conn, line_start: &str, want: f64) -> f64 {
+    let mut got = metric(conn, line_start).await;
+    for _ in 0..200 {
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = metric(conn, line_start).await;
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn confident_cases_stay_local_and_unsure_ones_go_central() {
     let central_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -174,7 +188,7 @@ async fn hard_examples_survive_a_restart_and_drain_when_the_central_returns() {
         let (_, params, _, _) = ask(&mut conn, &row, json!({"escalation": "central"})).await;
         assert_eq!(params["escalation"], "failed");
     }
-    assert_eq!(metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await, 4.0);
+    assert_eq!(metric_reaching(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}", 4.0).await, 4.0);
     drop(conn);
     drop(edge);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -219,9 +233,55 @@ async fn the_hard_example_queue_keeps_its_bounds() {
     for row in test_rows(5) {
         ask(&mut conn, &row, json!({"escalation": "central"})).await;
     }
+    assert_eq!(metric_reaching(&mut conn, "outpost_hard_examples_dropped_total{model=\"digits\"}", 3.0).await, 3.0);
     assert_eq!(metric(&mut conn, "outpost_hard_examples_queued{model=\"digits\"}").await, 2.0);
-    assert_eq!(metric(&mut conn, "outpost_hard_examples_dropped_total{model=\"digits\"}").await, 3.0);
     assert_eq!(std::fs::read_dir(dir.join("queue")).unwrap().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An example the central refuses (here: not JSON) is parked and counted, and the ones behind it
+/// go on; a full sink answers 507 and its examples stay queued on the edge, not parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_example_is_parked_and_a_full_sink_keeps_the_rest_queued() {
+    let dir = scratch("park");
+    let (queue, sink) = (dir.join("queue"), dir.join("sink"));
+    std::fs::create_dir_all(&queue).unwrap();
+    // The oldest example in the queue is one the central cannot take.
+    std::fs::write(queue.join(format!("{:020}.json", 1)), b"{not json").unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let central_config = dir.join("central.toml");
+    std::fs::write(
+        &central_config,
+        format!(
+            "[server]\nhard_example_sink = {sink:?}\nhard_example_sink_max_items = 3\n\
+             [[models]]\nname = \"digits-central\"\npath = {:?}\n",
+            repo_root().join("models/digits-central.onnx")
+        ),
+    )
+    .unwrap();
+    let _central =
+        tokio::task::spawn_blocking(move || Daemon::serve_at(addr, &["--config", central_config.to_str().unwrap()]))
+            .await
+            .unwrap();
+    // The edge asks the central for a model it does not have: every escalation fails (404) and
+    // leaves a hard example, while the central takes uploads.
+    let config = edge_config(addr, &format!("queue_dir = {queue:?}\nbreaker_failures = 100\n"))
+        .replace("central_model = \"digits-central\"", "central_model = \"absent\"");
+    let edge = Server::start(&config).await;
+    let mut conn = edge.conn().await;
+    let parked = "outpost_hard_examples_parked_total{model=\"digits\"}";
+    assert_eq!(metric_reaching(&mut conn, parked, 1.0).await, 1.0, "the refused example was set aside");
+    assert!(queue.join("parked").join(format!("{:020}.json", 1)).is_file());
+
+    // Five more: three fill the sink, two wait on the edge.
+    for row in test_rows(5) {
+        let (_, params, _, _) = ask(&mut conn, &row, json!({"escalation": "central"})).await;
+        assert_eq!(params["escalation"], "failed", "{params}");
+    }
+    let queued = "outpost_hard_examples_queued{model=\"digits\"}";
+    assert_eq!(metric_reaching(&mut conn, queued, 2.0).await, 2.0);
+    assert_eq!(std::fs::read_dir(&sink).unwrap().count(), 3, "the sink holds its bound");
+    assert_eq!(metric(&mut conn, parked).await, 1.0, "a full sink parks nothing");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

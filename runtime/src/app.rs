@@ -4,6 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::budget::Budget;
+use crate::escalation::Sink;
 use crate::registry::Registry;
 use crate::{config, update};
 
@@ -14,8 +15,10 @@ pub struct App {
     /// The bytes all requests in flight may hold together.
     pub inflight: Budget,
     pub auth_token: Option<String>,
+    /// Host names besides addresses and `localhost` requests may name (`server.allowed_hosts`).
+    pub allowed_hosts: Vec<String>,
     /// Where uploaded hard examples go; `None`: this server does not collect them.
-    pub hard_example_sink: Option<std::path::PathBuf>,
+    pub hard_example_sink: Option<Arc<Sink>>,
     /// Signed releases, when `[updates]` is configured and the store is open.
     pub updates: OnceLock<Arc<update::Updates>>,
     /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
@@ -34,7 +37,10 @@ impl App {
             max_body_bytes: config.max_body_bytes,
             inflight: Budget::new(config.max_inflight_bytes),
             auth_token: config.auth_token.clone(),
-            hard_example_sink: config.hard_example_sink.clone(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            hard_example_sink: config.hard_example_sink.clone().map(|dir| {
+                Arc::new(Sink::new(dir, config.hard_example_sink_max_items, config.hard_example_sink_max_bytes))
+            }),
             updates: OnceLock::new(),
             agent: OnceLock::new(),
         })

@@ -9,6 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::App;
+use crate::http::browser::{self, AllowedHosts};
 use crate::http::{self, ApiError};
 
 /// Serves the API on `listener` until `shutdown` resolves, then stops accepting and returns
@@ -18,8 +19,20 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = http::router(app.clone()).layer(middleware::from_fn_with_state(app, require_token));
+    let hosts = Arc::new(AllowedHosts::new(&app.allowed_hosts));
+    let router = http::router(app.clone())
+        .layer(middleware::from_fn_with_state(app, require_token))
+        .layer(middleware::from_fn_with_state(hosts, refuse_web_pages));
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Requests a web page made against this daemon (DNS rebinding, cross-site requests, form
+/// posts to the control endpoints) are refused before anything else: `http/browser.rs`.
+async fn refuse_web_pages(State(hosts): State<Arc<AllowedHosts>>, request: Request, next: Next) -> Response {
+    match browser::check(&hosts, request.method(), request.uri().path(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// With a token configured, every route but liveness needs `Authorization: Bearer TOKEN`.

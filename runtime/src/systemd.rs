@@ -82,7 +82,7 @@ pub async fn feed_watchdog(notifier: std::sync::Arc<Notifier>, addr: SocketAddr,
 async fn live(addr: SocketAddr) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: outpost\r\nconnection: close\r\n\r\n").await?;
+    s.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).await?;
     if &head[..] == b"HTTP/1.1 200" {

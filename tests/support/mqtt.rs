@@ -371,7 +371,7 @@ impl Device {
     pub fn get(&self, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(self.addr) else { return (0, String::new()) };
-        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes());
+        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes());
         let mut buf = String::new();
         let _ = s.read_to_string(&mut buf);
         let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);

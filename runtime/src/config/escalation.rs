@@ -35,6 +35,9 @@ pub struct EscalationConfig {
     pub central_token: Option<String>,
     /// The same, read from the first line of this file.
     pub central_token_file: Option<PathBuf>,
+    /// Send the token to an `http://` central off loopback (in clear) all the same.
+    #[serde(default)]
+    pub allow_plaintext_token: bool,
     /// The output holding class scores; default the model's first output.
     pub output: Option<String>,
     /// Apply softmax to the scores first (for models that output logits).
@@ -176,17 +179,28 @@ impl EscalationConfig {
                 Some(QueueLimits { dir: dir.clone(), max_items, max_bytes })
             }
         };
+        let central_token = super::secret::inline_or_file(
+            &key("escalation.central_token"),
+            self.central_token.as_ref(),
+            &key("escalation.central_token_file"),
+            self.central_token_file.as_deref(),
+        )?;
+        if central_token.is_some() && !tls {
+            let host =
+                authority.parse::<hyper::http::uri::Authority>().map(|a| a.host().to_owned()).unwrap_or_default();
+            super::secret::check_plaintext(
+                &key("escalation.central_token"),
+                &host,
+                self.allow_plaintext_token,
+                &key("escalation.allow_plaintext_token"),
+            )?;
+        }
         Ok(Escalation {
             central_authority: authority.to_owned(),
             central_tls_ca,
             central_model: self.central_model.clone(),
             central_version: self.central_version.clone(),
-            central_token: super::secret::inline_or_file(
-                &key("escalation.central_token"),
-                self.central_token.as_ref(),
-                &key("escalation.central_token_file"),
-                self.central_token_file.as_deref(),
-            )?,
+            central_token,
             output: self.output.clone(),
             softmax: self.softmax,
             policy,

@@ -37,6 +37,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 /// How long SIGTERM waits for in-flight requests before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Examples the hard-example sink holds at most by default.
+pub const DEFAULT_SINK_MAX_ITEMS: u64 = 100_000;
+/// Bytes the hard-example sink holds at most by default (1 GiB).
+pub const DEFAULT_SINK_MAX_BYTES: u64 = 1 << 30;
 /// Folder served by `outpost serve` with no arguments.
 pub const DEFAULT_MODEL_DIR: &str = "models";
 
@@ -60,11 +64,19 @@ pub struct ServerConfig {
     pub listen: Option<String>,
     /// Where hard examples uploaded by edges (`POST /v2/hard-examples`) are kept; none: refused.
     pub hard_example_sink: Option<PathBuf>,
+    /// The most examples the sink holds; default [`DEFAULT_SINK_MAX_ITEMS`].
+    pub hard_example_sink_max_items: Option<u64>,
+    /// The most bytes the sink holds; default [`DEFAULT_SINK_MAX_BYTES`].
+    pub hard_example_sink_max_bytes: Option<u64>,
     /// Bearer token required on every endpoint but liveness; mandatory off loopback.
     pub auth_token: Option<String>,
     /// The same, read from the first line of this file (keep it mode 0600, out of the
     /// world-readable configuration).
     pub auth_token_file: Option<PathBuf>,
+    /// Host names (besides IP addresses and `localhost`) clients may call this server by; a
+    /// request naming any other host is refused (DNS rebinding). Default: none.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     /// Default [`DEFAULT_MAX_BODY_BYTES`].
     pub max_body_bytes: Option<usize>,
     /// Bytes all requests in flight may hold together (bodies and the tensors decoded from
@@ -85,8 +97,11 @@ pub struct ServerConfig {
 pub struct Validated {
     pub listen: SocketAddr,
     pub hard_example_sink: Option<PathBuf>,
+    pub hard_example_sink_max_items: u64,
+    pub hard_example_sink_max_bytes: u64,
     pub ort_library: Option<PathBuf>,
     pub auth_token: Option<String>,
+    pub allowed_hosts: Vec<String>,
     pub max_body_bytes: usize,
     pub max_inflight_bytes: u64,
     pub drain_timeout: Duration,
@@ -119,6 +134,22 @@ impl Config {
                 format!("required when listening on {listen} (not loopback): set a bearer token (or auth_token_file)"),
             ));
         }
+        if s.allowed_hosts.len() > 64 {
+            return Err(invalid("server.allowed_hosts", "at most 64 names"));
+        }
+        for name in &s.allowed_hosts {
+            let plain = name
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            if !plain || name.len() > 253 {
+                return Err(invalid("server.allowed_hosts", format!("`{}` is not a host name", name.escape_debug())));
+            }
+        }
+        let hard_example_sink_max_items = s.hard_example_sink_max_items.unwrap_or(DEFAULT_SINK_MAX_ITEMS);
+        let hard_example_sink_max_bytes = s.hard_example_sink_max_bytes.unwrap_or(DEFAULT_SINK_MAX_BYTES);
+        if hard_example_sink_max_items == 0 || hard_example_sink_max_bytes == 0 {
+            return Err(invalid("server.hard_example_sink_max_items", "the sink's bounds must be above 0"));
+        }
         let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if !(1024..=(1 << 30)).contains(&max_body_bytes) {
             return Err(invalid("server.max_body_bytes", "must be between 1024 and 1073741824"));
@@ -143,7 +174,15 @@ impl Config {
             check_name(&u.fleet).map_err(|r| invalid("updates.fleet", r))?;
             check_name(&u.group).map_err(|r| invalid("updates.group", r))?;
             if let Some(m) = &u.mqtt {
-                agent_config(u, m).map_err(|(k, r)| invalid(format!("updates.mqtt.{k}"), r))?;
+                let agent = agent_config(u, m).map_err(|(k, r)| invalid(format!("updates.mqtt.{k}"), r))?;
+                if m.password_file.is_some() && m.ca_file.is_none() {
+                    secret::check_plaintext(
+                        "updates.mqtt.password_file",
+                        &agent.broker.host,
+                        m.allow_plaintext_password,
+                        "updates.mqtt.allow_plaintext_password",
+                    )?;
+                }
             }
         }
         if self.models.is_empty() && self.updates.is_none() {
@@ -165,8 +204,11 @@ impl Config {
         Ok(Validated {
             listen,
             hard_example_sink: s.hard_example_sink.clone(),
+            hard_example_sink_max_items,
+            hard_example_sink_max_bytes,
             ort_library: s.ort_library.clone(),
             auth_token,
+            allowed_hosts: s.allowed_hosts.clone(),
             max_body_bytes,
             max_inflight_bytes,
             drain_timeout: Duration::from_secs(drain),
@@ -338,5 +380,39 @@ mod tests {
         let names: Vec<&str> = v.models.iter().map(|m| m.name.as_str()).collect();
         assert!(names.contains(&"digits-edge") && names.contains(&"digits-cnn"), "{names:?}");
         assert!(!names.contains(&"digits-edge-qsoftmax"), "hazards/ is not served");
+    }
+
+    #[test]
+    fn secrets_do_not_leave_the_box_in_clear_unless_allowed() {
+        let esc = |url: &str, extra: &str| {
+            format!(
+                "{ONE}[models.escalation]\ncentral_url = \"{url}\"\ncentral_model = \"c\"\nthreshold = 0.9\n\
+                 central_token = \"t0123456789\"\n{extra}"
+            )
+        };
+        let e = err(&esc("http://central.example:8001", ""));
+        assert!(e.starts_with("models[0].escalation.central_token: would be sent in clear to central.example"), "{e}");
+        assert!(parse(&esc("http://central.example:8001", "allow_plaintext_token = true\n")).is_ok());
+        for local in ["http://127.0.0.1:8001", "http://localhost:8001", "http://[::1]:8001"] {
+            assert!(parse(&esc(local, "")).is_ok(), "{local}");
+        }
+
+        let dir = std::env::temp_dir().join(format!("outpost-config-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("password"), "secret\n").unwrap();
+        let mqtt = |broker: &str, extra: &str| {
+            let text = format!(
+                "{ONE}[updates]\nstate_dir = \"s\"\nfleet = \"f\"\n[updates.mqtt]\nbroker = \"{broker}\"\n\
+                 device_id = \"d1\"\npassword_file = \"password\"\n{extra}"
+            );
+            let file = dir.join("outpost.toml");
+            std::fs::write(&file, text).unwrap();
+            Config::read(&file).unwrap().validate().map_err(|e| e.to_string())
+        };
+        let e = mqtt("broker.example:1883", "").unwrap_err();
+        assert!(e.starts_with("updates.mqtt.password_file: would be sent in clear to broker.example"), "{e}");
+        assert!(mqtt("broker.example:1883", "allow_plaintext_password = true\n").is_ok());
+        assert!(mqtt("127.0.0.1:1883", "").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,3 +30,26 @@ pub fn inline_or_file(
         (None, None) => Ok(None),
     }
 }
+
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's
+/// loopback, where a secret sent in clear stays on the box.
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A secret about to be sent in clear to `host`: refused off loopback unless the operator
+/// allowed it with `allow_key`, and then logged as a warning once per validation.
+pub fn check_plaintext(secret_key: &str, host: &str, allowed: bool, allow_key: &str) -> Result<(), ConfigError> {
+    if is_loopback(host) {
+        return Ok(());
+    }
+    if !allowed {
+        return Err(invalid(
+            secret_key,
+            format!("would be sent in clear to {host}: use TLS, or set {allow_key} = true to accept that"),
+        ));
+    }
+    tracing::warn!(secret = secret_key, host, "a secret is sent in clear off this machine ({allow_key} = true)");
+    Ok(())
+}

@@ -43,6 +43,9 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// Connect with TLS, trusting only this CA (PEM).
     pub ca_file: Option<PathBuf>,
+    /// Send the password to a broker off loopback without TLS (in clear) all the same.
+    #[serde(default)]
+    pub allow_plaintext_password: bool,
     pub topic_prefix: Option<String>,
     pub report_interval_secs: Option<u64>,
     pub keep_alive_secs: Option<u64>,

@@ -11,9 +11,10 @@ mod breaker;
 mod central;
 pub mod confidence;
 mod queue;
+mod sink;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
@@ -21,6 +22,7 @@ use serde_json::{Map, Value, json};
 pub use breaker::{Breaker, BreakerState};
 pub use central::{Central, CentralError};
 pub use queue::{HardExampleQueue, write_atomically};
+pub use sink::{Sink, SinkError};
 
 use crate::config::{Escalation, Policy};
 use crate::stats::Histogram;
@@ -139,19 +141,26 @@ impl Default for EscalationStats {
 pub struct Escalator {
     pub config: Escalation,
     pub central: Central,
-    pub queue: Option<HardExampleQueue>,
+    pub queue: Option<Arc<HardExampleQueue>>,
+    /// Hard examples being written by the blocking pool (bounded by [`MAX_PENDING_WRITES`]).
+    pending_writes: Arc<AtomicUsize>,
     pub stats: EscalationStats,
 }
+
+/// Hard examples written at once off the request path; past it a new one is dropped (counted
+/// with the queue's drops) rather than piling up threads behind a slow disk.
+pub const MAX_PENDING_WRITES: usize = 16;
 
 impl Escalator {
     /// Reads the central's CA file (https), opens the hard-example queue (when configured) and,
     /// inside a tokio runtime, starts draining it.
     pub fn start(config: &Escalation) -> std::io::Result<Arc<Escalator>> {
-        let queue = config.queue.clone().map(HardExampleQueue::open).transpose()?;
+        let queue = config.queue.clone().map(HardExampleQueue::open).transpose()?.map(Arc::new);
         let e = Arc::new(Escalator {
             central: Central::new(config)?,
             config: config.clone(),
             queue,
+            pending_writes: Arc::default(),
             stats: Default::default(),
         });
         if e.queue.is_some()
@@ -214,13 +223,34 @@ impl Escalator {
                 tracing::debug!(model, version, kind, error = %e, "escalation failed; answering locally");
                 if let Some(q) = &self.queue {
                     let example = hard_example(model, version, &e.to_string(), confidence, inputs, &local);
-                    if let Err(io) = q.push(&example) {
-                        tracing::warn!(model, error = %io, "could not keep a hard example");
-                    }
+                    self.keep(q, model, example);
                 }
                 (local, Outcome { served_by: "local", confidence, escalation: "failed", error: Some(e.to_string()) })
             }
         }
+    }
+
+    /// Queues a hard example from the blocking pool (its write and fsync never hold up the
+    /// answer); with [`MAX_PENDING_WRITES`] already under way, the example is dropped and counted.
+    fn keep(&self, queue: &Arc<HardExampleQueue>, model: &str, example: Vec<u8>) {
+        let pending = &self.pending_writes;
+        let taken = pending.fetch_update(Relaxed, Relaxed, |n| (n < MAX_PENDING_WRITES).then_some(n + 1)).is_ok();
+        let runtime = tokio::runtime::Handle::try_current();
+        let (true, Ok(runtime)) = (taken, runtime) else {
+            if taken {
+                pending.fetch_sub(1, Relaxed);
+            }
+            queue.drops.fetch_add(1, Relaxed);
+            tracing::warn!(model, "hard example dropped: the queue's disk is behind");
+            return;
+        };
+        let (q, pending, model) = (queue.clone(), pending.clone(), model.to_owned());
+        runtime.spawn_blocking(move || {
+            if let Err(io) = q.push(&example) {
+                tracing::warn!(model, error = %io, "could not keep a hard example");
+            }
+            pending.fetch_sub(1, Relaxed);
+        });
     }
 
     /// Appends this model's escalation metrics in Prometheus text form.
@@ -239,6 +269,7 @@ impl Escalator {
         if let Some(q) = &self.queue {
             let _ = writeln!(out, "outpost_hard_examples_queued{{{l}}} {}", q.depth());
             let _ = writeln!(out, "outpost_hard_examples_dropped_total{{{l}}} {}", q.drops.load(Relaxed));
+            let _ = writeln!(out, "outpost_hard_examples_parked_total{{{l}}} {}", q.parked.load(Relaxed));
         }
         s.central_latency.render(out, "outpost_central_duration_seconds", &l, 1e-9);
         s.confidence.render(out, "outpost_confidence", &l, 1e-6);
@@ -263,6 +294,8 @@ pub const METRIC_HEADERS: &str = "\
 # TYPE outpost_hard_examples_queued gauge
 # HELP outpost_hard_examples_dropped_total Hard examples dropped to stay within the queue's bounds.
 # TYPE outpost_hard_examples_dropped_total counter
+# HELP outpost_hard_examples_parked_total Hard examples the central refused, or that could not be read, set aside.
+# TYPE outpost_hard_examples_parked_total counter
 # HELP outpost_central_duration_seconds Central call latency.
 # TYPE outpost_central_duration_seconds histogram
 # HELP outpost_confidence Confidence of local answers (least confident row).
@@ -305,7 +338,8 @@ async fn drain(escalator: std::sync::Weak<Escalator>) {
         tokio::time::sleep(pause).await;
         let Some(e) = escalator.upgrade() else { return };
         let Some(q) = &e.queue else { return };
-        let Some((seq, bytes)) = q.oldest() else {
+        let reader = q.clone();
+        let Some((seq, bytes)) = tokio::task::spawn_blocking(move || reader.oldest()).await.ok().flatten() else {
             pause = Duration::from_millis(200);
             continue;
         };
@@ -317,6 +351,13 @@ async fn drain(escalator: std::sync::Weak<Escalator>) {
             Ok(()) => {
                 e.central.breaker.success();
                 q.remove(seq);
+                pause = Duration::ZERO;
+            }
+            // Refused for what it is: it would be refused again; the rest go on.
+            Err(CentralError::Status { status: status @ (400 | 413 | 415 | 422), message }) => {
+                let q = q.clone();
+                let why = format!("the central answered {status}: {}", message.chars().take(200).collect::<String>());
+                let _ = tokio::task::spawn_blocking(move || q.park(seq, &why)).await;
                 pause = Duration::ZERO;
             }
             Err(err) => {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::app::App;
-use crate::escalation::write_atomically;
+use crate::escalation::SinkError;
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
@@ -38,13 +38,15 @@ pub async fn upload(
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     let name = format!("{model}-{now}-{}-{}.json", std::process::id(), SEQUENCE.fetch_add(1, Relaxed));
-    let path = sink.join(&name);
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&sink)?;
-        write_atomically(&path, &body)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("could not store the example: {e}")))?;
+    let name2 = name.clone();
+    let stored = tokio::task::spawn_blocking(move || sink.store(&name2, &body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match stored {
+        Ok(()) => {}
+        // The edge keeps the example queued and offers it again later.
+        Err(e @ SinkError::Full { .. }) => return Err(ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())),
+        Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
     Ok((StatusCode::OK, Json(json!({ "stored": name }))))
 }

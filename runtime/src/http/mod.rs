@@ -2,6 +2,7 @@
 //! tensor, model repository and statistics extensions, and Prometheus `/metrics`. The wire
 //! format itself is in [`crate::v2`].
 
+pub mod browser;
 mod error;
 mod hard_examples;
 mod infer;
