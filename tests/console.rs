@@ -291,3 +291,47 @@ fn check_page(dir: &Path, console: &Console, rollout: u64) {
         std::fs::copy(&shot, repo_root().join("docs/console.png")).unwrap();
     }
 }
+
+/// The offer of a release with a 200 MB model (3,052 chunk hashes at the default 64 KiB chunks)
+/// is larger than the console's other bodies may be; the console takes it, as devices would.
+#[test]
+fn a_release_of_a_200_mb_model_uploads() {
+    let dir = scratch("large");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let broker = Broker::start(&dir.join("broker"));
+    let console = Console::start(&dir, &broker, &pubdir.join("root-1.json"));
+
+    // 200 MB that do not compress (xorshift), as model weights do not.
+    let model = pubdir.join("large.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&model).unwrap());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..(200_000_000 / 8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f.write_all(&x.to_le_bytes()).unwrap();
+        }
+    }
+    std::fs::write(
+        pubdir.join("large.toml"),
+        format!(
+            "fleet = \"{FLEET}\"\nnumber = 10\n[[models]]\nname = \"large\"\nversion = \"1\"\npath = {model:?}\n\
+             golden = {:?}\n",
+            repo_root().join("models/digits-edge.golden.json")
+        ),
+    )
+    .unwrap();
+    ctl(&pubdir, &["release", "create", "large.toml", "-o", "large"]);
+    ctl(&pubdir, &["release", "sign", "large", "--key", "release.key"]);
+    let offer = std::fs::metadata(pubdir.join("large/release.json")).unwrap().len();
+    assert!(offer > 256 * 1024, "the offer ({offer} bytes) is over the console's limit for other bodies");
+
+    console.ctl(&["release", "upload", pubdir.join("large").to_str().unwrap()]);
+    let releases = console.json(&["release", "ls"]);
+    let large = releases.as_array().unwrap().iter().find(|r| r["number"] == 10);
+    assert!(large.is_some(), "{releases}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -50,7 +50,12 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/overview", get(overview))
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
-        .route("/releases", get(releases).post(upload_release))
+        // An offer is as large as a device takes one (its chunk hashes grow with the model: a
+        // 200 MB model at 64 KiB chunks makes a 0.3 MB offer); other bodies stay small.
+        .route(
+            "/releases",
+            get(releases).post(upload_release).layer(DefaultBodyLimit::max(outpost_updater::offer::MAX_OFFER_BYTES)),
+        )
         .route("/objects/{sha256}", put(put_object).head(head_object).layer(DefaultBodyLimit::disable()))
         .route("/rollouts", get(rollouts).post(start_rollout))
         .route("/rollouts/{id}", get(show_rollout))
