@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use outpost_runtime::golden::{Golden, max_abs_diff};
-use outpost_tools::http::Conn;
 use outpost_tests::releases::{Fleet, model_entry, release_doc, signed, store_config, write_release};
 use outpost_tests::{Daemon, free_port, models_dir, outpost_bin};
+use outpost_tools::http::Conn;
 use outpost_tools::v2client;
 
 const CLIENTS: usize = 64;
@@ -95,7 +95,9 @@ fn cases() -> Vec<Case> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -116,7 +118,12 @@ fn release(dir: &Path, fleet: &Fleet, number: u64, sample: &str) -> PathBuf {
 
 fn outpost(args: &[&str], config: &Path) {
     let out = std::process::Command::new(outpost_bin()).args(args).arg("--config").arg(config).output().unwrap();
-    assert!(out.status.success(), "outpost {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "outpost {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,8 +249,12 @@ async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
     assert_eq!(r.json()["parameters"]["version"], "2", "release 2 serves after the update");
 
     let elapsed = started.elapsed().as_secs_f64();
-    let (good, bad, oversized, wrong) =
-        (counts.good.load(Relaxed), counts.bad.load(Relaxed), counts.oversized.load(Relaxed), counts.wrong.load(Relaxed));
+    let (good, bad, oversized, wrong) = (
+        counts.good.load(Relaxed),
+        counts.bad.load(Relaxed),
+        counts.oversized.load(Relaxed),
+        counts.wrong.load(Relaxed),
+    );
     println!(
         "soak: {elapsed:.0} s, {CLIENTS} clients: {good} good, {bad} bad, {oversized} oversized requests \
          ({:.0} req/s), {wrong} wrong answers; {swaps} swaps, 1 update",

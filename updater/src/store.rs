@@ -73,8 +73,38 @@ fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Refusal {
 impl Store {
     /// Opens (creating) the store at `dir` and takes its lock; fails when another process
     /// holds it (a running daemon: send it the update instead).
+    ///
+    /// On a read-only file system (a disk the kernel remounted read-only after errors) an
+    /// existing store opens read-only: what it holds is served, and every update is refused
+    /// with the file system's error (`storage`).
     pub fn open(dir: &Path) -> Result<Store, StoreBusy> {
-        let io = |p: &Path, e: std::io::Error| StoreBusy::Io(format!("{}: {e}", p.display()));
+        match Store::open_writable(dir) {
+            Err(StoreBusy::ReadOnly(reason)) => {
+                let lock = File::open(dir.join("lock")).map_err(|e| StoreBusy::Io(format!("{reason}; {e}")))?;
+                match lock.try_lock() {
+                    Ok(()) => {}
+                    Err(fs::TryLockError::WouldBlock) => return Err(StoreBusy::Locked),
+                    Err(fs::TryLockError::Error(e)) => {
+                        return Err(StoreBusy::Io(format!("lock {}: {e}", dir.display())));
+                    }
+                }
+                tracing::warn!(store = %dir.display(), reason, "the store is read-only: serving what it holds; updates are refused");
+                let pause_at = std::env::var(PAUSE_ENV).ok().and_then(|v| v.parse().ok());
+                Ok(Store { dir: dir.to_owned(), _lock: lock, steps: AtomicU64::new(0), pause_at })
+            }
+            other => other,
+        }
+    }
+
+    fn open_writable(dir: &Path) -> Result<Store, StoreBusy> {
+        let io = |p: &Path, e: std::io::Error| {
+            let text = format!("{}: {e}", p.display());
+            if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+                StoreBusy::ReadOnly(text)
+            } else {
+                StoreBusy::Io(text)
+            }
+        };
         let fresh = !dir.join("docs").is_dir();
         for sub in ["", "docs", "blobs", "tmp"] {
             fs::create_dir_all(dir.join(sub)).map_err(|e| io(&dir.join(sub), e))?;
@@ -393,6 +423,9 @@ pub enum StoreBusy {
     Locked,
     #[error("{0}")]
     Io(String),
+    /// The file system is read-only (only while opening; [`Store::open`] then opens read-only).
+    #[error("{0}")]
+    ReadOnly(String),
 }
 
 struct HashingWriter<W: Write> {
