@@ -4,8 +4,8 @@
 //! reason reported.
 //!
 //! The disk faults are real: the store lives on a small tmpfs the test mounts (filled, or
-//! remounted read-only). Where the test may not mount (no CAP_SYS_ADMIN) they are skipped with
-//! a message, as `tools/test.sh` counts.
+//! remounted read-only). That needs root with CAP_SYS_ADMIN, as the test command has; on a
+//! machine without it, `OUTPOST_NO_MOUNT=1` skips them (said on stderr), and nothing else does.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,10 +79,12 @@ async fn a_full_or_read_only_state_disk_refuses_the_update_and_serving_goes_on()
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let state = dir.join("state");
-    let Some(disk) = Tmpfs::mount(&state, 1024) else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
+    if std::env::var_os("OUTPOST_NO_MOUNT").is_some() {
+        eprintln!("skipped: OUTPOST_NO_MOUNT is set");
         return;
-    };
+    }
+    let disk = Tmpfs::mount(&state, 1024)
+        .expect("cannot mount a tmpfs (needs root with CAP_SYS_ADMIN; OUTPOST_NO_MOUNT=1 skips this test)");
     let fleet = Fleet::new();
     let addr = format!("127.0.0.1:{}", free_port());
     let config = store_config(&state, &addr);
