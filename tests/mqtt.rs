@@ -107,9 +107,13 @@ fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
 
 /// POSTs one 8x8 digit to the device.
 fn post_golden_row(dev: &Device) -> (u16, String) {
+    post_golden_row_to(dev.addr)
+}
+
+fn post_golden_row_to(addr: std::net::SocketAddr) -> (u16, String) {
     use std::io::{Read, Write};
     let body = r#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]}]}"#;
-    let mut s = std::net::TcpStream::connect(dev.addr).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     let req = format!(
         "POST /v2/models/digits/infer HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -137,6 +141,21 @@ fn downloads_resume_after_a_broker_restart_and_after_a_device_kill() {
         let p = &dev.status()["mqtt"]["update"]["progress"];
         (p["chunks_done"].as_u64()? >= 3).then_some(())
     });
+    // Inference goes on the whole time the broker is away and the download resumes.
+    let load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (running, addr) = (load.clone(), dev.addr);
+    let traffic = std::thread::spawn(move || {
+        let (mut ok, mut other) = (0u32, Vec::new());
+        while running.load(std::sync::atomic::Ordering::Relaxed) {
+            match post_golden_row_to(addr) {
+                (200, _) => ok += 1,
+                (status, text) => other.push(format!("{status}: {text}")),
+            }
+            // A new connection each time: paced, so the client's ports are not used up.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, other)
+    });
     broker.stop();
     let down = dev.status();
     wait_for(Duration::from_secs(10), "the agent to notice", || {
@@ -156,6 +175,9 @@ fn downloads_resume_after_a_broker_restart_and_after_a_device_kill() {
         "every request was a first ask, a retry or a re-ask of a chunk in flight, never a chunk already written: {u} (before the stop: {down})"
     );
     assert_eq!(dev.served_version().as_deref(), Some("1"));
+    load.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (ok, other) = traffic.join().unwrap();
+    assert!(ok > 0 && other.is_empty(), "{ok} answered, and not: {other:?}");
 
     // The device is killed mid-download and restarted: it resumes from what is on disk.
     let mut dev2 = Device::start(&dir, "dev2", &broker.address(), &pubdir, slow);
