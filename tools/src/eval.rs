@@ -13,6 +13,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use plotters::coord::Shift;
+use plotters::prelude::*;
 use serde_json::{Value, json};
 
 use crate::http::Conn;
@@ -247,107 +249,65 @@ pub fn table(points: &[Point]) -> String {
 }
 
 /// An SVG line chart: accuracy against the fraction escalated, one line per policy, and the
-/// edge-only and central-only accuracies as dashed lines.
+/// edge-only and central-only accuracies as dashed lines (plotters' SVG backend: text is left
+/// to the viewer's fonts, so no font is needed here).
 pub fn plot(points: &[Point]) -> String {
-    let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 170.0, 30.0, 60.0);
     let lowest = points.iter().map(|p| p.accuracy).fold(1.0, f64::min);
     let y_min = ((lowest * 100.0).floor() - 1.0).max(0.0) / 100.0;
-    let y_max = 1.0;
-    let x = |f: f64| left + f * (w - left - right);
-    let y = |a: f64| top + (y_max - a) / (y_max - y_min) * (h - top - bottom);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Cascade accuracy vs fraction escalated</text>\n",
-        (left + w - right) / 2.0
-    );
-    for i in 0..=10 {
-        let f = i as f64 / 10.0;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"#eee\"/><text x=\"{0}\" y=\"{3}\" text-anchor=\"middle\">{4:.0}%</text>",
-            x(f),
-            top,
-            h - bottom,
-            h - bottom + 16.0,
-            f * 100.0
-        );
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 440)).into_drawing_area();
+        // Drawing into a string has no I/O to fail; an error is a bug in the chart itself.
+        draw(&root, points, y_min).expect("the chart draws into a string");
     }
-    let steps = ((y_max - y_min) * 100.0).round() as usize;
-    for i in 0..=steps {
-        let a = y_min + i as f64 / 100.0;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"#eee\"/><text x=\"{3}\" y=\"{4}\" text-anchor=\"end\">{5:.0}%</text>",
-            left,
-            y(a),
-            w - right,
-            left - 6.0,
-            y(a) + 4.0,
-            a * 100.0
-        );
+    svg
+}
+
+type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point], y_min: f64) -> Drawn<DB> {
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption("Cascade accuracy vs fraction escalated", ("sans-serif", 14))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, y_min..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("fraction of requests escalated")
+        .y_desc("accuracy")
+        .x_label_formatter(&|f| format!("{:.0}%", f * 100.0))
+        .y_label_formatter(&|a| format!("{:.0}%", a * 100.0))
+        .light_line_style(RGBColor(0xee, 0xee, 0xee))
+        .draw()?;
+    let colors = [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28), RGBColor(0x2c, 0xa0, 0x2c)];
+    for (policy, color) in POLICIES.iter().zip(colors) {
+        let mut line: Vec<(f64, f64)> =
+            points.iter().filter(|p| p.policy == Some(policy)).map(|p| (p.escalated, p.accuracy)).collect();
+        line.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)).point_size(3))?
+            .label(*policy)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">fraction of requests escalated</text>",
-        (left + w - right) / 2.0,
-        h - 20.0
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"16\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {0})\">accuracy</text>",
-        (top + h - bottom) / 2.0
-    );
-    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
-    for (i, policy) in POLICIES.iter().enumerate() {
-        let mut pts: Vec<&Point> = points.iter().filter(|p| p.policy == Some(policy)).collect();
-        pts.sort_by(|a, b| a.escalated.total_cmp(&b.escalated));
-        let line: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", x(p.escalated), y(p.accuracy))).collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
-            colors[i],
-            line.join(" ")
-        );
-        for p in &pts {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
-                x(p.escalated),
-                y(p.accuracy),
-                colors[i]
-            );
-        }
-        let _ = writeln!(
-            s,
-            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/><text x=\"{4}\" y=\"{5}\">{6}</text>",
-            w - right + 10.0,
-            top + 20.0 + i as f64 * 20.0,
-            w - right + 30.0,
-            colors[i],
-            w - right + 36.0,
-            top + 24.0 + i as f64 * 20.0,
-            policy
-        );
-    }
-    for (name, dash) in [("edge only", "6,4"), ("central only", "2,3")] {
+    let grey = RGBColor(0x55, 0x55, 0x55);
+    for (name, dash) in [("edge only", 6), ("central only", 2)] {
         if let Some(p) = points.iter().find(|p| p.name == name) {
-            let _ = writeln!(
-                s,
-                "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"#555\" stroke-dasharray=\"{3}\"/><text x=\"{4}\" y=\"{5}\" fill=\"#555\">{6} {7:.2}%</text>",
-                left,
-                y(p.accuracy),
-                w - right,
-                dash,
-                w - right + 10.0,
-                y(p.accuracy) + 4.0,
-                name,
-                p.accuracy * 100.0
-            );
+            let level = vec![(0.0, p.accuracy), (1.0, p.accuracy)];
+            chart
+                .draw_series(DashedLineSeries::new(level, dash, 4, grey.into()))?
+                .label(format!("{name} {:.2}%", p.accuracy * 100.0))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
         }
     }
-    s.push_str("</svg>\n");
-    s
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(grey)
+        .draw()?;
+    root.present()
 }
 
 #[cfg(test)]
@@ -410,7 +370,11 @@ mod tests {
         ];
         let svg = plot(&points);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        // A line for the policy with points, a legend line for each policy, and the two levels.
+        assert!(svg.matches("<polyline").count() >= 1 + POLICIES.len() + 2, "{svg}");
+        for policy in POLICIES {
+            assert!(svg.contains(&format!("\n{policy}\n")), "the legend names {policy}: {svg}");
+        }
         assert!(svg.contains("central only 98.00%"));
     }
 }
