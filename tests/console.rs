@@ -121,15 +121,12 @@ fn console_events(console: &Console) -> Vec<Value> {
     serde_json::from_value(http_get(console.port, "/api/events?limit=5000")).unwrap()
 }
 
-/// A GET with the token over a plain socket.
+/// A GET with the token.
 fn http_get(port: u16, path: &str) -> Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+    let auth = format!("Bearer {TOKEN}");
+    let (status, body) =
+        outpost_tests::http(([127, 0, 0, 1], port).into(), "GET", path, &[("authorization", &auth)], b"");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {status} {body}"))
 }
 
 /// Makes release 5: digits-edge again (what release 1 ran), numbered above everything since.

@@ -122,15 +122,8 @@ fn install_serve_remove(arch: &str, runner: &[&str]) {
     let args = ["--config", moved.to_str().unwrap()];
     let daemon = Daemon::serve_with(&bin, runner, &args);
     // Ready (strict: every configured model loaded and golden-checked), then one model asked.
-    let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
-    std::io::Write::write_all(
-        &mut s,
-        b"GET /v2/models/digits-cnn HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("\"name\":\"digits-cnn\""), "{reply}");
+    let (status, reply) = outpost_tests::http(daemon.addr, "GET", "/v2/models/digits-cnn", &[], b"");
+    assert!(status == 200 && reply.contains("\"name\":\"digits-cnn\""), "{status} {reply}");
     drop(daemon);
     std::fs::remove_file(&moved).unwrap();
 

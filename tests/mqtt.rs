@@ -111,17 +111,14 @@ fn post_golden_row(dev: &Device) -> (u16, String) {
 }
 
 fn post_golden_row_to(addr: std::net::SocketAddr) -> (u16, String) {
-    use std::io::{Read, Write};
     let body = r#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]}]}"#;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let req = format!(
-        "POST /v2/models/digits/infer HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    (buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0), buf)
+    outpost_tests::http(
+        addr,
+        "POST",
+        "/v2/models/digits/infer",
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    )
 }
 
 #[test]

@@ -15,12 +15,7 @@ fn recv(sock: &UnixDatagram) -> String {
 }
 
 fn ready(addr: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
-    let _ = s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.starts_with("HTTP/1.1 200")
+    outpost_tests::http(addr.parse().unwrap(), "GET", "/v2/health/ready", &[], b"").0 == 200
 }
 
 #[test]

@@ -26,21 +26,11 @@ fn golden(name: &str) -> PathBuf {
     repo_root().join("models").join(format!("{name}.golden.json"))
 }
 
-/// One HTTP/1.1 exchange with the daemon.
+/// One HTTP/1.1 exchange with the daemon: the status and the JSON answer.
 fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
-    use std::io::{Read, Write};
     let body = if body.is_null() { String::new() } else { body.to_string() };
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head[9..12].parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
+    let (status, text) = outpost_tests::http(addr, method, path, &[], body.as_bytes());
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// What the daemon serves as `digits`: its version and its answer to one fixed row.

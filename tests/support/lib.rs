@@ -102,6 +102,26 @@ pub fn outpost_bin() -> PathBuf {
     bin
 }
 
+/// One HTTP/1.1 exchange on a new connection, for tests that are not async: the status (0 when
+/// the server cannot be reached or answers nonsense) and the body. `headers` go after `host`.
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return (0, String::new()) };
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    if s.write_all(head.as_bytes()).and_then(|()| s.write_all(body)).is_err() {
+        return (0, String::new());
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -170,14 +190,8 @@ impl Daemon {
                 }
                 panic!("outpost exited with {status} before it was ready:\n{err}");
             }
-            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.1 200") {
-                    return;
-                }
+            if http(self.addr, "GET", "/v2/health/ready", &[], b"").0 == 200 {
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -369,14 +369,7 @@ impl Device {
 
     /// A GET on the daemon's HTTP API: status code and body (0 when unreachable).
     pub fn get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(self.addr) else { return (0, String::new()) };
-        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes());
-        let mut buf = String::new();
-        let _ = s.read_to_string(&mut buf);
-        let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (code, body)
+        crate::http(self.addr, "GET", path, &[], b"")
     }
 
     /// `GET /v2/update/status`, whose `mqtt` member is the agent's own view.
