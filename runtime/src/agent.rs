@@ -13,8 +13,8 @@ use outpost_updater::mqtt::agent::Device;
 use outpost_updater::mqtt::report::{DeviceReport, ModelReport, Resources, StatsReport};
 
 use crate::registry::Registry;
+use crate::releases::ReleaseService;
 use crate::stats::{LATENCY_BUCKETS, quantile};
-use crate::update::Updates;
 
 /// Reads the MQTT password file (first line, without its newline).
 pub fn read_password(path: &Path) -> std::io::Result<String> {
@@ -24,7 +24,7 @@ pub fn read_password(path: &Path) -> std::io::Result<String> {
 
 /// The device as the agent sees it: the update service and the serving runtime.
 pub struct RuntimeDevice {
-    updates: Arc<Updates>,
+    updates: Arc<ReleaseService>,
     registry: Arc<Registry>,
     started: Instant,
     labels: BTreeMap<String, String>,
@@ -45,7 +45,11 @@ struct Snapshot {
 }
 
 impl RuntimeDevice {
-    pub fn new(updates: Arc<Updates>, registry: Arc<Registry>, labels: BTreeMap<String, String>) -> Arc<RuntimeDevice> {
+    pub fn new(
+        updates: Arc<ReleaseService>,
+        registry: Arc<Registry>,
+        labels: BTreeMap<String, String>,
+    ) -> Arc<RuntimeDevice> {
         Arc::new(RuntimeDevice { updates, registry, started: Instant::now(), labels, last: Mutex::default() })
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use crate::budget::Budget;
 use crate::escalation::Sink;
 use crate::registry::Registry;
-use crate::{config, update};
+use crate::{config, releases};
 
 /// Everything a request handler needs: the models and the server's limits.
 pub struct App {
@@ -20,7 +20,7 @@ pub struct App {
     /// Where uploaded hard examples go; `None`: this server does not collect them.
     pub hard_example_sink: Option<Arc<Sink>>,
     /// Signed releases, when `[updates]` is configured and the store is open.
-    pub updates: OnceLock<Arc<update::Updates>>,
+    pub updates: OnceLock<Arc<releases::ReleaseService>>,
     /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
     pub agent: OnceLock<outpost_updater::mqtt::agent::Agent>,
 }

@@ -31,6 +31,7 @@ pub mod http;
 pub mod model;
 pub mod onnx;
 pub mod registry;
+pub mod releases;
 pub mod repository;
 pub mod server;
 pub mod shapes;
@@ -38,7 +39,6 @@ pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod systemd;
 pub mod tensor;
-pub mod update;
 pub mod v2;
 
 pub use app::App;

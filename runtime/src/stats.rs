@@ -118,7 +118,7 @@ impl Histogram {
 
 /// What happened to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum RequestOutcome {
     Success,
     /// The request was bad or the inference failed.
     Failure,
@@ -176,19 +176,19 @@ impl Default for ModelStats {
 
 impl ModelStats {
     /// Records a finished request.
-    pub fn record(&self, outcome: Outcome, elapsed: Duration) {
+    pub fn record(&self, outcome: RequestOutcome, elapsed: Duration) {
         match outcome {
-            Outcome::Success => {
+            RequestOutcome::Success => {
                 self.success.fetch_add(1, Relaxed);
                 self.success_time.observe(elapsed);
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 self.last_inference_ms.store(now.as_millis() as u64, Relaxed);
             }
-            Outcome::Failure => {
+            RequestOutcome::Failure => {
                 self.failure.fetch_add(1, Relaxed);
                 self.failure_time.observe(elapsed);
             }
-            Outcome::Rejected => {
+            RequestOutcome::Rejected => {
                 self.rejected.fetch_add(1, Relaxed);
             }
         }
@@ -272,9 +272,9 @@ mod tests {
     #[test]
     fn outcomes_are_counted_apart() {
         let s = ModelStats::default();
-        s.record(Outcome::Success, Duration::from_millis(1));
-        s.record(Outcome::Rejected, Duration::from_micros(5));
-        s.record(Outcome::Failure, Duration::from_micros(5));
+        s.record(RequestOutcome::Success, Duration::from_millis(1));
+        s.record(RequestOutcome::Rejected, Duration::from_micros(5));
+        s.record(RequestOutcome::Failure, Duration::from_micros(5));
         let mut out = String::new();
         s.render(&mut out, "m", "1");
         assert!(out.contains("outpost_inference_requests_total{model=\"m\",version=\"1\",outcome=\"success\"} 1"));

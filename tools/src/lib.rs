@@ -2,9 +2,9 @@
 //! tests, the benchmark and the escalation evaluation.
 
 pub mod bench;
+pub mod broker;
 pub mod console;
 pub mod eval;
-pub mod fleet;
 pub mod http;
 pub mod releases;
 pub mod simulate;

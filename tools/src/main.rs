@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, console, eval, fleet, releases, simulate, v2client};
+use outpost_tools::{bench, broker, console, eval, releases, simulate, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -41,10 +41,10 @@ enum Command {
     /// Add zstd patch-from deltas against earlier releases to an unsigned release.
     Delta(releases::DeltaArgs),
     /// Publish a signed release to devices' retained `desired` topics over MQTT.
-    Publish(fleet::PublishArgs),
+    Publish(broker::PublishArgs),
     /// Answer devices' chunk requests over MQTT from blob directories (one of several, through
     /// a shared subscription).
-    ServeBlobs(fleet::ServeBlobsArgs),
+    ServeBlobs(broker::ServeBlobsArgs),
     /// Run N simulated devices (the real MQTT agent and updater, a fake inference backend)
     /// against a broker, optionally with injected failures.
     Simulate(simulate::SimulateArgs),
@@ -135,8 +135,8 @@ fn main() -> anyhow::Result<()> {
         Command::Sign { file, key } => releases::sign(&file, &key),
         Command::Release(c) => releases::release(c),
         Command::Delta(a) => releases::delta(a),
-        Command::Publish(a) => fleet::publish(a),
-        Command::ServeBlobs(a) => fleet::serve_blobs(a),
+        Command::Publish(a) => broker::publish(a),
+        Command::ServeBlobs(a) => broker::serve_blobs(a),
         Command::Simulate(a) => simulate::simulate(a),
         Command::Console(a) => console::service::run(a),
         Command::Fleet(c) => console::client::fleet(c),

@@ -20,7 +20,7 @@ use outpost_updater::mqtt::{Topics, valid_id};
 use outpost_updater::release::Target;
 use outpost_updater::store::Store;
 
-use crate::fleet::BrokerArgs;
+use crate::broker::BrokerArgs;
 
 #[derive(clap::Args)]
 pub struct SimulateArgs {

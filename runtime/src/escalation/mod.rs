@@ -89,7 +89,7 @@ impl Overrides {
 
 /// How a request was answered, for the response `parameters`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
+pub struct Resolution {
     pub served_by: &'static str,
     pub confidence: Option<f64>,
     /// `not_needed`, `skipped` (the client said local), `ok` or `failed`.
@@ -97,7 +97,7 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-impl Outcome {
+impl Resolution {
     /// The response `parameters` that carry this outcome.
     pub fn parameters(&self) -> Value {
         let mut p = json!({ "served_by": self.served_by, "escalation": self.escalation });
@@ -180,7 +180,7 @@ impl Escalator {
         inputs: &[Tensor],
         local: Vec<Tensor>,
         ov: Overrides,
-    ) -> (Vec<Tensor>, Outcome) {
+    ) -> (Vec<Tensor>, Resolution) {
         self.stats.decided.fetch_add(1, Relaxed);
         let scores = match &self.config.output {
             Some(name) => local.iter().find(|t| &t.name == name),
@@ -199,7 +199,7 @@ impl Escalator {
         };
         if !escalate {
             let escalation = if ov.mode == Mode::Local { "skipped" } else { "not_needed" };
-            return (local, Outcome { served_by: "local", confidence, escalation, error: None });
+            return (local, Resolution { served_by: "local", confidence, escalation, error: None });
         }
         self.stats.escalated.fetch_add(1, Relaxed);
         let result = self.central.infer(inputs).await.and_then(|answer| {
@@ -213,7 +213,7 @@ impl Escalator {
                 self.stats.central_ok.fetch_add(1, Relaxed);
                 self.stats.bytes_sent.fetch_add(answer.bytes_sent as u64, Relaxed);
                 self.stats.central_latency.observe(answer.latency);
-                (answer.outputs, Outcome { served_by: "central", confidence, escalation: "ok", error: None })
+                (answer.outputs, Resolution { served_by: "central", confidence, escalation: "ok", error: None })
             }
             Err(e) => {
                 let kind = e.kind();
@@ -225,7 +225,7 @@ impl Escalator {
                     let example = hard_example(model, version, &e.to_string(), confidence, inputs, &local);
                     self.keep(q, model, example);
                 }
-                (local, Outcome { served_by: "local", confidence, escalation: "failed", error: Some(e.to_string()) })
+                (local, Resolution { served_by: "local", confidence, escalation: "failed", error: Some(e.to_string()) })
             }
         }
     }

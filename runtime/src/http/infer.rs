@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::budget;
 use crate::escalation::Overrides;
 use crate::model::{ModelSlot, ServedVersion};
-use crate::stats::Outcome;
+use crate::stats::RequestOutcome;
 use crate::tensor::Tensor;
 use crate::v2::HEADER_LENGTH;
 use crate::v2::request::{self, InferRequest, OutputRequest};
@@ -35,11 +35,11 @@ pub async fn infer(
         Err(e) => return e.into_response(),
     };
     let (outcome, response) = match run(&app, &slot, &model, &headers, body).await {
-        Ok(r) => (Outcome::Success, r),
-        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => (Outcome::Rejected, e.into_response()),
+        Ok(r) => (RequestOutcome::Success, r),
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => (RequestOutcome::Rejected, e.into_response()),
         Err(e) => {
             tracing::debug!(model = %slot.spec.name, version = %model.version, status = e.status.as_u16(), error = %e.message, "inference request failed");
-            (Outcome::Failure, e.into_response())
+            (RequestOutcome::Failure, e.into_response())
         }
     };
     model.stats.record(outcome, started.elapsed());

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::app::App;
-use crate::update::Updates;
+use crate::releases::ReleaseService;
 
-fn service(app: &App) -> Result<Arc<Updates>, ApiError> {
+fn service(app: &App) -> Result<Arc<ReleaseService>, ApiError> {
     app.updates.get().cloned().ok_or_else(|| ApiError::not_found("this server takes no updates (configure [updates])"))
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::state::Console;
 use super::{api, catalog, db, ingest, rollout};
-use crate::fleet::BrokerArgs;
+use crate::broker::BrokerArgs;
 
 #[derive(clap::Args)]
 pub struct ConsoleArgs {
@@ -109,7 +109,7 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
             .with_graceful_shutdown(async {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
-                    _ = crate::fleet::sigterm() => {}
+                    _ = crate::broker::sigterm() => {}
                 }
             })
             .await?;

@@ -27,7 +27,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let app = App::new(&config);
         if let Some(u) = &config.updates {
-            let updates = outpost_runtime::update::Updates::open(u, &app.registry)
+            let updates = outpost_runtime::releases::ReleaseService::open(u, &app.registry)
                 .with_context(|| format!("cannot open the release store {}", u.state_dir.display()))?;
             let _ = app.updates.set(updates);
         }

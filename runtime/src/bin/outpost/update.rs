@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use outpost_runtime::App;
 use outpost_runtime::config::{Config, Validated};
-use outpost_runtime::update::{OpenError, Updates};
+use outpost_runtime::releases::{OpenError, ReleaseService};
 use outpost_updater::store::StoreBusy;
 use serde_json::{Value, json};
 
@@ -50,7 +50,7 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     let app = App::new(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _entered = runtime.enter();
-    let local = match Updates::open(&updates_config, &app.registry) {
+    let local = match ReleaseService::open(&updates_config, &app.registry) {
         Ok(u) => Some(u),
         Err(OpenError::Busy(StoreBusy::Locked)) => None,
         Err(e) => bail!("{}: {e}", updates_config.state_dir.display()),
@@ -104,7 +104,7 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
 
 /// Checks the store as the daemon does at start (falling back from a damaged active release)
 /// and loads the active release's models with their golden check.
-fn load_active(u: &Arc<Updates>) -> anyhow::Result<Option<String>> {
+fn load_active(u: &Arc<ReleaseService>) -> anyhow::Result<Option<String>> {
     u.serve_active().map_err(|e| anyhow::anyhow!("{e}"))
 }
 

@@ -59,7 +59,7 @@ pub(crate) fn failed(kind: &'static str, reason: impl Into<String>) -> Failure {
     Failure::Failed { kind, reason: reason.into() }
 }
 
-pub(crate) enum Outcome {
+pub(crate) enum OfferOutcome {
     Done,
     Superseded,
     Failed,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::device::Device;
-use super::shared::{Failure, Outcome, Shared, lock};
+use super::shared::{Failure, OfferOutcome, Shared, lock};
 use crate::Refusal;
 use crate::mqtt::report::{AppliedReport, ErrorReport, OfferRef, UpdateState};
 use crate::offer::Offer;
@@ -60,12 +60,12 @@ pub(crate) async fn run_updates<D: Device>(
         attempts += 1;
         lock(&s.update).attempt = attempts;
         match s.handle(&bytes, &mut desired, &mut replies, &mut connected).await {
-            Outcome::Done => attempts = 0,
-            Outcome::Superseded => {
+            OfferOutcome::Done => attempts = 0,
+            OfferOutcome::Superseded => {
                 pending = true;
                 attempts = 0;
             }
-            Outcome::Failed => {
+            OfferOutcome::Failed => {
                 // Doubling from retry_after; past max_attempts, once an hour (a fleet's blob
                 // servers may be down for a while: a device must not stay stuck until restarted).
                 let hour = Duration::from_secs(3600);
@@ -91,12 +91,12 @@ impl<D: Device> Shared<D> {
         desired: &mut watch::Receiver<Option<Bytes>>,
         replies: &mut mpsc::Receiver<Bytes>,
         connected: &mut watch::Receiver<bool>,
-    ) -> Outcome {
+    ) -> OfferOutcome {
         let offer = match Offer::parse(bytes) {
             Ok(o) => o,
             Err(r) => {
                 self.refuse(None, None, None, &r);
-                return Outcome::Done;
+                return OfferOutcome::Done;
             }
         };
         let id = offer.release_id();
@@ -121,7 +121,7 @@ impl<D: Device> Shared<D> {
                 u.progress = None;
                 u.retry_in_secs = None;
             });
-            return Outcome::Done;
+            return OfferOutcome::Done;
         }
         if let Some(rec) = self.refused_record(&key) {
             self.set_state(|u| {
@@ -129,7 +129,7 @@ impl<D: Device> Shared<D> {
                 u.release = Some(release);
                 u.last_error = Some(ErrorReport { kind: rec.kind, reason: rec.reason, at: rec.at, release: Some(id) });
             });
-            return Outcome::Done;
+            return OfferOutcome::Done;
         }
         self.set_state(|u| {
             u.state = UpdateState::Verifying;
@@ -152,7 +152,7 @@ impl<D: Device> Shared<D> {
             Ok(v) => v,
             Err(r) => {
                 self.refuse(Some(&key), Some(&id), Some(release), &r);
-                return Outcome::Done;
+                return OfferOutcome::Done;
             }
         };
         let dir = self.cfg.downloads.join(&id);
@@ -164,11 +164,11 @@ impl<D: Device> Shared<D> {
         let started = Instant::now();
         match self.transfer(&doc, &dir, &plan, desired, replies, connected).await {
             Ok(()) => {}
-            Err(Failure::Superseded) => return Outcome::Superseded,
+            Err(Failure::Superseded) => return OfferOutcome::Superseded,
             Err(Failure::Failed { kind, reason }) => return self.transfer_failed(kind, &reason, &id),
             Err(Failure::Refused(r)) => {
                 self.refuse(Some(&key), Some(&id), Some(release), &r);
-                return Outcome::Done;
+                return OfferOutcome::Done;
             }
         }
         let download_ms = started.elapsed().as_millis() as u64;
@@ -206,22 +206,22 @@ impl<D: Device> Shared<D> {
                     });
                     u.progress = None;
                 });
-                Outcome::Done
+                OfferOutcome::Done
             }
             Err(r) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 self.refuse(Some(&key), Some(&id), Some(release), &r);
-                Outcome::Done
+                OfferOutcome::Done
             }
         }
     }
 
-    pub(crate) fn transfer_failed(&self, kind: &'static str, reason: &str, id: &str) -> Outcome {
+    pub(crate) fn transfer_failed(&self, kind: &'static str, reason: &str, id: &str) -> OfferOutcome {
         tracing::warn!(kind, reason, "release download failed; the current release keeps serving");
         self.set_state(|u| {
             u.state = UpdateState::Failed;
             u.last_error = Some(Self::error_report(kind, reason, Some(id)));
         });
-        Outcome::Failed
+        OfferOutcome::Failed
     }
 }

@@ -88,7 +88,7 @@ impl ModelHost for RuntimeHost {
 }
 
 /// The update service of one process: the locked store and the runtime it stages into.
-pub struct Updates {
+pub struct ReleaseService {
     updater: Mutex<Updater>,
     host: RuntimeHost,
 }
@@ -102,12 +102,12 @@ pub enum OpenError {
     Refused(#[from] Refusal),
 }
 
-impl Updates {
+impl ReleaseService {
     /// Opens and locks the store; releases it applies serve from `registry`.
-    pub fn open(config: &UpdatesConfig, registry: &Arc<Registry>) -> Result<Arc<Updates>, OpenError> {
+    pub fn open(config: &UpdatesConfig, registry: &Arc<Registry>) -> Result<Arc<ReleaseService>, OpenError> {
         let store = Store::open(&config.state_dir)?;
         let target = Target { fleet: config.fleet.clone(), group: config.group.clone() };
-        Ok(Arc::new(Updates {
+        Ok(Arc::new(ReleaseService {
             updater: Mutex::new(Updater { store, target }),
             host: RuntimeHost { registry: registry.clone() },
         }))
