@@ -38,7 +38,9 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
             conn.send(hyper::Method::POST, "/v2/models/central/infer", &headers, bytes).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Time for the six bodies (4 MiB each) to reach the server on a busy machine: a connection
+    // whose request has not been read yet is closed at SIGTERM, as it should be.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     daemon.terminate();
     let unfinished = in_flight.iter().filter(|t| !t.is_finished()).count();
     assert!(unfinished > 0, "the requests should still be in flight at SIGTERM");
