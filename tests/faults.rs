@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_tests::releases::{Fleet, model_entry, release_doc, signed, store_config, trusted_state, write_release};
-use outpost_tests::{Daemon, Server, free_port, models_dir, outpost_bin};
+use outpost_tests::releases::{Fleet, sample_release, store_config, trusted_state};
+use outpost_tests::{Daemon, Server, free_port, models_dir, outpost_with_config};
 use outpost_tools::http::Conn;
 use serde_json::{Value, json};
 
 fn outpost(args: &[&str], config: &Path) -> (i32, Value) {
-    let out = Command::new(outpost_bin()).args(args).arg("--config").arg(config).output().unwrap();
-    (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    let (code, json, _) = outpost_with_config(args, config);
+    (code, json)
 }
 
 /// A tmpfs of `kib` KiB at `dir`, unmounted on drop; `None` where mounting is not allowed.
@@ -90,12 +90,8 @@ async fn a_full_or_read_only_state_disk_refuses_the_update_and_serving_goes_on()
     let config = store_config(&state, &addr);
     std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
     assert_eq!(outpost(&["update", "provision", dir.join("root-1.json").to_str().unwrap()], &config).0, 0);
-    let release = |n: u64, sample: &str| {
-        let (m, g) = (models_dir().join(format!("{sample}.onnx")), models_dir().join(format!("{sample}.golden.json")));
-        let doc = release_doc(n, vec![model_entry("digits", &n.to_string(), &m, Some(&g))]);
-        write_release(&dir.join(format!("r{n}")), &signed(&doc, &[&fleet.release_key]), &[&m, &g], &[])
-    };
-    let (r1, r2) = (release(1, "digits-edge"), release(2, "digits-central"));
+    let r1 = sample_release(&dir, &fleet, 1, "digits", "digits-edge");
+    let r2 = sample_release(&dir, &fleet, 2, "digits", "digits-central");
     assert_eq!(outpost(&["update", "apply", r1.to_str().unwrap()], &config).0, 0);
     let daemon = Daemon::serve_at(addr.parse().unwrap(), &["--config", config.to_str().unwrap()]);
     let mut conn = Conn::connect(daemon.addr).await.unwrap();

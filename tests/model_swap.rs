@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::Method;
 use outpost_runtime::golden::{Golden, max_abs_diff};
 use outpost_runtime::tensor::Tensor;
-use outpost_tests::{Daemon, Server, models_dir};
+use outpost_tests::{Daemon, Server, add_repository_version, models_dir};
 use outpost_tools::v2client;
 
 /// A fresh repository folder with one model folder, `digits`.
@@ -19,14 +19,6 @@ fn repository(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&repo);
     std::fs::create_dir_all(repo.join("digits")).unwrap();
     repo
-}
-
-/// Puts sample model `sample` (with its golden outputs) in as `digits` version `version`.
-fn add_version(repo: &Path, version: u32, sample: &str) {
-    let dir = repo.join("digits").join(version.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(models_dir().join(format!("{sample}.onnx")), dir.join("model.onnx")).unwrap();
-    std::fs::copy(models_dir().join(format!("{sample}.golden.json")), dir.join("model.golden.json")).unwrap();
 }
 
 fn golden(sample: &str) -> (Vec<Tensor>, Tensor) {
@@ -46,7 +38,7 @@ fn sample_for(version: u32) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_swap_under_load_without_a_failed_or_wrong_answer() {
     let repo = repository("swap");
-    add_version(&repo, 1, sample_for(1));
+    add_repository_version(&repo, 1, sample_for(1));
     let server = Server::start(&config(&repo, "")).await;
     let (inputs, edge_out) = golden("digits-edge");
     let (_, central_out) = golden("digits-central");
@@ -80,7 +72,7 @@ async fn versions_swap_under_load_without_a_failed_or_wrong_answer() {
     let mut control = server.conn().await;
     for version in 2..=swaps + 1 {
         tokio::time::sleep(Duration::from_millis(40)).await;
-        add_version(&repo, version, sample_for(version));
+        add_repository_version(&repo, version, sample_for(version));
         let r = control.post_json("/v2/repository/models/digits/load", &serde_json::json!({})).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.error());
         let meta = control.get("/v2/models/digits").await.unwrap().json();
@@ -104,7 +96,7 @@ async fn versions_swap_under_load_without_a_failed_or_wrong_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_new_version_leaves_the_old_one_serving() {
     let repo = repository("broken");
-    add_version(&repo, 1, "digits-edge");
+    add_repository_version(&repo, 1, "digits-edge");
     let server = Server::start(&config(&repo, "")).await;
     let mut conn = server.conn().await;
     let (inputs, edge_out) = golden("digits-edge");
@@ -117,7 +109,7 @@ async fn a_broken_new_version_leaves_the_old_one_serving() {
     for (version, reason) in cases {
         if version == 3 {
             std::fs::remove_dir_all(repo.join("digits/2")).unwrap();
-            add_version(&repo, 3, "digits-edge");
+            add_repository_version(&repo, 3, "digits-edge");
             // The golden outputs of another model: this version's warm-up fails.
             std::fs::copy(models_dir().join("digits-central.golden.json"), repo.join("digits/3/model.golden.json"))
                 .unwrap();
@@ -150,9 +142,9 @@ async fn a_broken_new_version_leaves_the_old_one_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn several_versions_serve_at_once_under_a_version_policy() {
     let repo = repository("policy");
-    add_version(&repo, 1, "digits-edge");
-    add_version(&repo, 2, "digits-central");
-    add_version(&repo, 3, "digits-edge-qop");
+    add_repository_version(&repo, 1, "digits-edge");
+    add_repository_version(&repo, 2, "digits-central");
+    add_repository_version(&repo, 3, "digits-edge-qop");
     let server = Server::start(&config(&repo, "[models.version_policy]\nspecific = [1, 2]\n")).await;
     let mut conn = server.conn().await;
     let meta = conn.get("/v2/models/digits").await.unwrap().json();
@@ -178,9 +170,9 @@ async fn several_versions_serve_at_once_under_a_version_policy() {
 #[test]
 fn sighup_picks_up_a_new_version() {
     let repo = repository("sighup");
-    add_version(&repo, 1, "digits-edge");
+    add_repository_version(&repo, 1, "digits-edge");
     let daemon = Daemon::serve(&["--model-repository", repo.to_str().unwrap()]);
-    add_version(&repo, 2, "digits-central");
+    add_repository_version(&repo, 2, "digits-central");
     let ok = std::process::Command::new("kill").args(["-HUP", &daemon.child.id().to_string()]).status().unwrap();
     assert!(ok.success());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

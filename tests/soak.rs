@@ -5,15 +5,15 @@
 //! every bad one 400 and every oversized one 413. The daemon's RSS is sampled each second and
 //! printed with the counts (a figure to read, not a timed assertion: the machines are shared).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 use outpost_runtime::golden::{Golden, max_abs_diff};
-use outpost_tests::releases::{Fleet, model_entry, release_doc, signed, store_config, write_release};
-use outpost_tests::{Daemon, free_port, models_dir, outpost_bin};
+use outpost_tests::releases::{Fleet, sample_release, store_config};
+use outpost_tests::{Daemon, add_repository_version, free_port, models_dir, outpost_with_config};
 use outpost_tools::http::Conn;
 use outpost_tools::v2client;
 
@@ -101,29 +101,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Puts sample `sample` in as repository model `digits`, version `version`.
-fn add_version(repo: &Path, version: u32, sample: &str) {
-    let dir = repo.join("digits").join(version.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(models_dir().join(format!("{sample}.onnx")), dir.join("model.onnx")).unwrap();
-    std::fs::copy(models_dir().join(format!("{sample}.golden.json")), dir.join("model.golden.json")).unwrap();
-}
-
-/// A signed release directory serving `sample` as model `released`.
-fn release(dir: &Path, fleet: &Fleet, number: u64, sample: &str) -> PathBuf {
-    let (m, g) = (models_dir().join(format!("{sample}.onnx")), models_dir().join(format!("{sample}.golden.json")));
-    let doc = release_doc(number, vec![model_entry("released", &number.to_string(), &m, Some(&g))]);
-    write_release(&dir.join(format!("r{number}")), &signed(&doc, &[&fleet.release_key]), &[&m, &g], &[])
-}
-
 fn outpost(args: &[&str], config: &Path) {
-    let out = std::process::Command::new(outpost_bin()).args(args).arg("--config").arg(config).output().unwrap();
-    assert!(
-        out.status.success(),
-        "outpost {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, json, err) = outpost_with_config(args, config);
+    assert_eq!(code, 0, "outpost {args:?}: {json}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +113,7 @@ async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("repo")).unwrap();
     let repo = dir.join("repo");
-    add_version(&repo, 1, "digits-edge");
+    add_repository_version(&repo, 1, "digits-edge");
 
     // The store: provisioned, release 1 applied before the daemon starts.
     let fleet = Fleet::new();
@@ -156,9 +136,9 @@ async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
     std::fs::write(&config, text).unwrap();
     std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
     outpost(&["update", "provision", dir.join("root-1.json").to_str().unwrap()], &config);
-    let r1 = release(&dir, &fleet, 1, "digits-edge");
+    let r1 = sample_release(&dir, &fleet, 1, "released", "digits-edge");
     outpost(&["update", "apply", r1.to_str().unwrap()], &config);
-    let r2 = release(&dir, &fleet, 2, "digits-edge-qop");
+    let r2 = sample_release(&dir, &fleet, 2, "released", "digits-edge-qop");
 
     let daemon = Daemon::serve_at(addr.parse().unwrap(), &["--config", config.to_str().unwrap()]);
     let pid = daemon.child.id();
@@ -226,7 +206,7 @@ async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
         rss.push((started.elapsed().as_secs(), rss_kib(pid)));
         if last_swap.elapsed() >= Duration::from_secs(3) {
             version += 1;
-            add_version(&repo, version, if version % 2 == 0 { "digits-edge-qop" } else { "digits-edge" });
+            add_repository_version(&repo, version, if version % 2 == 0 { "digits-edge-qop" } else { "digits-edge" });
             let r = control.send(Method::POST, "/v2/repository/models/digits/load", &[], Vec::new()).await.unwrap();
             assert_eq!(r.status, 200, "swap to version {version}: {}", r.error());
             swaps += 1;

@@ -9,19 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use outpost_tests::releases::{Fleet, model_entry, release_doc, root_version, signed, store_config, write_release};
-use outpost_tests::{outpost_bin, repo_root};
+use outpost_tests::{outpost_bin, outpost_with_config, repo_root};
 use outpost_updater::release::DeltaEntry;
 use outpost_updater::{delta, sha256_hex};
-use serde_json::Value;
 
 fn models(rel: &str) -> PathBuf {
     repo_root().join("models").join(rel)
-}
-
-fn outpost(args: &[&str], config: &Path) -> (i32, Value, String) {
-    let out = Command::new(outpost_bin()).args(args).arg("--config").arg(config).output().unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -57,7 +50,7 @@ fn apply_killed_at(config: &Path, dir: &Path, step: u64) -> bool {
 
 /// The active release number after a restart, checked by loading it (golden check included).
 fn active_after_restart(config: &Path) -> u64 {
-    let (code, status, err) = outpost(&["update", "check"], config);
+    let (code, status, err) = outpost_with_config(&["update", "check"], config);
     assert_eq!(code, 0, "check failed: {err}");
     status["active"]["number"].as_u64().unwrap_or_else(|| panic!("no active release: {status}"))
 }
@@ -120,8 +113,11 @@ fn scenarios(dir: &Path) -> Vec<Scenario> {
         .map(|(name, release2)| {
             let template = dir.join(format!("template-{}", name.split(' ').next().unwrap()));
             let config = store_config(&template, "127.0.0.1:1");
-            assert_eq!(outpost(&["update", "provision", dir.join("root-1.json").to_str().unwrap()], &config).0, 0);
-            let (code, answer, err) = outpost(&["update", "apply", r1.to_str().unwrap()], &config);
+            assert_eq!(
+                outpost_with_config(&["update", "provision", dir.join("root-1.json").to_str().unwrap()], &config).0,
+                0
+            );
+            let (code, answer, err) = outpost_with_config(&["update", "apply", r1.to_str().unwrap()], &config);
             assert_eq!(code, 0, "{answer} {err}");
             Scenario { name, template, release2 }
         })
@@ -158,7 +154,7 @@ fn a_kill_at_any_step_leaves_the_old_or_the_new_release_whole() {
                 n => panic!("{}: step {step}: release {n} active", s.name),
             }
             // The interrupted update can be finished (or was already committed).
-            let (code, answer, err) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+            let (code, answer, err) = outpost_with_config(&["update", "apply", s.release2.to_str().unwrap()], &config);
             assert!(code == 0 || answer["refusal"] == "rollback", "{}: step {step}: {answer} {err}", s.name);
             assert_eq!(active_after_restart(&config), 2, "{}: step {step}: after re-applying", s.name);
         }
@@ -176,7 +172,7 @@ fn a_damaged_active_release_falls_back_to_the_previous_at_start() {
     let state = dir.join("state");
     copy_dir(&s.template, &state);
     let config = store_config(&state, "127.0.0.1:1");
-    let (code, answer, err) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+    let (code, answer, err) = outpost_with_config(&["update", "apply", s.release2.to_str().unwrap()], &config);
     assert_eq!(code, 0, "{answer} {err}");
     // Damage the active release's model blob.
     let (m, _) = (models("successors/digits-edge-head.onnx"), ());
@@ -184,15 +180,15 @@ fn a_damaged_active_release_falls_back_to_the_previous_at_start() {
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[100] ^= 0xff;
     std::fs::write(&blob, bytes).unwrap();
-    let (code, status, err) = outpost(&["update", "check"], &config);
+    let (code, status, err) = outpost_with_config(&["update", "check"], &config);
     assert_eq!(code, 0, "{err}");
     assert_eq!(status["active"]["number"], 1, "{status}");
     assert!(status["fell_back"].as_str().unwrap().contains("damaged"), "{status}");
     // The same signed release repairs the box, although its number is not above the last one.
-    let (code, answer, err) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+    let (code, answer, err) = outpost_with_config(&["update", "apply", s.release2.to_str().unwrap()], &config);
     assert_eq!(code, 0, "{answer} {err}");
     assert_eq!(active_after_restart(&config), 2);
     // Once repaired, the allowance is gone: the same release again is a replay.
-    let (code, answer, _) = outpost(&["update", "apply", s.release2.to_str().unwrap()], &config);
+    let (code, answer, _) = outpost_with_config(&["update", "apply", s.release2.to_str().unwrap()], &config);
     assert_eq!((code, answer["refusal"].as_str()), (2, Some("rollback")), "{answer}");
 }

@@ -217,6 +217,23 @@ pub fn outpost(args: &[&str]) -> std::process::Output {
     Command::new(outpost_bin()).args(args).current_dir(repo_root()).output().expect("run outpost")
 }
 
+/// Runs `outpost ARGS --config CONFIG` (the update commands): exit code, the JSON it printed
+/// (null when none) and its stderr.
+pub fn outpost_with_config(args: &[&str], config: &Path) -> (i32, serde_json::Value, String) {
+    let out = Command::new(outpost_bin()).args(args).arg("--config").arg(config).output().expect("run outpost");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Puts sample model `sample` (with its golden outputs) into model repository `repo` as
+/// `digits` version `version`.
+pub fn add_repository_version(repo: &Path, version: u32, sample: &str) {
+    let dir = repo.join("digits").join(version.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(models_dir().join(format!("{sample}.onnx")), dir.join("model.onnx")).unwrap();
+    std::fs::copy(models_dir().join(format!("{sample}.golden.json")), dir.join("model.golden.json")).unwrap();
+}
+
 /// The Python with the test requirements (`tritonclient[http]`, numpy): `OUTPOST_PYTHON`, else
 /// the repository's `.venv` that `tools/test.sh` makes.
 pub fn python() -> PathBuf {

@@ -153,3 +153,12 @@ pub fn store_config(state_dir: &Path, listen: &str) -> PathBuf {
     .unwrap();
     path
 }
+
+/// Release `number` of the demo fleet in `dir/r{number}`: sample model `sample` (with its golden
+/// outputs) as model `name`, version `number`, signed by the fleet's release key.
+pub fn sample_release(dir: &Path, fleet: &Fleet, number: u64, name: &str, sample: &str) -> PathBuf {
+    let models = crate::models_dir();
+    let (m, g) = (models.join(format!("{sample}.onnx")), models.join(format!("{sample}.golden.json")));
+    let doc = release_doc(number, vec![model_entry(name, &number.to_string(), &m, Some(&g))]);
+    write_release(&dir.join(format!("r{number}")), &signed(&doc, &[&fleet.release_key]), &[&m, &g], &[])
+}

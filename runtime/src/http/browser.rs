@@ -30,9 +30,15 @@ impl AllowedHosts {
         AllowedHosts(names.iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()).collect())
     }
 
+    /// Checked on every request: no allocation.
     fn allows(&self, host: &str) -> bool {
-        let name = host.trim_end_matches('.').to_ascii_lowercase();
-        name == "localhost" || name.ends_with(".localhost") || name.parse::<IpAddr>().is_ok() || self.0.contains(&name)
+        let name = host.trim_end_matches('.');
+        let local = name.len().checked_sub("localhost".len()).is_some_and(|at| {
+            name.is_char_boundary(at)
+                && name[at..].eq_ignore_ascii_case("localhost")
+                && (at == 0 || name.as_bytes()[at - 1] == b'.')
+        });
+        local || name.parse::<IpAddr>().is_ok() || self.0.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 }
 
