@@ -124,15 +124,20 @@ fn symbolic_plan(model: &InferenceModel, signature: &Signature) -> TractResult<A
     model.into_optimized()?.into_runnable()
 }
 
-/// The model's bytes as tract is to read them: a quantized Softmax rewritten (see [`rewrite`]).
+/// The model's bytes as tract is to read them: integer products and a quantized Softmax
+/// rewritten (see [`rewrite`]).
 fn for_tract(graph: &ModelGraph) -> Result<std::borrow::Cow<'_, [u8]>, BackendError> {
     let refused = |reason: String| BackendError::Refused { path: graph.path.clone(), reason };
-    let softmax = rewrite::analyse(&graph.bytes).map_err(refused)?;
-    if softmax.rewrite.is_empty() {
+    let analysis = rewrite::analyse(&graph.bytes).map_err(refused)?;
+    if analysis.rewrite.is_empty() {
         return Ok(graph.bytes.as_slice().into());
     }
-    tracing::info!(model = %graph.path.display(), dequantize = ?softmax.rewrite, "quantized Softmax: its input dequantized as arithmetic, so tract runs it in float");
-    Ok(rewrite::rewrite(&graph.bytes, &softmax.rewrite).map_err(refused)?.into())
+    tracing::info!(
+        model = %graph.path.display(),
+        rewritten = %analysis.summary(&graph.bytes).map_err(refused)?,
+        "quantized operators rewritten into forms tract runs fast and right (docs/backends.md)"
+    );
+    Ok(rewrite::rewrite(&graph.bytes, &analysis.rewrite).map_err(refused)?.into())
 }
 
 struct TractSession {

@@ -1,0 +1,197 @@
+//! The nodes that replace a rewritten node, encoded, and the constants they add. Every name a
+//! replacement adds starts with the replaced node's first output (unique in a graph, where node
+//! names may be empty or repeated) followed by `/outpost_`.
+
+use std::collections::HashSet;
+
+use prost::Message;
+
+use crate::backend::tract::rewrite::graph::{Centring, FLOAT, Graph, input, is_dynamic_quantize};
+use crate::backend::tract::rewrite::wire::{Constant, Field, fields};
+use crate::onnx::pb;
+
+/// NodeProto.attribute.
+const NODE_ATTRIBUTE: u32 = 5;
+/// TensorProto.DataType UINT8 and INT32.
+const UINT8: i64 = 2;
+const INT32: i64 = 6;
+/// The FP32 scalars the dynamic quantization's arithmetic uses, added once per graph.
+const ZERO: &str = "outpost/0";
+const ONE: &str = "outpost/1";
+const QMAX: &str = "outpost/255";
+
+pub(crate) struct Writer<'g> {
+    graph: &'g Graph,
+    chosen: &'g HashSet<&'g str>,
+    constants: Vec<Constant>,
+}
+
+/// The replacement being written for one node.
+struct Nodes<'a> {
+    prefix: &'a str,
+    list: Vec<Vec<u8>>,
+}
+
+impl Nodes<'_> {
+    fn name(&self, part: &str) -> String {
+        format!("{}/outpost_{part}", self.prefix)
+    }
+
+    /// Adds a node; `raw` are attribute fields copied from the node replaced.
+    fn add(&mut self, op: &str, input: Vec<String>, output: String, attribute: Vec<pb::Attribute>, raw: &[Field]) {
+        let node = pb::Node {
+            name: format!("{output}/node"),
+            input,
+            output: vec![output],
+            op_type: op.into(),
+            attribute,
+            domain: String::new(),
+        };
+        let mut bytes = node.encode_to_vec();
+        for f in raw {
+            bytes.extend_from_slice(f.raw);
+        }
+        self.list.push(bytes);
+    }
+
+    /// A node of one output with no attributes, named `part`; returns the output.
+    fn op(&mut self, op: &str, input: &[&str], part: &str) -> String {
+        let output = self.name(part);
+        self.add(op, input.iter().map(|s| s.to_string()).collect(), output.clone(), Vec::new(), &[]);
+        output
+    }
+
+    fn cast(&mut self, x: &str, to: i64, output: String) {
+        self.add("Cast", vec![x.into()], output, vec![int_attribute("to", to)], &[]);
+    }
+
+    fn clamp_to_u8_range(&mut self, x: &str, part: &str) -> String {
+        let high = self.op("Min", &[x, QMAX], &format!("{part}_at_most_255"));
+        self.op("Max", &[&high, ZERO], part)
+    }
+}
+
+fn int_attribute(name: &str, i: i64) -> pb::Attribute {
+    pb::Attribute { name: name.into(), i, r#type: pb::ATTRIBUTE_INT, ..Default::default() }
+}
+
+impl<'g> Writer<'g> {
+    pub fn new(graph: &'g Graph, chosen: &'g HashSet<&'g str>) -> Writer<'g> {
+        Writer { graph, chosen, constants: Vec::new() }
+    }
+
+    /// The constants the replacements read, to be added to the graph.
+    pub fn constants(&self) -> &[Constant] {
+        &self.constants
+    }
+
+    /// The encoded nodes that replace `node` (`payload`: its encoding).
+    pub fn replace(&mut self, node: &pb::Node, payload: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let mut nodes = Nodes { prefix: &node.output[0], list: Vec::new() };
+        match node.op_type.as_str() {
+            "DequantizeLinear" => {
+                let centred = self.centred(&mut nodes, "x", &node.input[0], input(node, 2), None);
+                nodes.add("Mul", vec![centred, node.input[1].clone()], node.output[0].clone(), Vec::new(), &[]);
+            }
+            "DynamicQuantizeLinear" => self.dynamic_quantize(&mut nodes, node),
+            "MatMulInteger" | "ConvInteger" => {
+                let centring = self.graph.integer_product(node).ok_or("not an integer product the rewrite handles")?;
+                self.integer_product(&mut nodes, node, centring, &fields(payload)?);
+            }
+            // A Cast to FP32 of a rewritten product reads the float product.
+            "Cast" => nodes.add("Identity", vec![product(&node.input[0])], node.output[0].clone(), Vec::new(), &[]),
+            other => return Err(format!("no rewrite for {other}")),
+        }
+        Ok(nodes.list)
+    }
+
+    /// `DynamicQuantizeLinear(x) -> (y, y_scale, y_zero_point)` as the specification's arithmetic
+    /// in FP32, with the saturated `q` and the rounded zero point also kept as FP32 values
+    /// (`{y}/outpost_q`, `{y}/outpost_zero`) for the integer products that read `y`.
+    fn dynamic_quantize(&mut self, nodes: &mut Nodes, node: &pb::Node) {
+        if !self.constants.iter().any(|c| c.name == ZERO) {
+            self.constants.extend([
+                Constant::float(ZERO, 0.0),
+                Constant::float(ONE, 1.0),
+                Constant::float(QMAX, 255.0),
+            ]);
+        }
+        let x = node.input[0].as_str();
+        let (y, scale, zero_point) = (&node.output[0], &node.output[1], &node.output[2]);
+        let reduce = |nodes: &mut Nodes, op: &str, part: &str| {
+            let out = nodes.name(part);
+            nodes.add(op, vec![x.into()], out.clone(), vec![int_attribute("keepdims", 0)], &[]);
+            out
+        };
+        let min = reduce(nodes, "ReduceMin", "min");
+        let max = reduce(nodes, "ReduceMax", "max");
+        let low = nodes.op("Min", &[&min, ZERO], "low");
+        let high = nodes.op("Max", &[&max, ZERO], "high");
+        let range = nodes.op("Sub", &[&high, &low], "range");
+        let empty = nodes.op("Equal", &[&range, ZERO], "empty_range");
+        let step = nodes.op("Div", &[&range, QMAX], "step");
+        nodes.add("Where", vec![empty, ONE.into(), step], scale.clone(), Vec::new(), &[]);
+        let low_steps = nodes.op("Div", &[&low, scale], "low_steps");
+        let initial = nodes.op("Neg", &[&low_steps], "initial_zero");
+        let clamped = nodes.clamp_to_u8_range(&initial, "clamped_zero");
+        let zero = nodes.op("Round", &[&clamped], "zero");
+        nodes.cast(&zero, UINT8, zero_point.clone());
+        let steps = nodes.op("Div", &[x, scale], "steps");
+        let rounded = nodes.op("Round", &[&steps], "rounded");
+        let shifted = nodes.op("Add", &[&rounded, &zero], "shifted");
+        let q = nodes.clamp_to_u8_range(&shifted, "q");
+        nodes.cast(&q, UINT8, y.clone());
+    }
+
+    /// `Cast(x) − Cast(zero)` in FP32 (the zero point reshaped to `zero_shape` if given); for
+    /// `x` from a rewritten DynamicQuantizeLinear, its FP32 `q` and zero point, not cast again.
+    fn centred(
+        &mut self,
+        nodes: &mut Nodes,
+        part: &str,
+        x: &str,
+        zero: Option<&str>,
+        zero_shape: Option<Vec<i64>>,
+    ) -> String {
+        let quantizer = self.graph.producer(x).filter(|p| is_dynamic_quantize(p) && self.chosen.contains(x));
+        if let (Some(q), Some(zero)) = (quantizer, zero)
+            && q.output[0] == x
+            && q.output[2] == zero
+        {
+            let (q, zero) = (format!("{x}/outpost_q"), format!("{x}/outpost_zero"));
+            return nodes.op("Sub", &[&q, &zero], &format!("{part}_centred"));
+        }
+        let x_float = nodes.name(&format!("{part}_float"));
+        nodes.cast(x, FLOAT, x_float.clone());
+        let Some(zero) = zero else { return x_float };
+        let mut zero_float = nodes.name(&format!("{part}_zero_point"));
+        nodes.cast(zero, FLOAT, zero_float.clone());
+        if let Some(dims) = zero_shape {
+            let shape = nodes.name(&format!("{part}_zero_point_shape"));
+            self.constants.push(Constant::int64s(shape.clone(), dims));
+            zero_float = nodes.op("Reshape", &[&zero_float, &shape], &format!("{part}_zero_point_reshaped"));
+        }
+        nodes.op("Sub", &[&x_float, &zero_float], &format!("{part}_centred"))
+    }
+
+    /// `y = MatMulInteger(a, b, a_zero, b_zero)` (or ConvInteger with its attributes) as the
+    /// FP32 product of the centred operands (`{y}/outpost_product`), cast to INT32 as `y`.
+    fn integer_product(&mut self, nodes: &mut Nodes, node: &pb::Node, centring: Centring, node_fields: &[Field]) {
+        let a = self.centred(nodes, "a", &node.input[0], input(node, 2), None);
+        let b_shape = match centring {
+            Centring::AsIs => None,
+            Centring::PerChannel { rank } => Some([-1].into_iter().chain(std::iter::repeat_n(1, rank - 1)).collect()),
+        };
+        let b = self.centred(nodes, "b", &node.input[1], input(node, 3), b_shape);
+        let y = &node.output[0];
+        let attributes: Vec<Field> = node_fields.iter().filter(|f| f.tag == NODE_ATTRIBUTE).copied().collect();
+        let op = if node.op_type == "ConvInteger" { "Conv" } else { "MatMul" };
+        nodes.add(op, vec![a, b], product(y), Vec::new(), &attributes);
+        nodes.cast(&product(y), INT32, y.clone());
+    }
+}
+
+/// The FP32 product that replaces an integer product's output `y`.
+fn product(y: &str) -> String {
+    format!("{y}/outpost_product")
+}
