@@ -299,6 +299,19 @@ fn a_release_of_a_200_mb_model_uploads() {
     let broker = Broker::start(&dir.join("broker"));
     let console = Console::start(&dir, &broker, &pubdir.join("root-1.json"));
 
+    // Every answer under /api is JSON, for a route or method it lacks too (the fuzz target
+    // found `PUT /api/objects/` answered with an empty body).
+    let auth = format!("Bearer {TOKEN}");
+    for (method, path, want) in
+        [("PUT", "/api/objects/", 404), ("GET", "/api/nothing", 404), ("DELETE", "/api/releases", 405)]
+    {
+        let (status, body) =
+            outpost_tests::http(([127, 0, 0, 1], console.port).into(), method, path, &[("authorization", &auth)], b"");
+        assert_eq!(status, want, "{method} {path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}"));
+        assert!(v["error"].is_string(), "{method} {path}: {body}");
+    }
+
     // 200 MB that do not compress (xorshift), as model weights do not.
     let model = pubdir.join("large.bin");
     {

@@ -65,10 +65,9 @@ async fn every_real_model_matches_its_golden_outputs_on_ort() {
 fn a_model_tract_cannot_run_is_refused_at_load_saying_why_and_pointing_to_ort() {
     for (name, reason) in TRACT_REFUSES {
         let path = repo_root().join(format!("models/real/{name}.onnx"));
-        let spec = outpost_runtime::config::Config {
-            models: vec![outpost_runtime::config::ModelConfig::for_path(&path, Some(name))],
-            ..Default::default()
-        };
+        let mut model = outpost_runtime::config::ModelConfig::for_path(&path, Some(name));
+        model.backend = Some("tract".into());
+        let spec = outpost_runtime::config::Config { models: vec![model], ..Default::default() };
         let app = outpost_runtime::App::new(&spec.validate().unwrap());
         let failures = app.registry.load_all();
         let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
@@ -79,15 +78,42 @@ fn a_model_tract_cannot_run_is_refused_at_load_saying_why_and_pointing_to_ort() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn auto_falls_back_to_ort_for_a_model_tract_refuses() {
+async fn by_default_each_model_is_served_on_the_fastest_backend_that_runs_it_and_says_so() {
+    // No `backend`: auto. silero-vad runs on ONNX Runtime only; magika on both, measured; a
+    // model that names its backend keeps it.
     let models: Vec<PathBuf> =
         ["silero-vad", "magika"].iter().map(|n| PathBuf::from(format!("models/real/{n}.onnx"))).collect();
-    let toml = format!("[server]\nort_library = {:?}\n{}", ort_library(), config("auto", &models, ""));
+    let named: String = models
+        .iter()
+        .map(|p| format!("[[models]]\nname = \"{}\"\npath = {p:?}\n", stem(p)))
+        .chain([format!("[[models]]\nname = \"magika-on-tract\"\npath = {:?}\nbackend = \"tract\"\n", models[1])])
+        .collect();
+    let toml = format!("[server]\nort_library = {:?}\n{named}", ort_library());
     let server = Server::start(&toml).await;
     let mut conn = server.conn().await;
-    let backend_of = |meta: serde_json::Value| meta["parameters"]["backend"].as_str().unwrap_or_default().to_owned();
-    assert_eq!(backend_of(conn.get("/v2/models/silero-vad").await.unwrap().json()), "ort");
-    assert_eq!(backend_of(conn.get("/v2/models/magika").await.unwrap().json()), "tract");
+    let mut params = Vec::new();
+    for name in ["silero-vad", "magika", "magika-on-tract"] {
+        params.push(conn.get(&format!("/v2/models/{name}")).await.unwrap().json()["parameters"].clone());
+    }
+    let [vad, magika, pinned] = <[serde_json::Value; 3]>::try_from(params).unwrap();
+    assert_eq!((vad["backend"].as_str(), vad["backend_choice"]["by"].as_str()), (Some("ort"), Some("only")), "{vad}");
+    assert_eq!(magika["backend_choice"]["by"], "measured", "{magika}");
+    let p50: Vec<(String, f64)> = serde_json::from_value(magika["backend_choice"]["p50_us"].clone()).unwrap();
+    assert_eq!(p50.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["tract", "ort"], "{magika}");
+    let fastest = p50.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(magika["backend"].as_str(), Some(fastest.0.as_str()), "{magika}");
+    assert_eq!(
+        (pinned["backend"].as_str(), pinned["backend_choice"]["by"].as_str()),
+        (Some("tract"), Some("configured"))
+    );
+    let metrics = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+    for line in [
+        "outpost_model_backend_info{model=\"silero-vad\",version=\"1\",backend=\"ort\",chosen_by=\"only\"} 1".to_string(),
+        format!("outpost_model_backend_info{{model=\"magika\",version=\"1\",backend=\"{}\",chosen_by=\"measured\"}} 1", fastest.0),
+        "outpost_model_backend_info{model=\"magika-on-tract\",version=\"1\",backend=\"tract\",chosen_by=\"configured\"} 1".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
 }
 
 /// All-zero input for the OCR detector at a height and width (multiples of 32).

@@ -141,6 +141,9 @@ async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
     let r2 = sample_release(&dir, &fleet, 2, "released", "digits-edge-qop");
 
     let daemon = Daemon::serve_at(addr.parse().unwrap(), &["--config", config.to_str().unwrap()]);
+    // Ready means the active release serves too (its models load after the configured ones).
+    let (status, body) = outpost_tests::http(daemon.addr, "GET", "/v2/models/released/ready", &[], b"");
+    assert_eq!(status, 200, "ready before the release's models: {body}");
     let pid = daemon.child.id();
     let cases = Arc::new(cases());
     let counts = Arc::new(Counts::default());

@@ -23,6 +23,9 @@ pub struct App {
     pub updates: OnceLock<Arc<releases::ReleaseService>>,
     /// The MQTT agent, when `[updates.mqtt]` is configured (started once models are ready).
     pub agent: OnceLock<outpost_updater::mqtt::agent::Agent>,
+    /// Set while the start has yet to serve the active release (its models load after the
+    /// configured ones): the server is not ready until they serve, or until they fail to.
+    pub release_pending: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -43,6 +46,7 @@ impl App {
             }),
             updates: OnceLock::new(),
             agent: OnceLock::new(),
+            release_pending: Default::default(),
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod app;
 pub mod backend;
 pub mod batcher;
 pub mod budget;
+pub mod choice;
 pub mod config;
 pub mod error;
 pub mod escalation;

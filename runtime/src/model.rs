@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Signature};
 use crate::batcher::{self, Job, Reply};
+use crate::choice::BackendChoice;
 use crate::config::ModelSpec;
 use crate::escalation::Escalator;
 use crate::golden::Golden;
@@ -75,6 +76,8 @@ pub struct ServedVersion {
     pub stats: Arc<ModelStats>,
     pub signature: Signature,
     pub backend: &'static str,
+    /// Why this backend (`backend = "auto"`: measured, or the only one that serves the model).
+    pub backend_choice: BackendChoice,
     /// The execution provider, for backends that have them.
     pub provider: Option<ProviderChoice>,
     /// The declared input shapes, resolved against the model (signature order).
@@ -302,36 +305,56 @@ struct Prepared {
     golden_diff: Option<f64>,
     /// The declared input shapes, resolved against the model (signature order).
     shapes: Vec<Vec<Vec<usize>>>,
+    /// The input the warm-up ran, when it had one (for measuring the backend).
+    probe: Option<Vec<Tensor>>,
+    choice: BackendChoice,
 }
 
 /// Parse, check and prepare on the configured backend, then warm up (the golden check). With
-/// `backend = "auto"`, tract first, and ONNX Runtime (where the build has it) when tract refuses
-/// the model at any step: an operator it lacks, a graph it cannot plan, a golden mismatch.
+/// `backend = "auto"` (the default), on every backend the build has, and the fastest on the
+/// model's warm-up input serves it (see [`crate::choice`]); a backend that refuses the model at
+/// any step (an operator it lacks, a graph it cannot plan, a golden mismatch) is left out.
 fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::error::Error> {
     let graph = ModelGraph::read(&files.model)?;
     if spec.backend != backend::AUTO {
         return prepare_on(&*backend::by_name(&spec.backend)?, spec, files, &graph);
     }
+    let mut served = Vec::new();
     let mut refusals = Vec::new();
     for name in backend::AUTO_ORDER {
         let attempt = backend::by_name(name)
             .map_err(crate::error::Error::from)
             .and_then(|b| prepare_on(&*b, spec, files, &graph));
         match attempt {
-            Ok(p) => {
-                if !refusals.is_empty() {
-                    tracing::warn!(model = %spec.name, backend = name, refused = %refusals.join("; "), "backend auto: serving on a later backend");
-                }
-                return Ok(p);
-            }
-            Err(e) => refusals.push(format!("{name}: {e}")),
+            Ok(p) => served.push(p),
+            Err(e) => refusals.push((*name, e)),
         }
     }
-    Err(BackendError::Refused {
-        path: files.model.clone(),
-        reason: format!("no backend serves this model ({})", refusals.join("; ")),
+    if served.is_empty() {
+        // The first backend's error as it is (its kind tells a caller which step failed); the
+        // others' are logged.
+        let mut refusals = refusals.into_iter();
+        let Some((_, first)) = refusals.next() else {
+            let none =
+                || BackendError::Refused { path: files.model.clone(), reason: "no backend in this build".into() };
+            return Err(backend::by_name(backend::FIRST_BACKEND).err().unwrap_or_else(none).into());
+        };
+        let others: Vec<String> = refusals.map(|(n, e)| format!("{n}: {e}")).collect();
+        if !others.is_empty() {
+            tracing::warn!(model = %spec.name, version = %files.version, refused = %others.join("; "), "backend auto: no backend serves this model");
+        }
+        return Err(first);
     }
-    .into())
+    let sessions: Vec<(&'static str, &dyn Session)> = served.iter().map(|p| (p.backend, p.session.as_ref())).collect();
+    let (best, choice) = crate::choice::choose(&sessions, served[0].probe.as_deref());
+    let mut chosen = served.swap_remove(best);
+    tracing::info!(
+        model = %spec.name, version = %files.version, backend = chosen.backend, by = choice.by,
+        p50_us = ?choice.p50_us, refused = %refusals.iter().map(|(n, e)| format!("{n}: {e}")).collect::<Vec<_>>().join("; "),
+        "backend auto: serving on the fastest backend that serves the model"
+    );
+    chosen.choice = choice;
+    Ok(chosen)
 }
 
 fn prepare_on(
@@ -361,30 +384,41 @@ fn prepare_on(
     // no symbolic dimension, one all-zero input. A synthetic input for symbolic dimensions (a
     // 1x1 image, a sequence of one) is not one every model accepts, so it is never run: such a
     // model is warmed by its golden file or declared shapes, or by its first request.
+    let mut probe = None;
     let golden_diff = match &files.golden {
-        Some(path) => Some(Golden::read(path)?.check(path, session.as_ref())?),
+        Some(path) => {
+            let golden = Golden::read(path)?;
+            probe = golden.inputs.iter().map(|t| t.to_tensor().ok()).collect();
+            Some(golden.check(path, session.as_ref())?)
+        }
         None => None,
     };
     for set in &shapes {
-        warm_up(session.as_ref(), set)?;
+        let input = zeros(session.as_ref(), set);
+        session.run(&input)?;
+        probe.get_or_insert(input);
     }
     let fixed: Option<Vec<Vec<usize>>> =
         session.signature().inputs.iter().map(|s| s.shape.iter().map(|&d| usize::try_from(d).ok()).collect()).collect();
     match fixed {
-        _ if golden_diff.is_some() || !shapes.is_empty() => {}
-        Some(set) => warm_up(session.as_ref(), &set)?,
+        _ if probe.is_some() => {}
+        Some(set) => {
+            let input = zeros(session.as_ref(), &set);
+            session.run(&input)?;
+            probe = Some(input);
+        }
         None => tracing::info!(
             model = %spec.name,
             "no golden file or declared shapes, and the inputs have symbolic dimensions: no warm-up run \
              (the first request at each shape pays for it)"
         ),
     }
-    Ok(Prepared { session, backend: backend.name(), golden_diff, shapes })
+    Ok(Prepared { session, backend: backend.name(), golden_diff, shapes, probe, choice: BackendChoice::configured() })
 }
 
-/// One all-zero inference at the given input shapes (signature order).
-fn warm_up(session: &dyn Session, shapes: &[Vec<usize>]) -> Result<(), BackendError> {
-    let inputs: Vec<Tensor> = session
+/// An all-zero input at the given input shapes (signature order).
+fn zeros(session: &dyn Session, shapes: &[Vec<usize>]) -> Vec<Tensor> {
+    session
         .signature()
         .inputs
         .iter()
@@ -393,8 +427,7 @@ fn warm_up(session: &dyn Session, shapes: &[Vec<usize>]) -> Result<(), BackendEr
             let bytes = Tensor::shape_elements(shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
             Tensor { name: spec.name.clone(), datatype: spec.datatype, shape: shape.clone(), data: vec![0; bytes] }
         })
-        .collect();
-    session.run(&inputs).map(drop)
+        .collect()
 }
 
 impl ServedVersion {
@@ -427,6 +460,7 @@ impl ServedVersion {
             stats,
             signature: p.session.signature().clone(),
             backend: p.backend,
+            backend_choice: p.choice,
             provider: p.session.provider().cloned(),
             shapes: p.shapes,
             session: p.session,

@@ -9,7 +9,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_runtime::App;
@@ -127,11 +127,16 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The real daemon as a child process, killed on drop.
+/// The real daemon as a child process, killed on drop. Its stderr is read as it comes (a pipe
+/// left unread fills and stops the daemon at its next log line); the last lines are kept.
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
+    log: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// Lines of a daemon's log kept for a failure message.
+const LOG_LINES: usize = 400;
 
 impl Daemon {
     /// Starts `outpost serve ARGS --listen 127.0.0.1:PORT` from the repository root and waits
@@ -174,21 +179,38 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn outpost");
-        let mut d = Daemon { child, addr };
+        let mut child = child;
+        let log = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+                if lines.len() == LOG_LINES {
+                    lines.pop_front();
+                }
+                lines.push_back(line);
+            }
+        });
+        let mut d = Daemon { child, addr, log };
         d.wait_ready(Duration::from_secs(120));
         d
+    }
+
+    /// The last lines the daemon logged.
+    pub fn log(&self) -> String {
+        let lines = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
     }
 
     fn wait_ready(&mut self, limit: Duration) {
         let started = Instant::now();
         while started.elapsed() < limit {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("outpost exited with {status} before it was ready:\n{err}");
+                // The reader thread has the rest of the log once the pipe closes.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("outpost exited with {status} before it was ready:\n{}", self.log());
             }
             if http(self.addr, "GET", "/v2/health/ready", &[], b"").0 == 200 {
                 return;

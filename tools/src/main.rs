@@ -118,9 +118,12 @@ struct BenchArgs {
     /// Send binary tensors instead of JSON.
     #[arg(long)]
     binary: bool,
-    /// Backend for the floor measurement.
-    #[arg(long, default_value = "tract")]
-    backend: String,
+    /// Backends for the floor measurement, comma-separated (each measured in turn).
+    #[arg(long, default_value = "tract", value_delimiter = ',')]
+    backend: Vec<String>,
+    /// Measure the backend floor only (no server needed).
+    #[arg(long)]
+    floor_only: bool,
     /// Bearer token, when the server wants one.
     #[arg(long, env = "OUTPOST_TOKEN")]
     token: Option<String>,
@@ -192,8 +195,14 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         args.duration
     );
     println!("{}", bench::HEADER);
-    let floor = bench::floor(&model_file, &args.backend, &inputs, duration).context("measuring the backend floor")?;
-    println!("{}", floor.row(&format!("backend ({})", args.backend)));
+    for backend in &args.backend {
+        let floor = bench::floor(&model_file, backend, &inputs, duration)
+            .with_context(|| format!("measuring the backend floor on {backend}"))?;
+        println!("{}", floor.row(&format!("backend ({backend})")));
+    }
+    if args.floor_only {
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     for c in &args.concurrency {
         let s = runtime.block_on(bench::load(args.addr, &path, &body, args.token.as_deref(), *c, duration))?;

@@ -39,21 +39,22 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
     }
 }
 
-/// The backend used when configuration names none: tract when the build has it.
-#[cfg(feature = "tract")]
-pub const DEFAULT_BACKEND: &str = "tract";
-/// The backend used when configuration names none: tract when the build has it.
-#[cfg(not(feature = "tract"))]
-pub const DEFAULT_BACKEND: &str = "ort";
+/// The backend used when configuration names none: `auto`, the fastest that serves the model.
+pub const DEFAULT_BACKEND: &str = AUTO;
 
-/// The backend value that tries each built backend in [`AUTO_ORDER`] until one serves the model.
+/// The backend value that prepares the model on each built backend in [`AUTO_ORDER`] and serves
+/// it on the fastest of those that accept it (see `crate::choice`).
 pub const AUTO: &str = "auto";
-/// Tract first (pure Rust, no library to find), then ONNX Runtime where the build has it.
-#[cfg(feature = "ort")]
-pub const AUTO_ORDER: &[&str] = &["tract", "ort"];
-/// Tract first (pure Rust, no library to find), then ONNX Runtime where the build has it.
-#[cfg(not(feature = "ort"))]
-pub const AUTO_ORDER: &[&str] = &["tract"];
+/// The backend `outpost inspect` and `outpost infer` use unless told: the build's first (a build
+/// without backends names tract, which then says how to get it).
+pub const FIRST_BACKEND: &str = if AUTO_ORDER.is_empty() { "tract" } else { AUTO_ORDER[0] };
+/// The backends this build has.
+pub const AUTO_ORDER: &[&str] = &[
+    #[cfg(feature = "tract")]
+    "tract",
+    #[cfg(feature = "ort")]
+    "ort",
+];
 
 /// Execution provider names the ort backend knows, in the order a GPU box would try them.
 pub const PROVIDERS: [&str; 5] = ["tensorrt", "cuda", "openvino", "qnn", "cpu"];

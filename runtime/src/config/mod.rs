@@ -251,7 +251,7 @@ mod tests {
         let v = parse(ONE).unwrap();
         assert_eq!(v.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(v.models[0].source, Source::File { path: "m.onnx".into(), version: "1".into() });
-        assert_eq!(v.models[0].backend, "tract");
+        assert_eq!(v.models[0].backend, "auto");
         assert_eq!(v.models[0].queue_bound, DEFAULT_QUEUE_BOUND);
         assert_eq!(v.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
     }
@@ -273,7 +273,7 @@ mod tests {
         assert!(err(&format!("[server]\nmax_body_bytes = 10\n{ONE}")).starts_with("server.max_body_bytes:"));
         assert!(err("").starts_with("models:"));
         assert!(
-            err(&format!("{ONE}execution_providers = [\"cuda\"]\n"))
+            err(&format!("{ONE}backend = \"tract\"\nexecution_providers = [\"cuda\"]\n"))
                 .contains("apply to backend = \"ort\" (or \"auto\") only")
         );
         let e = err(&format!("{ONE}backend = \"ort\"\nexecution_providers = [\"cuda\", \"gpu\"]\n"));

@@ -96,6 +96,9 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.release_pending.load(std::sync::atomic::Ordering::Acquire) {
+        return ApiError::bad_request("not ready: loading the active release's models").into_response();
+    }
     if app.registry.is_ready() {
         return StatusCode::OK.into_response();
     }
@@ -128,6 +131,7 @@ async fn model_metadata(
         "parameters": {
             "version": model.version,
             "backend": model.backend,
+            "backend_choice": model.backend_choice,
             "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
             "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
         },
@@ -163,6 +167,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     for slot in app.registry.slots().iter() {
         for s in slot.served().iter() {
             out.push_str(&format!("outpost_model_ready{{model=\"{}\",version=\"{}\"}} 1\n", slot.spec.name, s.version));
+        }
+    }
+    out.push_str(
+        "# HELP outpost_model_backend_info The backend serving each version, and how it was chosen \
+         (configured, only, measured, rule).\n# TYPE outpost_model_backend_info gauge\n",
+    );
+    for slot in app.registry.slots().iter() {
+        for s in slot.served().iter() {
+            out.push_str(&format!(
+                "outpost_model_backend_info{{model=\"{}\",version=\"{}\",backend=\"{}\",chosen_by=\"{}\"}} 1\n",
+                slot.spec.name, s.version, s.backend, s.backend_choice.by
+            ));
         }
     }
     render_plans(&mut out, &app);

@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
             let name = if body.first().is_some_and(|b| b & 1 == 0) {
                 outpost_updater::sha256_hex(body)
             } else {
-                String::from_utf8_lossy(&body[..body.len().min(70)]).replace(['/', '?', '#', '%', ' '], "_")
+                body.iter().take(70).map(|&b| if b.is_ascii_alphanumeric() { b as char } else { 'x' }).collect()
             };
             call(f, &console, Method::PUT, &format!("/api/objects/{name}"), body.to_vec());
         }
@@ -135,9 +135,10 @@ fn fixture() -> &'static Fixture {
 /// A signed one-model release (the model's bytes need not be ONNX: the console never loads it).
 fn make_release(dir: &Path, key: &SecretKey) -> PathBuf {
     std::fs::write(dir.join("model.onnx"), b"not really a model").unwrap();
+    std::fs::write(dir.join("model.golden.json"), b"{}").unwrap();
     std::fs::write(
         dir.join("release.toml"),
-        format!("fleet = \"{FLEET}\"\nnumber = 1\n[[models]]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\n"),
+        format!("fleet = \"{FLEET}\"\nnumber = 1\n[[models]]\nname = \"m\"\nversion = \"1\"\npath = \"model.onnx\"\ngolden = \"model.golden.json\"\n"),
     )
     .unwrap();
     let out = dir.join("r1");

@@ -61,6 +61,11 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/rollouts/{id}", get(show_rollout))
         .route("/rollouts/{id}/{action}", post(act))
         .route("/events", get(events))
+        // Every answer under /api is JSON, a path or method it does not have included.
+        .fallback(|| async { not_found("no such API route (docs/console.md lists them)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "this API route does not take that method".into())
+        })
         .layer(middleware::from_fn_with_state(console.clone(), auth));
     Router::new()
         .route("/", get(|| async { page("text/html; charset=utf-8", include_str!("page/index.html")) }))

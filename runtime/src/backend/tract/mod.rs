@@ -2,6 +2,7 @@
 
 mod datum;
 mod plans;
+mod quantize;
 mod rewrite;
 
 use std::sync::Arc;
@@ -73,7 +74,8 @@ impl Backend for Tract {
         };
         // Value infos and output shapes in exported models are often stale or use symbols tract
         // cannot unify; the input facts set below are the only shapes tract needs.
-        let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        let mut onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        quantize::register(&mut onnx);
         let bytes = for_tract(graph)?;
         let model = onnx.model_for_read(&mut &bytes[..]).map_err(err)?;
         // One plan for every shape when tract can analyse the symbolic dimensions; else (a real
@@ -225,6 +227,23 @@ mod tests {
         // Within the golden file's tolerance: one output quantization step (ONNX Runtime's fused
         // kernel rounds differently; the file says so).
         golden_check(&graph, session.as_ref()).unwrap();
+    }
+
+    #[test]
+    fn dynamic_quantization_runs_on_outposts_operator() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-edge-dynamic.onnx");
+        let graph = ModelGraph::read(&path).unwrap();
+        let mut onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        quantize::register(&mut onnx);
+        let model = onnx.model_for_read(&mut &for_tract(&graph).unwrap()[..]).unwrap();
+        let plan = symbolic_plan(&model, &graph.signature).unwrap();
+        let ops: Vec<String> = plan.model().nodes().iter().map(|n| n.op().name().to_string()).collect();
+        assert!(ops.iter().any(|op| op == "OutpostDynamicQuantizeLinearU8"), "{ops:?}");
+        assert!(!ops.iter().any(|op| op.contains("DynamicQuantizeLinearU8") && !op.starts_with("Outpost")), "{ops:?}");
+        // And the model still gives ONNX Runtime's answer.
+        let session = Tract.prepare(&graph, &SessionOptions::default()).unwrap();
+        let golden = path.with_file_name("digits-edge-dynamic.golden.json");
+        Golden::read(&golden).unwrap().check(&golden, session.as_ref()).unwrap();
     }
 
     #[test]

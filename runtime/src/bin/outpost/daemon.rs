@@ -30,6 +30,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let updates = outpost_runtime::releases::ReleaseService::open(u, &app.registry)
                 .with_context(|| format!("cannot open the release store {}", u.state_dir.display()))?;
             let _ = app.updates.set(updates);
+            app.release_pending.store(true, std::sync::atomic::Ordering::Release);
         }
         tracing::info!(listen = %config.listen, models = config.models.len(), "outpost listening; loading models");
         let notifier = outpost_runtime::systemd::Notifier::from_env().map(Arc::new);
@@ -61,6 +62,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "the active release is not served"),
                 }
+                loader.release_pending.store(false, std::sync::atomic::Ordering::Release);
             }
             failures
         });

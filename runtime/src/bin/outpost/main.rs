@@ -46,7 +46,7 @@ enum Command {
     /// Show a model's inputs, outputs and operators, and whether this build can run it.
     Inspect {
         model: PathBuf,
-        #[arg(long, default_value = backend::DEFAULT_BACKEND)]
+        #[arg(long, default_value = backend::FIRST_BACKEND)]
         backend: String,
     },
     /// Run one inference without a server. The input file is a V2 inference request body.
@@ -54,7 +54,7 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, default_value = backend::DEFAULT_BACKEND)]
+        #[arg(long, default_value = backend::FIRST_BACKEND)]
         backend: String,
     },
     /// Signed releases: provision the trusted root, apply a release directory, show the state.
@@ -81,7 +81,9 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| "info".into());
+    // ONNX Runtime's own log (target `ort`) says a dozen lines per session at info: warnings only,
+    // unless OUTPOST_LOG asks for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| "info,ort=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

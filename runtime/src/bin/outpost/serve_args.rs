@@ -22,8 +22,8 @@ pub struct ServeArgs {
     /// Address to listen on (overrides the configuration), e.g. 127.0.0.1:8000.
     #[arg(long)]
     listen: Option<String>,
-    /// Backend for the models of --model and --model-dir: tract or ort (default: tract when
-    /// this build has it).
+    /// Backend for the models of --model and --model-dir: tract, ort, or auto (the default: the
+    /// fastest of this build's backends on each model).
     #[arg(long, conflicts_with = "config")]
     backend: Option<String>,
     /// Escalate unsure cases of the --model models to this central V2 server (http://host:port

@@ -83,7 +83,7 @@ impl Graph {
     }
 }
 
-pub(crate) fn is_dynamic_quantize(node: &pb::Node) -> bool {
+fn is_dynamic_quantize(node: &pb::Node) -> bool {
     node.op_type == "DynamicQuantizeLinear" && node.domain.is_empty() && node.input.len() == 1 && node.output.len() == 3
 }
 

@@ -1,23 +1,19 @@
 //! Quantized operators rewritten, before tract reads the model, into forms tract runs right and
 //! fast. Each rewrite computes what the original node specifies; the comments say how exactly.
 //!
-//! - **Dynamic quantization** (`DynamicQuantizeLinear` feeding `MatMulInteger` or `ConvInteger`:
-//!   what ONNX Runtime's `quantize_dynamic` writes for every MatMul and Conv). tract 0.23 runs
-//!   these through generic paths that cost 20–60× its float kernels on real models
-//!   (docs/backends.md has the figures). Rewritten:
-//!   - `DynamicQuantizeLinear` as the arithmetic the specification gives (and ONNX Runtime
-//!     computes): the range of `x` widened to hold 0, `scale = range / 255` (1 for an empty
-//!     range), `zero = round(clamp(−min / scale, 0, 255))`, `q = clamp(round(x / scale) + zero,
-//!     0, 255)`, rounding half to even; its three outputs are kept for whatever else reads them;
-//!   - each integer product as the FP32 product of the zero-point-centred operands:
-//!     `MatMul(q − zero, Cast(b) − b_zero)` (likewise `Conv`, with the node's own attributes),
-//!     cast to INT32 for any reader that wants the integer, while a `Cast` of it back to FP32
-//!     (what the quantizer writes next) reads the float product directly. The operands are 8-bit
-//!     integers, so every product and every partial sum below 2²⁴ is exact in FP32; beyond that
-//!     a sum is rounded by at most one part in 2²⁴ where INT32 accumulation is exact. The
-//!     weights' half is constant, so tract folds it once at load: the plan keeps FP32 weights,
-//!     four times the INT8 bytes. The activations are still quantized, so the answer is the
-//!     quantized model's (ONNX Runtime's, to float rounding), not the float model's.
+//! - **Integer products** (`MatMulInteger`, `ConvInteger`: what ONNX Runtime's `quantize_dynamic`
+//!   writes for every MatMul and Conv, after a `DynamicQuantizeLinear`). tract 0.23 runs them
+//!   through a generic path that costs 20–60× its float kernels on real models (docs/backends.md
+//!   has the figures). Each is written as the FP32 product of the zero-point-centred operands:
+//!   `MatMul(Cast(a) − Cast(a_zero), Cast(b) − Cast(b_zero))` (likewise `Conv`, with the node's
+//!   own attributes), cast to INT32 for any reader that wants the integer, while a `Cast` of it
+//!   back to FP32 (what the quantizer writes next) reads the float product directly. The
+//!   operands are 8-bit integers, so every product and every partial sum below 2²⁴ is exact in
+//!   FP32; beyond that a sum is rounded by at most one part in 2²⁴ where INT32 accumulation is
+//!   exact. The weights' half is constant, so tract folds it once at load: the plan keeps FP32
+//!   weights, four times the INT8 bytes. The activations are still quantized (by
+//!   `super::quantize`, a faster `DynamicQuantizeLinear`), so the answer is the quantized
+//!   model's (ONNX Runtime's, to float rounding), not the float model's.
 //! - **A quantized Softmax** (DequantizeLinear → Softmax → QuantizeLinear, what ONNX Runtime's
 //!   static quantizer writes with its default operator list). tract folds that chain into a
 //!   256-entry element-wise table, which is wrong for a row-wise Softmax: the probabilities come
@@ -41,7 +37,7 @@ use std::collections::HashSet;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 
-use self::graph::{GRAPH_INITIALIZER, GRAPH_NODE, Graph, MODEL_GRAPH, is_cast_to_float, is_dynamic_quantize};
+use self::graph::{GRAPH_INITIALIZER, GRAPH_NODE, Graph, MODEL_GRAPH, is_cast_to_float};
 use self::nodes::Writer;
 use self::wire::{fields, put_bytes, put_message};
 use crate::onnx::pb;
@@ -77,8 +73,7 @@ pub(crate) fn analyse(model: &[u8]) -> Result<Analysis, String> {
     let products: HashSet<&str> =
         graph.nodes.iter().filter(|n| graph.integer_product(n).is_some()).map(|n| n.output[0].as_str()).collect();
     for node in &graph.nodes {
-        let rewrite = is_dynamic_quantize(node)
-            || products.contains(node.output.first().map_or("", String::as_str))
+        let rewrite = products.contains(node.output.first().map_or("", String::as_str))
             || (is_cast_to_float(node) && node.input.first().is_some_and(|i| products.contains(i.as_str())));
         if rewrite {
             analysis.rewrite.push(node.output[0].clone());
@@ -119,7 +114,7 @@ pub(crate) fn rewrite(model: &[u8], outputs: &[String]) -> Result<Vec<u8>, Strin
             continue;
         }
         let mut graph = Vec::with_capacity(field.payload.len() + 4096);
-        let mut writer = Writer::new(&known, &chosen);
+        let mut writer = Writer::new(&known);
         for g in fields(field.payload)? {
             let node =
                 (g.tag == GRAPH_NODE).then(|| pb::Node::decode(g.payload)).transpose().map_err(|e| e.to_string())?;

@@ -2,27 +2,19 @@
 //! replacement adds starts with the replaced node's first output (unique in a graph, where node
 //! names may be empty or repeated) followed by `/outpost_`.
 
-use std::collections::HashSet;
-
 use prost::Message;
 
-use crate::backend::tract::rewrite::graph::{Centring, FLOAT, Graph, input, is_dynamic_quantize};
+use crate::backend::tract::rewrite::graph::{Centring, FLOAT, Graph, input};
 use crate::backend::tract::rewrite::wire::{Constant, Field, fields};
 use crate::onnx::pb;
 
 /// NodeProto.attribute.
 const NODE_ATTRIBUTE: u32 = 5;
-/// TensorProto.DataType UINT8 and INT32.
-const UINT8: i64 = 2;
+/// TensorProto.DataType INT32.
 const INT32: i64 = 6;
-/// The FP32 scalars the dynamic quantization's arithmetic uses, added once per graph.
-const ZERO: &str = "outpost/0";
-const ONE: &str = "outpost/1";
-const QMAX: &str = "outpost/255";
 
 pub(crate) struct Writer<'g> {
     graph: &'g Graph,
-    chosen: &'g HashSet<&'g str>,
     constants: Vec<Constant>,
 }
 
@@ -64,11 +56,6 @@ impl Nodes<'_> {
     fn cast(&mut self, x: &str, to: i64, output: String) {
         self.add("Cast", vec![x.into()], output, vec![int_attribute("to", to)], &[]);
     }
-
-    fn clamp_to_u8_range(&mut self, x: &str, part: &str) -> String {
-        let high = self.op("Min", &[x, QMAX], &format!("{part}_at_most_255"));
-        self.op("Max", &[&high, ZERO], part)
-    }
 }
 
 fn int_attribute(name: &str, i: i64) -> pb::Attribute {
@@ -76,8 +63,8 @@ fn int_attribute(name: &str, i: i64) -> pb::Attribute {
 }
 
 impl<'g> Writer<'g> {
-    pub fn new(graph: &'g Graph, chosen: &'g HashSet<&'g str>) -> Writer<'g> {
-        Writer { graph, chosen, constants: Vec::new() }
+    pub fn new(graph: &'g Graph) -> Writer<'g> {
+        Writer { graph, constants: Vec::new() }
     }
 
     /// The constants the replacements read, to be added to the graph.
@@ -93,7 +80,6 @@ impl<'g> Writer<'g> {
                 let centred = self.centred(&mut nodes, "x", &node.input[0], input(node, 2), None);
                 nodes.add("Mul", vec![centred, node.input[1].clone()], node.output[0].clone(), Vec::new(), &[]);
             }
-            "DynamicQuantizeLinear" => self.dynamic_quantize(&mut nodes, node),
             "MatMulInteger" | "ConvInteger" => {
                 let centring = self.graph.integer_product(node).ok_or("not an integer product the rewrite handles")?;
                 self.integer_product(&mut nodes, node, centring, &fields(payload)?);
@@ -105,46 +91,7 @@ impl<'g> Writer<'g> {
         Ok(nodes.list)
     }
 
-    /// `DynamicQuantizeLinear(x) -> (y, y_scale, y_zero_point)` as the specification's arithmetic
-    /// in FP32, with the saturated `q` and the rounded zero point also kept as FP32 values
-    /// (`{y}/outpost_q`, `{y}/outpost_zero`) for the integer products that read `y`.
-    fn dynamic_quantize(&mut self, nodes: &mut Nodes, node: &pb::Node) {
-        if !self.constants.iter().any(|c| c.name == ZERO) {
-            self.constants.extend([
-                Constant::float(ZERO, 0.0),
-                Constant::float(ONE, 1.0),
-                Constant::float(QMAX, 255.0),
-            ]);
-        }
-        let x = node.input[0].as_str();
-        let (y, scale, zero_point) = (&node.output[0], &node.output[1], &node.output[2]);
-        let reduce = |nodes: &mut Nodes, op: &str, part: &str| {
-            let out = nodes.name(part);
-            nodes.add(op, vec![x.into()], out.clone(), vec![int_attribute("keepdims", 0)], &[]);
-            out
-        };
-        let min = reduce(nodes, "ReduceMin", "min");
-        let max = reduce(nodes, "ReduceMax", "max");
-        let low = nodes.op("Min", &[&min, ZERO], "low");
-        let high = nodes.op("Max", &[&max, ZERO], "high");
-        let range = nodes.op("Sub", &[&high, &low], "range");
-        let empty = nodes.op("Equal", &[&range, ZERO], "empty_range");
-        let step = nodes.op("Div", &[&range, QMAX], "step");
-        nodes.add("Where", vec![empty, ONE.into(), step], scale.clone(), Vec::new(), &[]);
-        let low_steps = nodes.op("Div", &[&low, scale], "low_steps");
-        let initial = nodes.op("Neg", &[&low_steps], "initial_zero");
-        let clamped = nodes.clamp_to_u8_range(&initial, "clamped_zero");
-        let zero = nodes.op("Round", &[&clamped], "zero");
-        nodes.cast(&zero, UINT8, zero_point.clone());
-        let steps = nodes.op("Div", &[x, scale], "steps");
-        let rounded = nodes.op("Round", &[&steps], "rounded");
-        let shifted = nodes.op("Add", &[&rounded, &zero], "shifted");
-        let q = nodes.clamp_to_u8_range(&shifted, "q");
-        nodes.cast(&q, UINT8, y.clone());
-    }
-
-    /// `Cast(x) − Cast(zero)` in FP32 (the zero point reshaped to `zero_shape` if given); for
-    /// `x` from a rewritten DynamicQuantizeLinear, its FP32 `q` and zero point, not cast again.
+    /// `Cast(x) − Cast(zero)` in FP32 (the zero point reshaped to `zero_shape` if given).
     fn centred(
         &mut self,
         nodes: &mut Nodes,
@@ -153,14 +100,6 @@ impl<'g> Writer<'g> {
         zero: Option<&str>,
         zero_shape: Option<Vec<i64>>,
     ) -> String {
-        let quantizer = self.graph.producer(x).filter(|p| is_dynamic_quantize(p) && self.chosen.contains(x));
-        if let (Some(q), Some(zero)) = (quantizer, zero)
-            && q.output[0] == x
-            && q.output[2] == zero
-        {
-            let (q, zero) = (format!("{x}/outpost_q"), format!("{x}/outpost_zero"));
-            return nodes.op("Sub", &[&q, &zero], &format!("{part}_centred"));
-        }
         let x_float = nodes.name(&format!("{part}_float"));
         nodes.cast(x, FLOAT, x_float.clone());
         let Some(zero) = zero else { return x_float };

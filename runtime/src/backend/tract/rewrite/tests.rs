@@ -29,22 +29,20 @@ fn the_quantized_softmax_is_found_and_rewritten_leaving_the_rest_as_it_was() {
 }
 
 #[test]
-fn dynamic_quantization_becomes_float_arithmetic() {
+fn integer_matmuls_become_float_matmuls() {
     let model = std::fs::read(model("digits-edge-dynamic.onnx")).unwrap();
     let before = graph(model.clone());
     let count = |g: &ModelGraph, op: &str| g.nodes.iter().filter(|n| n.op_type == op).count();
-    let (products, quantizers) = (count(&before, "MatMulInteger"), count(&before, "DynamicQuantizeLinear"));
-    assert!(products > 0 && quantizers > 0);
+    let products = count(&before, "MatMulInteger");
+    assert!(products > 0);
     let analysis = analyse(&model).unwrap();
     let summary = analysis.summary(&model).unwrap();
-    assert!(summary.contains(&format!("{quantizers} DynamicQuantizeLinear")), "{summary}");
-    assert!(summary.contains(&format!("{products} MatMulInteger")), "{summary}");
+    assert!(summary.starts_with(&format!("{products} MatMulInteger")), "{summary}");
     let rewritten = rewrite(&model, &analysis.rewrite).unwrap();
     let after = graph(rewritten.clone());
     assert_eq!(after.signature, before.signature);
-    for op in ["MatMulInteger", "DynamicQuantizeLinear"] {
-        assert_eq!(count(&after, op), 0, "{op} left");
-    }
+    assert_eq!(count(&after, "MatMulInteger"), 0);
+    assert_eq!(count(&after, "DynamicQuantizeLinear"), count(&before, "DynamicQuantizeLinear"), "kept");
     for old in before.nodes.iter().filter(|n| n.op_type == "MatMulInteger") {
         // The INT32 output is still there for any reader, made from the float product.
         let cast = after.nodes.iter().find(|n| n.outputs == old.outputs).unwrap();

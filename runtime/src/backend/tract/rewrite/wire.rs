@@ -62,15 +62,13 @@ pub(crate) fn put_bytes(out: &mut Vec<u8>, tag: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// A `TensorProto` the rewrite adds: a small constant (a shape, a bound).
+/// A `TensorProto` the rewrite adds: a small INT64 constant (a shape).
 #[derive(Clone, PartialEq, Message)]
 pub(crate) struct Constant {
     #[prost(int64, repeated, tag = "1")]
     pub dims: Vec<i64>,
     #[prost(int32, tag = "2")]
     pub data_type: i32,
-    #[prost(float, repeated, tag = "4")]
-    pub float_data: Vec<f32>,
     #[prost(int64, repeated, tag = "7")]
     pub int64_data: Vec<i64>,
     #[prost(string, tag = "8")]
@@ -80,11 +78,6 @@ pub(crate) struct Constant {
 impl Constant {
     /// A 1-D INT64 tensor.
     pub fn int64s(name: String, values: Vec<i64>) -> Constant {
-        Constant { dims: vec![values.len() as i64], data_type: 7, float_data: Vec::new(), int64_data: values, name }
-    }
-
-    /// An FP32 scalar.
-    pub fn float(name: &str, value: f32) -> Constant {
-        Constant { dims: Vec::new(), data_type: 1, float_data: vec![value], int64_data: Vec::new(), name: name.into() }
+        Constant { dims: vec![values.len() as i64], data_type: 7, int64_data: values, name }
     }
 }
