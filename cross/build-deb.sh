@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# A .deb of the static `outpost` for one architecture:
-#   cross/build-deb.sh x86_64   ->  target/debian/outpost_VERSION_amd64.deb
+# A .deb of `outpost` for one architecture, in one of two flavours:
+#   cross/build-deb.sh x86_64       ->  target/debian/outpost_VERSION_amd64.deb      (static, tract)
+#   cross/build-deb.sh x86_64 ort   ->  target/debian/outpost-ort_VERSION_amd64.deb  (glibc, tract
+#                                       and ONNX Runtime from the box's libonnxruntime.so)
+# `outpost` takes any box (a static musl binary, cross/build-static.sh); `outpost-ort`
+# (x86_64 and aarch64; cross/build-ort.sh) installs the same files in the same places, so the two
+# conflict and each replaces the other. Without a libonnxruntime.so the loader finds (or
+# server.ort_library names), `outpost-ort` serves every model on tract, as `outpost` does.
 # Contents: /usr/bin/outpost, the systemd unit, /etc/outpost/outpost.toml (a conffile serving
 # the sample models from /usr/share/outpost/models), and the Mosquitto config and ACL as
 # examples. The service runs as a systemd DynamicUser with StateDirectory=/var/lib/outpost, so
@@ -8,15 +14,34 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch="${1:-x86_64}"
+flavour="${2:-static}"
 case "$arch" in
   x86_64) deb_arch=amd64 ;;
   aarch64) deb_arch=arm64 ;;
   armv7) deb_arch=armhf ;;
   *) echo "cross/build-deb.sh: x86_64, aarch64 or armv7" >&2; exit 64 ;;
 esac
-bin=$(cross/build-static.sh "$arch" | tail -1)
+case "$flavour" in
+  static)
+    package=outpost
+    bin=$(cross/build-static.sh "$arch" | tail -1)
+    relations=$'Conflicts: outpost-ort\nReplaces: outpost-ort'
+    summary="edge inference runtime (KServe V2 over HTTP, signed updates over MQTT)"
+    body=" One static binary that serves quantized ONNX models on the local CPU (tract)"
+    ;;
+  ort)
+    package=outpost-ort
+    bin=$(cross/build-ort.sh "$arch" | tail -1)
+    # glibc 2.28 is the floor the binary is linked for (cross/build-ort.sh); zig links the
+    # unwinder in, so libgcc_s is not needed.
+    relations=$'Depends: libc6 (>= 2.28)\nConflicts: outpost\nReplaces: outpost\nProvides: outpost'
+    summary="edge inference runtime with ONNX Runtime (KServe V2 over HTTP, MQTT updates)"
+    body=$' The glibc build: it serves quantized ONNX models on tract or on ONNX Runtime\n (the box\'s own libonnxruntime.so: CPU, GPU or NPU), whichever is faster,'
+    ;;
+  *) echo "cross/build-deb.sh: the flavour is static (the default) or ort" >&2; exit 64 ;;
+esac
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-root=target/debian/root-$deb_arch
+root=target/debian/root-$package-$deb_arch
 rm -rf "$root"
 install -D -m 0755 "$bin" "$root/usr/bin/outpost"
 install -D -m 0644 cross/systemd/outpost.service "$root/lib/systemd/system/outpost.service"
@@ -32,19 +57,20 @@ printf 'Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.
 mkdir -p "$root/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
-Package: outpost
+Package: $package
 Version: $version
 Architecture: $deb_arch
 Maintainer: Outpost maintainers <outpost@invalid>
 Installed-Size: $size
+$relations
 Section: net
 Priority: optional
-Description: edge inference runtime (KServe V2 over HTTP, signed updates over MQTT)
- One static binary that serves quantized ONNX models on the local CPU over the
- KServe V2 HTTP protocol, escalates unsure cases to a central model and pulls
+Description: $summary
+$body
+ over the KServe V2 HTTP protocol, escalates unsure cases to a central model and pulls
  signed delta model updates over MQTT. Runs as a hardened systemd service.
 CONTROL
 echo "/etc/outpost/outpost.toml" > "$root/DEBIAN/conffiles"
-out=target/debian/outpost_${version}_${deb_arch}.deb
+out=target/debian/${package}_${version}_${deb_arch}.deb
 dpkg-deb --root-owner-group -Zxz --build "$root" "$out" >/dev/null
 echo "$out"

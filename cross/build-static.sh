@@ -4,9 +4,7 @@
 #   cross/build-static.sh aarch64   ->  target/aarch64-unknown-linux-musl/small/outpost
 #   cross/build-static.sh armv7     ->  target/armv7-unknown-linux-musleabihf/small/outpost
 # x86_64 needs Debian's musl-tools (musl-gcc, for the C in zstd, ring and mimalloc). The others
-# compile that C with zig (musl headers and libc for every target in one package): the script
-# installs what is missing from the registries, cargo-zigbuild from crates.io and zig from PyPI
-# (the `ziglang` wheel, in target/cross-tools/). Every target needs `rustup target add TARGET`,
+# compile that C with zig (cross/zig-env.sh installs zig and cargo-zigbuild when missing). Every target needs `rustup target add TARGET`,
 # which the script also runs. OUTPOST_STATIC_PROFILE picks another cargo profile than the shipped
 # `small` (the test command builds `static-test`: the same code, linked much faster); the binary is
 # then target/TARGET/PROFILE/outpost.
@@ -42,16 +40,7 @@ if [[ $target == x86_64-* ]]; then
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs"
   cargo build --profile "$profile" --quiet -p outpost-runtime --target "$target"
 else
-  tools=target/cross-tools
-  if ! command -v zig >/dev/null; then
-    if ! "$tools/venv/bin/python3" -m ziglang version >/dev/null 2>&1; then
-      python3 -m venv "$tools/venv" >&2
-      "$tools/venv/bin/pip" install --quiet "ziglang==0.17.1" >&2
-    fi
-    # cargo-zigbuild runs `python3 -m ziglang` when there is no `zig` on PATH.
-    export PATH="$PWD/$tools/venv/bin:$PATH"
-  fi
-  command -v cargo-zigbuild >/dev/null || cargo install --quiet --locked cargo-zigbuild@0.24.1 >&2
+  source cross/zig-env.sh
   cargo zigbuild "${build_std[@]}" --profile "$profile" --quiet -p outpost-runtime --target "$target"
 fi
 echo "target/$target/$profile/outpost"

@@ -106,6 +106,43 @@ async fn static_suite(arch: &str, runner: &[&str]) {
     check_golden_models(&mut conn, "tract", &models).await;
 }
 
+/// The glibc build with ONNX Runtime (`cross/build-ort.sh x86_64`, what the `outpost-ort`
+/// package ships): the suite on its `ort` backend, with the onnxruntime wheel's library.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_in_the_glibc_ort_binary() {
+    ort_suite("x86_64", &[], ort_library()).await;
+}
+
+/// The aarch64 glibc build with ONNX Runtime under `qemu-aarch64`, on the aarch64 wheel's
+/// library (`cross/fetch-onnxruntime.sh aarch64`) and Debian's cross glibc as the guest's root
+/// ([`outpost_tests::qemu_aarch64_glibc`]): ONNX Runtime's ARM kernels against the same golden
+/// files.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_model_matches_onnx_runtime_in_the_aarch64_ort_binary_under_qemu() {
+    let lib = repo_root().join("target/cross-tools/onnxruntime-aarch64/libonnxruntime.so");
+    assert!(lib.is_file(), "no {}: run cross/fetch-onnxruntime.sh aarch64 (tools/test.sh does)", lib.display());
+    let runner = outpost_tests::qemu_aarch64_glibc();
+    ort_suite("aarch64", &runner.iter().map(String::as_str).collect::<Vec<_>>(), lib).await;
+}
+
+async fn ort_suite(arch: &str, runner: &[&str], library: PathBuf) {
+    let bin = repo_root().join(format!("target/{arch}-unknown-linux-gnu/{}/outpost", static_profile()));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with cross/build-ort.sh {arch} (tools/test.sh does)",
+        bin.display()
+    );
+    let models = suite();
+    let mut args: Vec<String> = vec!["--backend".into(), "ort".into()];
+    args.extend(models.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = Daemon::command(&bin, runner);
+    cmd.env("ORT_DYLIB_PATH", library);
+    let daemon = Daemon::serve_command(cmd, &args);
+    let mut conn = Conn::connect(daemon.addr).await.unwrap();
+    check_golden_models(&mut conn, "ort", &models).await;
+}
+
 /// The cargo profile the static builds under test were made with: `OUTPOST_STATIC_PROFILE` as
 /// `cross/build-static.sh` reads it (tools/test.sh sets the quicker `static-test`), else the
 /// shipped `small`.

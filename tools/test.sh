@@ -57,6 +57,12 @@ for arch in x86_64 aarch64 armv7; do
   cross/build-deb.sh "$arch" >/dev/null
 done
 
+stage "glibc builds with ONNX Runtime and their outpost-ort .debs (x86_64, aarch64 under qemu with the aarch64 onnxruntime wheel's library)"
+for arch in x86_64 aarch64; do
+  cross/build-deb.sh "$arch" ort >/dev/null
+done
+cross/fetch-onnxruntime.sh aarch64 >/dev/null
+
 stage "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

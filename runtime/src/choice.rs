@@ -124,12 +124,12 @@ mod tests {
     fn a_slow_backend_is_measured_within_the_budget() {
         let slow = Sleepy::new(200_000);
         let fast = Sleepy::new(10);
-        let started = Instant::now();
         let (i, _) = choose(&[("tract", &slow), ("ort", &fast)], Some(&[]));
         assert_eq!(i, 1);
-        // 1 warm-up + 2 timed runs of 200 ms fill the 300 ms budget.
-        assert_eq!(slow.runs.load(Ordering::Relaxed), 3);
-        assert!(started.elapsed() < Duration::from_secs(2));
+        // One warm-up, then timed runs while the 300 ms budget lasts: two of 200 ms each (one,
+        // if a loaded machine sleeps past the budget in the first), never the RUNS it may have.
+        let runs = slow.runs.load(Ordering::Relaxed);
+        assert!((2..=3).contains(&runs), "{runs} runs of a 200 ms backend");
     }
 
     #[test]

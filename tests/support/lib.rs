@@ -123,6 +123,37 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
 }
 
 /// A free loopback port (bound, then released).
+/// `qemu-aarch64` for a glibc aarch64 binary: the emulator and the guest root it takes (`-L`).
+/// The root has Debian's cross glibc and libstdc++ (`libc6-arm64-cross`,
+/// `libstdc++6-arm64-cross`) as its `/lib`, and a `/proc/cpuinfo` of a two-core Neoverse N1:
+/// qemu 7.2 shows an aarch64 guest the host's x86 `/proc/cpuinfo`, on which ONNX Runtime's CPU
+/// detection (cpuinfo) dereferences a null pointer and the process dies. qemu looks a guest's
+/// absolute paths up under `-L` first, so the guest reads this one.
+pub fn qemu_aarch64_glibc() -> Vec<String> {
+    const CROSS_LIB: &str = "/usr/aarch64-linux-gnu/lib";
+    assert!(
+        Path::new(CROSS_LIB).join("libc.so.6").is_file(),
+        "no aarch64 glibc in {CROSS_LIB}: apt-get install libc6-arm64-cross libstdc++6-arm64-cross (.ci/run does)"
+    );
+    let root = repo_root().join("target/qemu-aarch64-glibc-root");
+    std::fs::create_dir_all(root.join("proc")).unwrap();
+    let core = |i: usize| {
+        format!(
+            "processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp \
+             asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: \
+             0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n"
+        )
+    };
+    std::fs::write(root.join("proc/cpuinfo"), (0..2).map(core).collect::<String>()).unwrap();
+    let lib = root.join("lib");
+    match std::os::unix::fs::symlink(CROSS_LIB, &lib) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("{}: {e}", lib.display()),
+    }
+    vec!["qemu-aarch64".into(), "-L".into(), root.display().to_string()]
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -154,14 +185,25 @@ impl Daemon {
     /// under `runner` when it is not empty: an emulator and its arguments, such as
     /// `["qemu-aarch64"]` or `["qemu-x86_64", "-cpu", "Haswell"]`.
     pub fn serve_with(bin: &Path, runner: &[&str], args: &[&str]) -> Daemon {
-        let cmd = match runner {
+        Daemon::serve_command(Daemon::command(bin, runner), args)
+    }
+
+    /// The command that runs `bin`, under `runner` (an emulator and its arguments) when given,
+    /// for a caller that sets its environment before [`Daemon::serve_command`].
+    pub fn command(bin: &Path, runner: &[&str]) -> Command {
+        match runner {
             [emulator, emulator_args @ ..] => {
                 let mut cmd = Command::new(emulator);
                 cmd.args(emulator_args).arg(bin);
                 cmd
             }
             [] => Command::new(bin),
-        };
+        }
+    }
+
+    /// Starts `cmd serve ARGS --listen ADDR` on a free port and waits until it is ready: for a
+    /// caller that sets the command's environment.
+    pub fn serve_command(cmd: Command, args: &[&str]) -> Daemon {
         Daemon::start_cmd(cmd, format!("127.0.0.1:{}", free_port()).parse().unwrap(), args)
     }
 

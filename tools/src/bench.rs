@@ -107,6 +107,30 @@ pub async fn load(
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Summary> {
+    load_with(addr, Method::POST, path, body, token, concurrency, duration).await
+}
+
+/// `GET /v2/health/live` under the same clients: the HTTP floor of this server and client (no
+/// body to parse, no model), which inference adds to.
+pub async fn live(
+    addr: SocketAddr,
+    token: Option<&str>,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Summary> {
+    let none = v2client::Body { headers: Vec::new(), bytes: Vec::new() };
+    load_with(addr, Method::GET, "/v2/health/live", &none, token, concurrency, duration).await
+}
+
+async fn load_with(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &v2client::Body,
+    token: Option<&str>,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Summary> {
     let mut headers = body.headers.clone();
     if let Some(t) = token {
         headers.push(("authorization", format!("Bearer {t}")));
@@ -117,13 +141,13 @@ pub async fn load(
     let mut clients = Vec::new();
     for _ in 0..concurrency {
         let mut conn = Conn::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-        let (headers, payload, path) = (headers.clone(), payload.clone(), path.to_owned());
+        let (headers, payload, path, method) = (headers.clone(), payload.clone(), path.to_owned(), method.clone());
         clients.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match conn.send(Method::POST, &path, &headers, payload.clone()).await {
+                match conn.send(method.clone(), &path, &headers, payload.clone()).await {
                     Ok(r) if r.status == 200 => latencies.push(t.elapsed()),
                     Ok(_) => errors += 1,
                     Err(_) => {

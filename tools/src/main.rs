@@ -18,7 +18,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load a running server with N keep-alive clients and print latency percentiles and
-    /// requests/s, next to the raw backend call on the same input.
+    /// requests/s, next to the raw backend call on the same input and, at each client count,
+    /// the same server's `GET /v2/health/live` (the HTTP floor).
     Bench(BenchArgs),
     /// Run the labelled held-out set through a running edge and its central, sweep escalation
     /// policies and thresholds, print a table and write a plot.
@@ -205,6 +206,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     for c in &args.concurrency {
+        let s = runtime.block_on(bench::live(args.addr, args.token.as_deref(), *c, duration))?;
+        println!("{}", s.row(&format!("live c={c}")));
         let s = runtime.block_on(bench::load(args.addr, &path, &body, args.token.as_deref(), *c, duration))?;
         println!("{}", s.row(&format!("http c={c}")));
     }

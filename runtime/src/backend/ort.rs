@@ -30,21 +30,36 @@ pub fn set_library(path: &Path) {
     let _ = LIBRARY.set(path.to_owned());
 }
 
+/// The library's name when neither the configuration nor [`LIBRARY_ENV`] names a path: the
+/// dynamic loader's own search finds it (`LD_LIBRARY_PATH`, then `/etc/ld.so.cache`, which on
+/// Debian covers `/usr/local/lib`), as for any shared library.
+pub const DEFAULT_LIBRARY: &str = "libonnxruntime.so";
+
 /// Loads ONNX Runtime once per process; later calls return the same outcome.
 fn environment() -> Result<&'static ort::environment::Environment, BackendError> {
     let env = ENVIRONMENT.get_or_init(|| {
-        let path =
-            LIBRARY.get().cloned().or_else(|| std::env::var_os(LIBRARY_ENV).map(PathBuf::from)).ok_or_else(|| {
-                format!(
-                    "the ort backend needs ONNX Runtime's shared library: set server.ort_library in the configuration \
-                 or {LIBRARY_ENV} to the path of libonnxruntime.so"
-                )
-            })?;
-        if !path.is_file() {
+        let path = LIBRARY
+            .get()
+            .cloned()
+            .or_else(|| std::env::var_os(LIBRARY_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBRARY));
+        // A bare name is the loader's to find; a path must name a file.
+        let searched = path.components().count() == 1;
+        if !searched && !path.is_file() {
             return Err(format!("ONNX Runtime library {} does not exist", path.display()));
         }
-        let builder =
-            ort::init_from(&path).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
+        let builder = ort::init_from(&path).map_err(|e| {
+            if searched {
+                format!(
+                    "cannot load ONNX Runtime: the dynamic loader found no usable {} ({e}); install it where the \
+                     loader looks (e.g. /usr/local/lib, then ldconfig) or set server.ort_library or {LIBRARY_ENV} \
+                     to its path",
+                    path.display()
+                )
+            } else {
+                format!("cannot load ONNX Runtime from {}: {e}", path.display())
+            }
+        })?;
         let env = builder.with_name("outpost").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
         tracing::info!(library = %path.display(), "ONNX Runtime loaded");
         Ok(env)
@@ -207,9 +222,12 @@ fn build_with(
     builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| e.to_string())?;
     // Memory patterns are planned per input shape: off, so dynamic batch sizes do not add up.
     builder = builder.with_memory_pattern(false).map_err(|e| e.to_string())?;
-    if let Some(n) = options.intra_op_threads {
-        builder = builder.with_intra_threads(n).map_err(|e| e.to_string())?;
-    }
+    // Always a number: left to itself, ONNX Runtime sizes its pool by physical cores and pins
+    // each thread to one (sched_setaffinity), which fights the box's other work, and which the
+    // systemd unit's system-call filter refuses (an error line per thread). The default is what
+    // this process may use (its affinity mask and cgroup quota).
+    let intra = options.intra_op_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    builder = builder.with_intra_threads(intra).map_err(|e| e.to_string())?;
     if let Some(n) = options.inter_op_threads {
         builder = builder.with_inter_threads(n).map_err(|e| e.to_string())?;
     }

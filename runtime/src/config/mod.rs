@@ -88,7 +88,8 @@ pub struct ServerConfig {
     /// any `[[models]]`.
     pub model_repository: Option<PathBuf>,
     /// ONNX Runtime's `libonnxruntime.so`, for models on the `ort` backend; default: the
-    /// `ORT_DYLIB_PATH` environment variable.
+    /// `ORT_DYLIB_PATH` environment variable, else `libonnxruntime.so` found by the dynamic
+    /// loader's search.
     pub ort_library: Option<PathBuf>,
 }
 
