@@ -53,6 +53,38 @@ async fn execution_providers_fall_back_in_order_and_say_which_runs() {
     }
 }
 
+/// Where each version's calls run is decided at load and shown: a batching model on worker
+/// threads; a model with no batching on its measured call (inline at most
+/// `executor::INLINE_MAX_US`); a configured executor as configured. Every one answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_version_says_where_its_calls_run_and_answers_from_there() {
+    let server = Server::start(
+        "[[models]]\nname = \"auto\"\npath = \"models/digits-edge.onnx\"\n\
+         [[models]]\nname = \"batched\"\npath = \"models/digits-edge.onnx\"\n[models.batching]\nmax_batch_size = 8\n\
+         [[models]]\nname = \"threads\"\npath = \"models/digits-edge.onnx\"\nexecutor = \"threads\"\n\
+         [[models]]\nname = \"inline\"\npath = \"models/digits-cnn.onnx\"\nexecutor = \"inline\"\n",
+    )
+    .await;
+    let mut conn = server.conn().await;
+    let executor = |meta: &serde_json::Value| meta["parameters"]["executor"].clone();
+    let auto = executor(&conn.get("/v2/models/auto").await.unwrap().json());
+    assert_eq!(auto["by"], "measured", "{auto}");
+    let inline = auto["call_us"].as_f64().unwrap() <= outpost_runtime::executor::INLINE_MAX_US;
+    assert_eq!(auto["kind"], if inline { "inline" } else { "threads" }, "{auto}");
+    let batched = executor(&conn.get("/v2/models/batched").await.unwrap().json());
+    assert_eq!((batched["kind"].as_str(), batched["by"].as_str()), (Some("threads"), Some("batching")));
+    for (name, kind) in [("threads", "threads"), ("inline", "inline")] {
+        let e = executor(&conn.get(&format!("/v2/models/{name}")).await.unwrap().json());
+        assert_eq!((e["kind"].as_str(), e["by"].as_str()), (Some(kind), Some("configured")), "{e}");
+    }
+    for (name, file) in
+        [("auto", "digits-edge"), ("batched", "digits-edge"), ("threads", "digits-edge"), ("inline", "digits-cnn")]
+    {
+        let file = std::path::PathBuf::from(format!("models/{file}.onnx"));
+        outpost_tests::check_golden_as(&mut conn, name, &file).await;
+    }
+}
+
 #[test]
 fn a_missing_or_wrong_onnx_runtime_library_is_a_clear_error_at_start() {
     let run = |lib: &str| {

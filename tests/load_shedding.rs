@@ -9,12 +9,26 @@ use outpost_tools::v2client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_sheds_load_and_accepted_requests_succeed() {
+    sheds_load("threads").await;
+}
+
+/// The same bound where a lone request's own task runs the call (`executor = "inline"`): one
+/// call inline, one on the worker, one queued, the rest 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_calls_shed_load_past_the_same_bound() {
+    sheds_load("inline").await;
+}
+
+async fn sheds_load(executor: &str) {
     // One worker, one queue slot, and requests big enough (2,048 rows through the central
     // model) that the worker is busy while the others arrive.
-    let server = Server::start(
-        "[[models]]\nname = \"central\"\npath = \"models/digits-central.onnx\"\nqueue_bound = 1\nworkers = 1\n",
-    )
+    let server = Server::start(&format!(
+        "[[models]]\nname = \"central\"\npath = \"models/digits-central.onnx\"\nqueue_bound = 1\nworkers = 1\n\
+         executor = \"{executor}\"\n"
+    ))
     .await;
+    let meta = server.conn().await.get("/v2/models/central").await.unwrap().json();
+    assert_eq!(meta["parameters"]["executor"]["kind"], executor, "{meta}");
     let rows = 2048;
     let input = Tensor::from_f32("input", vec![rows, 64], &vec![3.0; rows * 64]);
     let body = v2client::binary_request(&[input]);

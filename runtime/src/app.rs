@@ -14,6 +14,9 @@ pub struct App {
     pub max_body_bytes: usize,
     /// The bytes all requests in flight may hold together.
     pub inflight: Budget,
+    /// Inference requests in the server now, from their handler's start to its end: one alone
+    /// may run its call inline ([`crate::executor`]).
+    pub infer_requests: std::sync::atomic::AtomicUsize,
     pub auth_token: Option<String>,
     /// Host names besides addresses and `localhost` requests may name (`server.allowed_hosts`).
     pub allowed_hosts: Vec<String>,
@@ -39,6 +42,7 @@ impl App {
             registry: Arc::new(Registry::new(config.models.clone())),
             max_body_bytes: config.max_body_bytes,
             inflight: Budget::new(config.max_inflight_bytes),
+            infer_requests: std::sync::atomic::AtomicUsize::new(0),
             auth_token: config.auth_token.clone(),
             allowed_hosts: config.allowed_hosts.clone(),
             hard_example_sink: config.hard_example_sink.clone().map(|dir| {

@@ -113,7 +113,7 @@ pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<Mo
     loop {
         let first = match carried.take() {
             Some(job) => job,
-            None => match next_job(&queue) {
+            None => match next_job(&queue, &stats) {
                 Some(job) => job,
                 None => return,
             },
@@ -152,17 +152,22 @@ pub fn run_worker(queue: Receiver<Job>, session: Arc<dyn Session>, stats: Arc<Mo
 /// How long an idle worker polls its queue before it sleeps. A sleeping thread costs a futex wake
 /// on the next request, tens of microseconds on a small box; a short poll keeps a steady stream
 /// of requests off that path (see docs/benchmarks.md).
-const IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+pub const IDLE_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The next job: polled for [`IDLE_SPIN`], then waited for. `None` when the queue is closed.
-fn next_job(queue: &Receiver<Job>) -> Option<Job> {
+fn next_job(queue: &Receiver<Job>, stats: &ModelStats) -> Option<Job> {
     let spin_until = Instant::now() + IDLE_SPIN;
     loop {
         match queue.try_recv() {
             Ok(job) => return Some(job),
             Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
             Err(crossbeam_channel::TryRecvError::Empty) if Instant::now() < spin_until => std::hint::spin_loop(),
-            Err(crossbeam_channel::TryRecvError::Empty) => return queue.recv().ok(),
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                stats.sleeping.fetch_add(1, Relaxed);
+                let job = queue.recv().ok();
+                stats.sleeping.fetch_sub(1, Relaxed);
+                return job;
+            }
         }
     }
 }
@@ -209,15 +214,12 @@ fn run_guarded(session: &dyn Session, stats: &ModelStats, inputs: &[Tensor]) -> 
 
 /// One backend call for `jobs` (stacked when more than one), each answered with its rows.
 fn execute(session: &dyn Session, stats: &ModelStats, mut jobs: Vec<Job>) {
-    let started = Instant::now();
     if jobs.len() == 1 {
         let job = jobs.pop().expect("one job");
-        stats.batch_size.observe_value(job.rows() as u64);
-        let result = run_guarded(session, stats, &job.inputs);
-        finish(stats, started);
-        let _ = job.reply.send(result);
+        let _ = job.reply.send(run_one(session, stats, &job.inputs));
         return;
     }
+    let started = Instant::now();
     let rows: Vec<usize> = jobs.iter().map(Job::rows).collect();
     let total: usize = rows.iter().sum();
     stats.batch_size.observe_value(total as u64);
@@ -238,6 +240,16 @@ fn execute(session: &dyn Session, stats: &ModelStats, mut jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// One backend call for one request's `inputs`, counted in `stats` (a panic is answered and
+/// counted): for a worker thread, and for a request's own task ([`crate::executor`]).
+pub fn run_one(session: &dyn Session, stats: &ModelStats, inputs: &[Tensor]) -> Reply {
+    let started = Instant::now();
+    stats.batch_size.observe_value(inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(0) as u64);
+    let result = run_guarded(session, stats, inputs);
+    finish(stats, started);
+    result
 }
 
 fn finish(stats: &ModelStats, started: Instant) {

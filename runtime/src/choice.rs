@@ -58,7 +58,7 @@ pub fn choose(served: &[(&'static str, &dyn Session)], input: Option<&[Tensor]>)
 
 /// The median of up to [`RUNS`] timed runs within [`BUDGET`], after one untimed; `None` when a
 /// run fails.
-fn median_us(session: &dyn Session, input: &[Tensor]) -> Option<f64> {
+pub(crate) fn median_us(session: &dyn Session, input: &[Tensor]) -> Option<f64> {
     session.run(input).ok()?;
     let start = Instant::now();
     let mut times = Vec::with_capacity(RUNS);

@@ -27,6 +27,7 @@ pub mod choice;
 pub mod config;
 pub mod error;
 pub mod escalation;
+pub mod executor;
 pub mod golden;
 pub mod http;
 pub mod model;

@@ -14,14 +14,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Sender, TrySendError};
-use tokio::sync::oneshot;
 
 use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Signature};
-use crate::batcher::{self, Job, Reply};
+use crate::batcher::{self, Reply};
 use crate::choice::BackendChoice;
 use crate::config::ModelSpec;
 use crate::escalation::Escalator;
+use crate::executor::{self, Executor, ExecutorInfo, NotRun};
 use crate::golden::Golden;
 use crate::onnx::ModelGraph;
 use crate::repository::{self, Fingerprint, VersionFiles};
@@ -82,14 +81,10 @@ pub struct ServedVersion {
     pub provider: Option<ProviderChoice>,
     /// The declared input shapes, resolved against the model (signature order).
     pub shapes: Vec<Vec<Vec<usize>>>,
+    /// Where its backend calls run, and why.
+    pub executor: ExecutorInfo,
     session: Arc<dyn Session>,
-    queue: Sender<Job>,
-}
-
-/// The queue is full (or closed): the caller answers 503.
-#[derive(Debug)]
-pub struct QueueFull {
-    pub bound: usize,
+    run: Executor,
 }
 
 /// Why a model or one of its versions could not be loaded.
@@ -438,21 +433,10 @@ impl ServedVersion {
         p: Prepared,
         stats: Arc<ModelStats>,
     ) -> ServedVersion {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(spec.queue_bound);
-        for i in 0..spec.workers {
-            let (rx, session, stats, batching) = (rx.clone(), p.session.clone(), stats.clone(), spec.batching.clone());
-            let name = format!("infer-{}-{}-{i}", spec.name, files.version);
-            // Counted from here, so the version is ready as soon as it is served; the count
-            // drops when the thread ends (or was never started).
-            let alive = batcher::Alive::claim(&stats);
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let _alive = alive;
-                batcher::run_worker(rx, session, stats, batching)
-            });
-            if let Err(e) = spawned {
-                tracing::error!(model = %spec.name, error = %e, "could not start an inference thread");
-            }
-        }
+        let measured = p.choice.p50_us.iter().find(|(name, _)| *name == p.backend).map(|&(_, us)| us);
+        let executor = executor::decide(spec, p.session.as_ref(), p.probe.as_deref(), measured);
+        let name = format!("infer-{}-{}", spec.name, files.version);
+        let run = Executor::start(spec, &name, p.session.clone(), stats.clone(), &executor);
         ServedVersion {
             version: files.version.clone(),
             files,
@@ -461,10 +445,11 @@ impl ServedVersion {
             signature: p.session.signature().clone(),
             backend: p.backend,
             backend_choice: p.choice,
+            executor,
             provider: p.session.provider().cloned(),
             shapes: p.shapes,
             session: p.session,
-            queue: tx,
+            run,
         }
     }
 
@@ -473,15 +458,9 @@ impl ServedVersion {
         self.session.plans()
     }
 
-    /// Queues an inference, or says at once that the queue is full.
-    pub fn submit(&self, inputs: Vec<Tensor>) -> Result<oneshot::Receiver<Reply>, QueueFull> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job { inputs, enqueued: Instant::now(), reply };
-        match self.queue.try_send(job) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                Err(QueueFull { bound: self.queue.capacity().unwrap_or(0) })
-            }
-        }
+    /// Runs one inference on this version's executor (a worker thread, or this task when the
+    /// request is `alone` in the server and the executor allows it).
+    pub async fn infer(&self, inputs: Vec<Tensor>, alone: bool) -> Result<Reply, NotRun> {
+        self.run.infer(inputs, alone).await
     }
 }

@@ -152,6 +152,9 @@ pub struct ModelStats {
     pub panics: AtomicU64,
     /// Worker threads running now (a version with none cannot answer and is not ready).
     pub workers: AtomicU64,
+    /// Worker threads asleep on an empty queue (past their idle poll): a call queued now pays a
+    /// thread wake-up ([`crate::executor`] runs it inline instead where it may).
+    pub sleeping: AtomicU64,
 }
 
 impl Default for ModelStats {
@@ -163,6 +166,7 @@ impl Default for ModelStats {
             executions: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             workers: AtomicU64::new(0),
+            sleeping: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
             request: Histogram::default(),
             queue: Histogram::default(),

@@ -346,36 +346,44 @@ pub fn ort_library() -> PathBuf {
 pub async fn check_golden_models(conn: &mut Conn, backend: &str, models: &[PathBuf]) {
     for path in models {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let golden = outpost_runtime::golden::Golden::read(
-            &outpost_runtime::golden::Golden::beside(&repo_root().join(path)).expect("a golden file"),
-        )
-        .unwrap();
         let meta = conn.get(&format!("/v2/models/{name}")).await.unwrap().json();
         assert_eq!(meta["parameters"]["backend"], backend, "{name}");
-        let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
-        let tolerance = golden.tolerance.unwrap();
-        assert!(
-            tolerance <= 1e-4 || golden.tolerance_reason.is_some(),
-            "{name}: tolerance {tolerance} is looser than 1e-4 and the golden file does not say why"
-        );
-        for (form, body) in [
-            ("json", outpost_tools::v2client::json_request(&inputs)),
-            ("binary", outpost_tools::v2client::binary_request(&inputs)),
-        ] {
-            let path = format!("/v2/models/{name}/infer");
-            let reply = conn.send(hyper::Method::POST, &path, &body.headers, body.bytes).await.unwrap();
-            assert_eq!(reply.status, 200, "{name} on {backend} over {form}: {}", reply.error());
-            let outputs = outpost_tools::v2client::outputs(&reply).unwrap();
-            for expected in &golden.outputs {
-                let want = expected.to_tensor().unwrap();
-                let got =
-                    outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
-                let diff = outpost_runtime::golden::max_abs_diff(&want, got);
-                assert!(diff <= tolerance, "{name} on {backend} over {form}: `{}` differs by {diff:e}", want.name);
-            }
-            if form == "binary" {
-                assert!(reply.headers.contains_key(outpost_runtime::v2::HEADER_LENGTH), "{name}: binary answer");
-            }
+        check_golden_as(conn, &name, path).await;
+    }
+}
+
+/// [`check_golden_models`] for one model served as `name`, from the file at `path`, on whichever
+/// backend serves it.
+pub async fn check_golden_as(conn: &mut Conn, name: &str, path: &Path) {
+    let golden = outpost_runtime::golden::Golden::read(
+        &outpost_runtime::golden::Golden::beside(&repo_root().join(path)).expect("a golden file"),
+    )
+    .unwrap();
+    let meta = conn.get(&format!("/v2/models/{name}")).await.unwrap().json();
+    let backend = meta["parameters"]["backend"].as_str().unwrap_or("?").to_owned();
+    let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
+    let tolerance = golden.tolerance.unwrap();
+    assert!(
+        tolerance <= 1e-4 || golden.tolerance_reason.is_some(),
+        "{name}: tolerance {tolerance} is looser than 1e-4 and the golden file does not say why"
+    );
+    for (form, body) in [
+        ("json", outpost_tools::v2client::json_request(&inputs)),
+        ("binary", outpost_tools::v2client::binary_request(&inputs)),
+    ] {
+        let path = format!("/v2/models/{name}/infer");
+        let reply = conn.send(hyper::Method::POST, &path, &body.headers, body.bytes).await.unwrap();
+        assert_eq!(reply.status, 200, "{name} on {backend} over {form}: {}", reply.error());
+        let outputs = outpost_tools::v2client::outputs(&reply).unwrap();
+        for expected in &golden.outputs {
+            let want = expected.to_tensor().unwrap();
+            let got =
+                outputs.iter().find(|o| o.name == want.name).unwrap_or_else(|| panic!("{name}: no {}", want.name));
+            let diff = outpost_runtime::golden::max_abs_diff(&want, got);
+            assert!(diff <= tolerance, "{name} on {backend} over {form}: `{}` differs by {diff:e}", want.name);
+        }
+        if form == "binary" {
+            assert!(reply.headers.contains_key(outpost_runtime::v2::HEADER_LENGTH), "{name}: binary answer");
         }
     }
 }

@@ -26,8 +26,8 @@ pub use escalation::{
 };
 pub use model::{
     Batching, BatchingConfig, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_QUEUE_BOUND, DEFAULT_VERSION,
-    DEFAULT_WORKERS, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG, Source, VersionPolicy,
-    VersionPolicyConfig,
+    DEFAULT_WORKERS, ExecutorChoice, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG, Source,
+    VersionPolicy, VersionPolicyConfig,
 };
 pub use updates::{MqttConfig, UpdatesConfig, agent_config};
 

@@ -71,6 +71,22 @@ pub struct ModelConfig {
     pub plan_cache: Option<usize>,
     /// INT8 models computed exactly on every x86 CPU by ONNX Runtime (ort); default true.
     pub exact_int8: Option<bool>,
+    /// Where backend calls run: `auto` (default), `threads` or `inline` (see `crate::executor`).
+    #[serde(default)]
+    pub executor: ExecutorChoice,
+}
+
+/// `models[].executor`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorChoice {
+    /// Inline when the call is short and cannot grow past the measured one; else threads.
+    #[default]
+    Auto,
+    /// The version's worker threads, through its queue.
+    Threads,
+    /// The request's own task.
+    Inline,
 }
 
 /// `version_policy`: exactly one of `latest = N`, `specific = [..]`, `all = true`.
@@ -150,6 +166,7 @@ pub struct ModelSpec {
     pub shapes: crate::shapes::Shapes,
     /// ONNX Runtime may use its saturating u8s8 kernels (`exact_int8 = false`).
     pub fast_int8: bool,
+    pub executor: ExecutorChoice,
 }
 
 impl ModelConfig {
@@ -209,6 +226,12 @@ impl ModelConfig {
         let workers = m.workers.unwrap_or(DEFAULT_WORKERS);
         if !(1..=256).contains(&workers) {
             return Err(invalid(key("workers"), "must be between 1 and 256"));
+        }
+        if m.executor == ExecutorChoice::Inline && m.batching.is_some() {
+            return Err(invalid(
+                key("executor"),
+                "\"inline\" cannot batch: a batch is gathered by a worker thread (executor = \"threads\" or \"auto\")",
+            ));
         }
         if m.intra_op_threads == Some(0) {
             return Err(invalid(key("intra_op_threads"), "must be at least 1"));
@@ -313,6 +336,7 @@ impl ModelConfig {
             batching,
             shapes,
             fast_int8: m.exact_int8 == Some(false),
+            executor: m.executor,
         })
     }
 }

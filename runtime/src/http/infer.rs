@@ -1,10 +1,13 @@
 //! `POST /v2/models/{m}[/versions/{v}]/infer`: the request path.
 //!
-//! Body (bounded) → parse → bind to the model's signature → bounded queue (full: 503 at once) →
-//! worker → response, JSON or with binary outputs. Nothing here touches the disk or a global lock.
+//! Body (bounded) → parse → bind to the model's signature → the version's executor (a bounded
+//! queue and worker threads, or this task for a short call; full: 503 at once) → response, JSON
+//! or with binary outputs. Nothing here touches the disk or a global lock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -17,6 +20,7 @@ use super::error::ApiError;
 use crate::app::App;
 use crate::budget;
 use crate::escalation::Overrides;
+use crate::executor::NotRun;
 use crate::model::{ModelSlot, ServedVersion};
 use crate::stats::RequestOutcome;
 use crate::tensor::Tensor;
@@ -30,6 +34,7 @@ pub async fn infer(
     body: Body,
 ) -> Response {
     let started = Instant::now();
+    let _counted = Counted::enter(&app.infer_requests);
     let (slot, model) = match app.served(&path) {
         Ok((slot, model)) => (slot.clone(), model),
         Err(e) => return e.into_response(),
@@ -105,15 +110,19 @@ async fn run(
             has.join(", ")
         )));
     }
-    let pending = model.submit(inputs).map_err(|full| {
-        ApiError::unavailable(format!(
-            "model `{}` is busy: its queue of {} requests is full; retry later",
-            spec.name, full.bound
-        ))
-    })?;
-    let results = pending
+    // Alone in the server (no other inference request anywhere in its path): the call may run
+    // on this task; with others about, the HTTP threads have their work and a worker takes it.
+    let alone = app.infer_requests.load(Relaxed) == 1;
+    let results = model
+        .infer(inputs, alone)
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"))?
+        .map_err(|not_run| match not_run {
+            NotRun::Full(full) => ApiError::unavailable(format!(
+                "model `{}` is busy: its queue of {} requests is full; retry later",
+                spec.name, full.bound
+            )),
+            NotRun::Stopped => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"),
+        })?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (results, parameters) = match (escalator, forwarded) {
         (Some(e), Some(inputs)) => {
@@ -123,6 +132,22 @@ async fn run(
         _ => (results, None),
     };
     Ok(encode(&spec.name, &model.version, id, parameters, results, outputs, binary_output))
+}
+
+/// Counts a request in from its handler's start until it is dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn enter(count: &'a AtomicUsize) -> Counted<'a> {
+        count.fetch_add(1, Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Reads and drops a body, up to `limit` bytes.

@@ -132,6 +132,7 @@ async fn model_metadata(
             "version": model.version,
             "backend": model.backend,
             "backend_choice": model.backend_choice,
+            "executor": model.executor,
             "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
             "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
         },
@@ -171,13 +172,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     }
     out.push_str(
         "# HELP outpost_model_backend_info The backend serving each version, and how it was chosen \
-         (configured, only, measured, rule).\n# TYPE outpost_model_backend_info gauge\n",
+         (configured, only, measured, rule), and where its calls run (executor: inline or threads).\n\
+         # TYPE outpost_model_backend_info gauge\n",
     );
     for slot in app.registry.slots().iter() {
         for s in slot.served().iter() {
             out.push_str(&format!(
-                "outpost_model_backend_info{{model=\"{}\",version=\"{}\",backend=\"{}\",chosen_by=\"{}\"}} 1\n",
-                slot.spec.name, s.version, s.backend, s.backend_choice.by
+                "outpost_model_backend_info{{model=\"{}\",version=\"{}\",backend=\"{}\",chosen_by=\"{}\",executor=\"{}\"}} 1\n",
+                slot.spec.name, s.version, s.backend, s.backend_choice.by, s.executor.kind
             ));
         }
     }
