@@ -151,7 +151,9 @@ impl Executor {
         if let Some((session, stats)) = &self.inline
             && alone
             && idle
-            && stats.sleeping.load(Relaxed) == self.workers
+            // At least: a reload of the same version shares its statistics with the old one's
+            // workers until they exit.
+            && stats.sleeping.load(Relaxed) >= self.workers
             && self.in_flight.compare_exchange(0, 1, AcqRel, Acquire).is_ok()
         {
             let _in_flight = InFlight(&self.in_flight);
