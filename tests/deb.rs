@@ -187,19 +187,7 @@ fn install_serve_remove(package: &str, arch: &str, runner: &[&str], ort_library:
 /// guest's, under an emulator) and without `ORT_DYLIB_PATH` (the test command sets one), so ONNX
 /// Runtime is found as on a box, or not at all.
 fn with_loader_path(bin: &Path, runner: &[&str], dir: &Path) -> Command {
-    let mut cmd = match runner {
-        [] => {
-            let mut cmd = Command::new(bin);
-            cmd.env("LD_LIBRARY_PATH", dir);
-            cmd
-        }
-        // qemu's -E sets the guest's variable only (the emulator itself is a host binary).
-        [emulator, emulator_args @ ..] => {
-            let mut cmd = Command::new(emulator);
-            cmd.arg("-E").arg(format!("LD_LIBRARY_PATH={}", dir.display())).args(emulator_args).arg(bin);
-            cmd
-        }
-    };
+    let mut cmd = Daemon::command(bin, runner, &[("LD_LIBRARY_PATH", &dir.display().to_string())]);
     cmd.env_remove("ORT_DYLIB_PATH");
     cmd
 }

@@ -136,9 +136,8 @@ async fn ort_suite(arch: &str, runner: &[&str], library: PathBuf) {
     let mut args: Vec<String> = vec!["--backend".into(), "ort".into()];
     args.extend(models.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = Daemon::command(&bin, runner);
-    cmd.env("ORT_DYLIB_PATH", library);
-    let daemon = Daemon::serve_command(cmd, &args);
+    let library = library.display().to_string();
+    let daemon = Daemon::serve_command(Daemon::command(&bin, runner, &[("ORT_DYLIB_PATH", &library)]), &args);
     let mut conn = Conn::connect(daemon.addr).await.unwrap();
     check_golden_models(&mut conn, "ort", &models).await;
 }

@@ -8,6 +8,8 @@
 # model beside this build's, so a change to the path is an A/B in one run. Prints each level's
 # median p50 and req/s over the rounds, and the gap between inference and the live floor. Builds
 # the release binaries; read the gaps and ratios within one run, not the absolutes.
+# DRIFT=1 instead serves the model twice from this build, `plain` and `drift` (the same model
+# with a reference profile beside it, from `outpostctl profile`): what drift's counting costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-3}"
@@ -18,14 +20,25 @@ cargo build --release --quiet -p outpost-runtime -p outpost-tools
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-servers=("after=target/release/outpost")
-[[ -n ${BEFORE:-} ]] && servers=("before=$BEFORE" "${servers[@]}")
+# name:binary:model directory
+servers=("after:target/release/outpost:models")
+[[ -n ${BEFORE:-} ]] && servers=("before:$BEFORE:models" "${servers[@]}")
+if [[ -n ${DRIFT:-} ]]; then
+  for d in plain drift; do
+    mkdir -p "$work/$d"
+    cp "models/$model.onnx" "$work/$d/"
+    [[ -f models/$model.golden.json ]] && cp "models/$model.golden.json" "$work/$d/"
+  done
+  target/release/outpostctl profile "$work/drift/$model.onnx" >&2
+  servers=("plain:target/release/outpost:$work/plain" "drift:target/release/outpost:$work/drift")
+fi
 port=18100
 for s in "${servers[@]}"; do
+  IFS=: read -r name bin dir <<<"$s"
   port=$((port + 1))
-  "${s#*=}" serve --model "models/$model.onnx" --listen "127.0.0.1:$port" 2>"$work/${s%%=*}.log" &
+  "$bin" serve --model "$dir/$model.onnx" --listen "127.0.0.1:$port" 2>"$work/$name.log" &
   pids+=($!)
-  echo "${s%%=*} 127.0.0.1:$port" >>"$work/servers"
+  echo "$name 127.0.0.1:$port" >>"$work/servers"
 done
 for _ in $(seq 100); do
   ready=0

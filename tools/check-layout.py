@@ -91,7 +91,8 @@ def dependencies(files):
             targets += [p.strip().split("::") for p in group.group(1).split(",")]
         targets += [m.group(1).split("::") for m in re.finditer(rf"\bcrate((?:::{IDENT})+)", code)]
         targets = [[s for s in t if re.fullmatch(IDENT, s)] for t in targets]
-        for m in re.finditer(rf"\bsuper((?:::{IDENT})*)(?!\w)", code):
+        # `pub(super)` and `pub(in super::..)` are visibilities, not paths.
+        for m in re.finditer(rf"(?<!pub\()(?<!\bin )\bsuper((?:::{IDENT})*)(?!\w)", code):
             up = parent[:-1] if is_mod_file else parent
             targets.append(list(up) + [s for s in m.group(1).split("::") if s])
         for m in re.finditer(rf"(?<![\w:])(?:self::)?({IDENT})((?:::{IDENT})*)::", code):

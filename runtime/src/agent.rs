@@ -10,7 +10,7 @@ use std::time::Instant;
 use outpost_updater::Refusal;
 use outpost_updater::apply::{Applied, Updater};
 use outpost_updater::mqtt::agent::Device;
-use outpost_updater::mqtt::report::{DeviceReport, ModelReport, Resources, StatsReport};
+use outpost_updater::mqtt::report::{DeviceReport, ModelDrift, ModelReport, Resources, StatsReport};
 
 use crate::registry::Registry;
 use crate::releases::ReleaseService;
@@ -159,6 +159,20 @@ impl Device for RuntimeDevice {
                 name: s.spec.name.clone(),
                 versions: s.served().iter().map(|v| v.version.clone()).collect(),
                 state: s.state().as_str().into(),
+                drift: s
+                    .served()
+                    .iter()
+                    .filter_map(|v| {
+                        let r = v.drift.as_ref()?.report();
+                        Some(ModelDrift {
+                            version: v.version.clone(),
+                            windows: r.windows,
+                            alerts: r.alerts,
+                            threshold: r.threshold,
+                            psi: r.last.map(|l| l.psi.into_iter().collect()).unwrap_or_default(),
+                        })
+                    })
+                    .collect(),
             })
             .collect();
         DeviceReport {

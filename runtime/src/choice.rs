@@ -10,6 +10,7 @@
 //! Runtime where the build has it and it serves the model (the reference the golden files come
 //! from, and the faster of the two on most real models), else the first that serves it.
 
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -56,9 +57,20 @@ pub fn choose(served: &[(&'static str, &dyn Session)], input: Option<&[Tensor]>)
     (best, BackendChoice { by: "measured", p50_us })
 }
 
+/// Models load in parallel: a measurement takes this for writing, so that it runs alone, and
+/// preparing or warming a model ([`loading`]) for reading, so that no model's load runs beside a
+/// measurement on the same cores.
+static MEASURING: RwLock<()> = RwLock::new(());
+
+/// Held while preparing or warming up a model (never while measuring: that would wait on itself).
+pub(crate) fn loading() -> RwLockReadGuard<'static, ()> {
+    MEASURING.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The median of up to [`RUNS`] timed runs within [`BUDGET`], after one untimed; `None` when a
-/// run fails.
+/// run fails. It runs alone: no other measurement, and no model preparing or warming up.
 pub(crate) fn median_us(session: &dyn Session, input: &[Tensor]) -> Option<f64> {
+    let _alone = MEASURING.write().unwrap_or_else(|e| e.into_inner());
     session.run(input).ok()?;
     let start = Instant::now();
     let mut times = Vec::with_capacity(RUNS);

@@ -1,6 +1,6 @@
 //! The runtime library's error: what loading a model or reading a config can fail with.
 
-use crate::{backend, config, golden, onnx};
+use crate::{backend, config, drift, golden, onnx};
 
 /// Errors of the runtime library, with their sources kept.
 #[derive(Debug, thiserror::Error)]
@@ -13,4 +13,6 @@ pub enum Error {
     Golden(#[from] golden::GoldenError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Profile(#[from] drift::ProfileError),
 }

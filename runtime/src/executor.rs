@@ -69,11 +69,27 @@ pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>,
     if session.signature().inputs.iter().any(|s| s.shape.iter().skip(1).any(|&d| d < 0)) {
         return info("threads", "symbolic", call_us);
     }
-    let Some(call_us) = call_us.or_else(|| probe.and_then(|p| crate::choice::median_us(session, p))) else {
+    let Some(call_us) = call_us.or_else(|| probe.and_then(|p| time_call(session, p))) else {
         return info("threads", "unmeasured", None);
     };
     let kind = if call_us <= INLINE_MAX_US { "inline" } else { "threads" };
     info(kind, "measured", Some(call_us))
+}
+
+/// A first timed call longer than this settles it: the version runs on threads, and is not timed
+/// again (a slow model's load is not held up by the runs a median takes).
+const CLEARLY_SLOW_US: f64 = 4.0 * INLINE_MAX_US;
+
+/// The backend call on `probe` (already warmed by the load's golden check or warm-up run): one
+/// timed run, and where that is not clearly slow, the median of [`crate::choice::median_us`]'s.
+fn time_call(session: &dyn Session, probe: &[Tensor]) -> Option<f64> {
+    let start = std::time::Instant::now();
+    session.run(probe).ok()?;
+    let first_us = start.elapsed().as_secs_f64() * 1e6;
+    if first_us > CLEARLY_SLOW_US {
+        return Some(first_us);
+    }
+    crate::choice::median_us(session, probe)
 }
 
 /// How long a version must have had no request for the next to run inline.
@@ -273,6 +289,15 @@ mod tests {
         // Configured wins over every rule.
         assert_eq!(decided("executor = \"threads\"", &fast, Some(3.0)).kind, "threads");
         assert_eq!(decided("executor = \"inline\"", &Timed::new(0, &[1, -1]), None).kind, "inline");
+    }
+
+    #[test]
+    fn a_clearly_slow_call_is_timed_once() {
+        let slow = Timed::new(2_000, &[1, 4]);
+        let info = decide(&spec(""), slow.as_ref(), Some(&input()), None);
+        assert_eq!((info.kind, info.by), ("threads", "measured"));
+        assert!(info.call_us.is_some_and(|us| us >= 2_000.0), "{info:?}");
+        assert_eq!(slow.threads().len(), 1, "one run settles a call 40x over the bound");
     }
 
     #[test]

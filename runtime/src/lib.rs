@@ -25,6 +25,7 @@ pub mod batcher;
 pub mod budget;
 pub mod choice;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod escalation;
 pub mod executor;
@@ -41,6 +42,7 @@ pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod systemd;
 pub mod tensor;
+pub mod threads;
 pub mod v2;
 
 pub use app::App;

@@ -19,6 +19,7 @@ use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, Ses
 use crate::batcher::{self, Reply};
 use crate::choice::BackendChoice;
 use crate::config::ModelSpec;
+use crate::drift::{Drift, Profile};
 use crate::escalation::Escalator;
 use crate::executor::{self, Executor, ExecutorInfo, NotRun};
 use crate::golden::Golden;
@@ -26,6 +27,7 @@ use crate::onnx::ModelGraph;
 use crate::repository::{self, Fingerprint, VersionFiles};
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
+use crate::threads::ThreadChoice;
 
 /// Where a model or version is in its life, as the repository index shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,10 @@ pub struct ServedVersion {
     pub backend_choice: BackendChoice,
     /// The execution provider, for backends that have them.
     pub provider: Option<ProviderChoice>,
+    /// The threads one inference gets, for backends with a pool.
+    pub threads: Option<ThreadChoice>,
+    /// Drift against the version's reference profile, when it has one.
+    pub drift: Option<Drift>,
     /// The declared input shapes, resolved against the model (signature order).
     pub shapes: Vec<Vec<Vec<usize>>>,
     /// Where its backend calls run, and why.
@@ -303,6 +309,10 @@ struct Prepared {
     /// The input the warm-up ran, when it had one (for measuring the backend).
     probe: Option<Vec<Tensor>>,
     choice: BackendChoice,
+    /// The threads one inference gets, for backends with a pool.
+    threads: Option<ThreadChoice>,
+    /// The reference profile, when one ships with the version.
+    profile: Option<Profile>,
 }
 
 /// Parse, check and prepare on the configured backend, then warm up (the golden check). With
@@ -311,15 +321,24 @@ struct Prepared {
 /// any step (an operator it lacks, a graph it cannot plan, a golden mismatch) is left out.
 fn prepare(spec: &ModelSpec, files: &VersionFiles) -> Result<Prepared, crate::error::Error> {
     let graph = ModelGraph::read(&files.model)?;
+    let profile = files.profile.as_deref().map(|p| Profile::read(p, &graph.signature)).transpose()?;
+    let prepared = prepare_backend(spec, files, &graph)?;
+    Ok(Prepared { profile, ..prepared })
+}
+
+fn prepare_backend(
+    spec: &ModelSpec,
+    files: &VersionFiles,
+    graph: &ModelGraph,
+) -> Result<Prepared, crate::error::Error> {
     if spec.backend != backend::AUTO {
-        return prepare_on(&*backend::by_name(&spec.backend)?, spec, files, &graph);
+        return prepare_on(&*backend::by_name(&spec.backend)?, spec, files, graph);
     }
     let mut served = Vec::new();
     let mut refusals = Vec::new();
     for name in backend::AUTO_ORDER {
-        let attempt = backend::by_name(name)
-            .map_err(crate::error::Error::from)
-            .and_then(|b| prepare_on(&*b, spec, files, &graph));
+        let attempt =
+            backend::by_name(name).map_err(crate::error::Error::from).and_then(|b| prepare_on(&*b, spec, files, graph));
         match attempt {
             Ok(p) => served.push(p),
             Err(e) => refusals.push((*name, e)),
@@ -374,11 +393,44 @@ fn prepare_on(
     if spec.batching.is_some() {
         batcher::check_batchable(graph).map_err(refused)?;
     }
-    let session: Arc<dyn Session> = backend.prepare(graph, &options)?.into();
-    // Warm-up: the golden inputs where they ship; every declared shape; else, for a model with
-    // no symbolic dimension, one all-zero input. A synthetic input for symbolic dimensions (a
-    // 1x1 image, a sequence of one) is not one every model accepts, so it is never run: such a
-    // model is warmed by its golden file or declared shapes, or by its first request.
+    let warm = {
+        let _loading = crate::choice::loading();
+        warm_up(spec, files, &shapes, backend.prepare(graph, &options)?.into())?
+    };
+    let (warm, threads) = match spec.intra_op_threads {
+        _ if !backend.has_thread_pool() => (warm, None),
+        Some(n) => (warm, Some(ThreadChoice::configured(n))),
+        None => choose_threads(backend, spec, files, graph, &options, warm)?,
+    };
+    Ok(Prepared {
+        session: warm.session,
+        backend: backend.name(),
+        golden_diff: warm.golden_diff,
+        shapes,
+        probe: warm.probe,
+        choice: BackendChoice::configured(),
+        threads,
+        profile: None,
+    })
+}
+
+/// A session after its warm-up, and the input it ran.
+struct Warm {
+    session: Arc<dyn Session>,
+    golden_diff: Option<f64>,
+    probe: Option<Vec<Tensor>>,
+}
+
+/// Warm-up: the golden inputs where they ship; every declared shape; else, for a model with no
+/// symbolic dimension, one all-zero input. A synthetic input for symbolic dimensions (a 1x1
+/// image, a sequence of one) is not one every model accepts, so it is never run: such a model is
+/// warmed by its golden file or declared shapes, or by its first request.
+fn warm_up(
+    spec: &ModelSpec,
+    files: &VersionFiles,
+    shapes: &[Vec<Vec<usize>>],
+    session: Arc<dyn Session>,
+) -> Result<Warm, crate::error::Error> {
     let mut probe = None;
     let golden_diff = match &files.golden {
         Some(path) => {
@@ -388,7 +440,7 @@ fn prepare_on(
         }
         None => None,
     };
-    for set in &shapes {
+    for set in shapes {
         let input = zeros(session.as_ref(), set);
         session.run(&input)?;
         probe.get_or_insert(input);
@@ -408,7 +460,44 @@ fn prepare_on(
              (the first request at each shape pays for it)"
         ),
     }
-    Ok(Prepared { session, backend: backend.name(), golden_diff, shapes, probe, choice: BackendChoice::configured() })
+    Ok(Warm { session, golden_diff, probe })
+}
+
+/// The thread count for a backend with a pool when configuration names none (see
+/// [`crate::threads`]): the warm session has the default pool; a one-thread session is measured
+/// on the warm-up input, and replaces it where the call is short. Only on the CPU: an
+/// accelerator's provider does the work itself, and some (TensorRT) take minutes to build.
+fn choose_threads(
+    backend: &dyn backend::Backend,
+    spec: &ModelSpec,
+    files: &VersionFiles,
+    graph: &ModelGraph,
+    options: &SessionOptions,
+    warm: Warm,
+) -> Result<(Warm, Option<ThreadChoice>), crate::error::Error> {
+    let pool = crate::threads::available();
+    let on_cpu = warm.session.provider().is_none_or(|p| p.provider == "cpu");
+    let Some(probe) = warm.probe.as_deref().filter(|_| on_cpu && pool > 1) else {
+        let choice = if pool > 1 { None } else { Some(ThreadChoice::one_cpu()) };
+        return Ok((warm, choice));
+    };
+    let single = SessionOptions { intra_op_threads: Some(1), ..options.clone() };
+    let one: Arc<dyn Session> = {
+        let _loading = crate::choice::loading();
+        backend.prepare(graph, &single)?.into()
+    };
+    let one_us = crate::choice::median_us(one.as_ref(), probe).unwrap_or(f64::INFINITY);
+    let choice = ThreadChoice::measured(pool, one_us);
+    tracing::info!(
+        model = %spec.name, version = %files.version, backend = backend.name(), threads = choice.threads,
+        one_thread_p50_us = one_us, "intra-op threads: the call measured on one thread"
+    );
+    if choice.threads == pool {
+        return Ok((warm, Some(choice)));
+    }
+    // The session that serves passes the same warm-up and golden check as every other.
+    let _loading = crate::choice::loading();
+    Ok((warm_up(spec, files, &options.shapes, one)?, Some(choice)))
 }
 
 /// An all-zero input at the given input shapes (signature order).
@@ -447,6 +536,8 @@ impl ServedVersion {
             backend_choice: p.choice,
             executor,
             provider: p.session.provider().cloned(),
+            threads: p.threads,
+            drift: p.profile.map(|profile| Drift::new(profile, p.session.signature(), spec.drift)),
             shapes: p.shapes,
             session: p.session,
             run,

@@ -23,7 +23,7 @@ pub struct RuntimeHost {
 }
 
 /// The runtime's model specs for a release's models (their config keys are the `[[models]]`
-/// keys; name, path, version and golden come from the release).
+/// keys; name, path, version, golden and profile come from the release).
 pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, StageError> {
     let mut configs = Vec::new();
     for m in models {
@@ -33,6 +33,9 @@ pub fn release_specs(models: &[StagedModel]) -> Result<Vec<ModelSpec>, StageErro
         obj.insert("version".into(), json!(m.version));
         if let Some(g) = &m.golden {
             obj.insert("golden".into(), json!(g));
+        }
+        if let Some(p) = &m.profile {
+            obj.insert("profile".into(), json!(p));
         }
         let config: ModelConfig =
             serde_json::from_value(Value::Object(obj)).map_err(|e| StageError::new(&m.name, StageStep::Config, e))?;
@@ -53,7 +56,7 @@ fn stage_error(e: LoadError) -> StageError {
             let step = match &source {
                 Error::Golden(_) => StageStep::Golden,
                 Error::Config(_) => StageStep::Config,
-                Error::ModelFile(_) | Error::Backend(_) => StageStep::Load,
+                Error::ModelFile(_) | Error::Backend(_) | Error::Profile(_) => StageStep::Load,
             };
             StageError::new(name, step, source).of_version(version)
         }
@@ -197,6 +200,7 @@ mod tests {
             version: "7".into(),
             model: dir.join(model),
             golden: Some(dir.join(golden)),
+            profile: None,
             config: config.as_object().unwrap().clone(),
         }
     }
@@ -220,5 +224,45 @@ mod tests {
             stage_error(staged("digits-edge.onnx", "digits-edge.golden.json", serde_json::json!({"queue_bound": "x"})));
         assert_eq!(e.step, StageStep::Config, "{e}");
         assert!(e.to_string().starts_with("model `m`: configuration: "), "{e}");
+    }
+
+    #[test]
+    fn a_release_profile_turns_drift_on_and_one_that_does_not_fit_fails_the_stage() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let dir = std::env::temp_dir().join(format!("outpost-release-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A profile built from the golden inputs (16 rows) on tract.
+        let golden = crate::golden::Golden::read(&models.join("digits-edge.golden.json")).unwrap();
+        let inputs: Vec<_> = golden.inputs.iter().map(|t| t.to_tensor().unwrap()).collect();
+        let session = crate::backend::load(
+            &*crate::backend::by_name("tract").unwrap(),
+            &models.join("digits-edge.onnx"),
+            &Default::default(),
+        )
+        .unwrap();
+        let outputs = session.run(&inputs).unwrap();
+        let profile = crate::drift::Profile::build(session.signature(), &[(inputs, outputs)]).unwrap();
+        assert_eq!(profile.rows, 16);
+        let good = dir.join("good.json");
+        std::fs::write(&good, serde_json::to_vec(&profile).unwrap()).unwrap();
+
+        let host = RuntimeHost { registry: Arc::new(Registry::new(Vec::new())) };
+        let with = |p: &Path| StagedModel {
+            profile: Some(p.to_owned()),
+            ..staged("digits-edge.onnx", "digits-edge.golden.json", serde_json::json!({"drift": {"window": 50}}))
+        };
+        let slots = host.stage(&[with(&good)]).expect("stages");
+        let served = slots[0].served();
+        let drift = served[0].drift.as_ref().expect("drift on").report();
+        assert_eq!((drift.window, drift.rows), (50, 0));
+
+        // A golden file is not a profile: refused at load, naming the file.
+        let e = stage_error(with(&models.join("digits-edge.golden.json")));
+        assert_eq!(e.step, StageStep::Load, "{e}");
+        assert!(
+            e.to_string().contains("reference profile") && e.to_string().contains("digits-edge.golden.json"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::config::{GoldenSource, ModelSpec, Source, VersionPolicy};
+use crate::drift::Profile;
 use crate::golden::Golden;
 
 /// The file name of a model inside a version folder.
@@ -17,6 +18,8 @@ pub struct VersionFiles {
     pub version: String,
     pub model: PathBuf,
     pub golden: Option<PathBuf>,
+    /// The reference profile drift is measured against, when one ships beside the model.
+    pub profile: Option<PathBuf>,
 }
 
 /// What a version's files looked like when loaded: a changed file means a reload.
@@ -24,10 +27,10 @@ pub struct VersionFiles {
 pub struct Fingerprint(Vec<(u64, Option<SystemTime>)>);
 
 impl VersionFiles {
-    /// Size and modification time of the model and golden files.
+    /// Size and modification time of the model, golden and profile files.
     pub fn fingerprint(&self) -> Fingerprint {
         let stamp = |p: &Path| std::fs::metadata(p).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None));
-        Fingerprint(std::iter::once(&self.model).chain(&self.golden).map(|p| stamp(p)).collect())
+        Fingerprint(std::iter::once(&self.model).chain(&self.golden).chain(&self.profile).map(|p| stamp(p)).collect())
     }
 }
 
@@ -48,7 +51,12 @@ pub fn versions(spec: &ModelSpec) -> Result<Vec<VersionFiles>, String> {
                 GoldenSource::File(g) => Some(g.clone()),
                 GoldenSource::Skip => None,
             };
-            Ok(vec![VersionFiles { version: version.clone(), model: path.clone(), golden }])
+            Ok(vec![VersionFiles {
+                version: version.clone(),
+                model: path.clone(),
+                golden,
+                profile: spec.profile.clone().or_else(|| Profile::beside(path)),
+            }])
         }
         Source::Directory { path, policy } => {
             let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -82,7 +90,8 @@ pub fn versions(spec: &ModelSpec) -> Result<Vec<VersionFiles>, String> {
                 .into_iter()
                 .map(|(v, model)| {
                     let golden = if spec.golden == GoldenSource::Skip { None } else { Golden::beside(&model) };
-                    VersionFiles { version: v.to_string(), model, golden }
+                    let profile = Profile::beside(&model);
+                    VersionFiles { version: v.to_string(), model, golden, profile }
                 })
                 .collect())
         }

@@ -139,25 +139,34 @@ impl Tensor {
 
     /// The elements as f64, for comparisons and JSON (every numeric type converts).
     pub fn to_f64(&self) -> Vec<f64> {
-        let d = &self.data;
-        macro_rules! conv {
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each_f64_in(0..self.len(), |v| out.push(v));
+        out
+    }
+
+    /// Calls `f` with each element in the range of element indices as f64, in place (`BYTES`: none).
+    pub fn for_each_f64_in(&self, elements: std::ops::Range<usize>, mut f: impl FnMut(f64)) {
+        let Some(size) = self.datatype.size() else { return };
+        let end = (elements.end * size).min(self.data.len());
+        let d = self.data.get(elements.start * size..end).unwrap_or_default();
+        macro_rules! each {
             ($t:ty, $n:expr) => {
-                d.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                d.chunks_exact($n).for_each(|c| f(<$t>::from_le_bytes(c.try_into().unwrap()) as f64))
             };
         }
         match self.datatype {
-            DataType::Bool | DataType::Uint8 => d.iter().map(|&b| b as f64).collect(),
-            DataType::Int8 => d.iter().map(|&b| b as i8 as f64).collect(),
-            DataType::Uint16 => conv!(u16, 2),
-            DataType::Int16 => conv!(i16, 2),
-            DataType::Uint32 => conv!(u32, 4),
-            DataType::Int32 => conv!(i32, 4),
-            DataType::Uint64 => conv!(u64, 8),
-            DataType::Int64 => conv!(i64, 8),
-            DataType::Fp16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            DataType::Fp32 => conv!(f32, 4),
-            DataType::Fp64 => conv!(f64, 8),
-            DataType::Bytes => Vec::new(),
+            DataType::Bool | DataType::Uint8 => d.iter().for_each(|&b| f(b as f64)),
+            DataType::Int8 => d.iter().for_each(|&b| f(b as i8 as f64)),
+            DataType::Uint16 => each!(u16, 2),
+            DataType::Int16 => each!(i16, 2),
+            DataType::Uint32 => each!(u32, 4),
+            DataType::Int32 => each!(i32, 4),
+            DataType::Uint64 => each!(u64, 8),
+            DataType::Int64 => each!(i64, 8),
+            DataType::Fp16 => d.chunks_exact(2).for_each(|c| f(half::f16::from_le_bytes([c[0], c[1]]).to_f64())),
+            DataType::Fp32 => each!(f32, 4),
+            DataType::Fp64 => each!(f64, 8),
+            DataType::Bytes => {}
         }
     }
 

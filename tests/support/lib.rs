@@ -185,19 +185,27 @@ impl Daemon {
     /// under `runner` when it is not empty: an emulator and its arguments, such as
     /// `["qemu-aarch64"]` or `["qemu-x86_64", "-cpu", "Haswell"]`.
     pub fn serve_with(bin: &Path, runner: &[&str], args: &[&str]) -> Daemon {
-        Daemon::serve_command(Daemon::command(bin, runner), args)
+        Daemon::serve_command(Daemon::command(bin, runner, &[]), args)
     }
 
     /// The command that runs `bin`, under `runner` (an emulator and its arguments) when given,
-    /// for a caller that sets its environment before [`Daemon::serve_command`].
-    pub fn command(bin: &Path, runner: &[&str]) -> Command {
+    /// with `env` set in the program's own environment (an emulator's `-E`, which reaches the
+    /// guest only: the emulator is a host binary and must not see a guest's `LD_LIBRARY_PATH`).
+    pub fn command(bin: &Path, runner: &[&str], env: &[(&str, &str)]) -> Command {
         match runner {
             [emulator, emulator_args @ ..] => {
                 let mut cmd = Command::new(emulator);
+                for (key, value) in env {
+                    cmd.arg("-E").arg(format!("{key}={value}"));
+                }
                 cmd.args(emulator_args).arg(bin);
                 cmd
             }
-            [] => Command::new(bin),
+            [] => {
+                let mut cmd = Command::new(bin);
+                cmd.envs(env.iter().copied());
+                cmd
+            }
         }
     }
 

@@ -75,6 +75,7 @@ pub fn model_entry(name: &str, version: &str, model: &Path, golden: Option<&Path
         format: "onnx".into(),
         blob: blob(model),
         golden: golden.map(blob),
+        profile: None,
         config: Default::default(),
     }
 }

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod console;
 pub mod eval;
 pub mod http;
+pub mod profile;
 pub mod releases;
 pub mod simulate;
 pub mod v2client;

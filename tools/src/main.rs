@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use outpost_tools::{bench, broker, console, eval, releases, simulate, v2client};
+use outpost_tools::{bench, broker, console, eval, profile, releases, simulate, v2client};
 
 #[derive(Parser)]
 #[command(name = "outpostctl", version, about = "Operator tools for Outpost")]
@@ -24,6 +24,9 @@ enum Command {
     /// Run the labelled held-out set through a running edge and its central, sweep escalation
     /// policies and thresholds, print a table and write a plot.
     Eval(EvalArgs),
+    /// A model's reference profile (its answers' and inputs' distributions on a reference set),
+    /// written beside it for drift on the device.
+    Profile(profile::ProfileArgs),
     /// Signing keys.
     #[command(subcommand)]
     Keys(releases::KeysCommand),
@@ -134,6 +137,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(args) => run_bench(args),
         Command::Eval(args) => run_eval(args),
+        Command::Profile(args) => profile::profile(args),
         Command::Keys(c) => releases::keys(c),
         Command::Root(c) => releases::root(c),
         Command::Sign { file, key } => releases::sign(&file, &key),

@@ -50,6 +50,8 @@ pub struct ModelSpecEntry {
     pub version: String,
     pub path: PathBuf,
     pub golden: Option<PathBuf>,
+    /// The model's reference profile (`outpostctl profile`), if it has one.
+    pub profile: Option<PathBuf>,
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
 }
@@ -132,6 +134,7 @@ pub fn create(spec_path: &Path, out: &Path) -> Result<ReleaseDoc, String> {
             format: "onnx".into(),
             blob: add_blob(out, &base.join(&m.path))?,
             golden: m.golden.as_ref().map(|g| add_blob(out, &base.join(g))).transpose()?,
+            profile: m.profile.as_ref().map(|p| add_blob(out, &base.join(p))).transpose()?,
             config: m.config.clone(),
         });
     }

@@ -15,6 +15,8 @@ pub struct StagedModel {
     pub version: String,
     pub model: PathBuf,
     pub golden: Option<PathBuf>,
+    /// The reference profile drift is measured against, when the release ships one.
+    pub profile: Option<PathBuf>,
     pub config: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -89,6 +91,7 @@ pub fn staged_models(store: &Store, doc: &ReleaseDoc) -> Vec<StagedModel> {
             version: m.version.clone(),
             model: store.blob_path(&m.blob.sha256),
             golden: m.golden.as_ref().map(|g| store.blob_path(&g.sha256)),
+            profile: m.profile.as_ref().map(|p| store.blob_path(&p.sha256)),
             config: m.config.clone(),
         })
         .collect()

@@ -20,7 +20,7 @@ use crate::{Refusal, is_sha256_hex, time};
 pub const MAX_BLOB_BYTES: u64 = 4 << 30;
 /// The model settings a release may carry: how a model is run, never where the daemon writes
 /// or sends data (escalation, queues), nor whether its health check runs.
-pub const CONFIG_KEYS: [&str; 8] = [
+pub const CONFIG_KEYS: [&str; 9] = [
     "backend",
     "workers",
     "queue_bound",
@@ -29,6 +29,7 @@ pub const CONFIG_KEYS: [&str; 8] = [
     "execution_providers",
     "allow_non_finite",
     "batching",
+    "drift",
 ];
 
 /// Largest zstd window a delta may ask for: the device's decode memory is the base blob plus
@@ -78,6 +79,9 @@ pub struct ModelEntry {
     /// Golden inputs and outputs (the runtime's golden file), run before activation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub golden: Option<BlobRef>,
+    /// The reference profile (`outpostctl profile`) the device measures drift against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<BlobRef>,
     /// Serving settings, in the runtime's model config keys (backend, workers, batching, ...).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub config: serde_json::Map<String, serde_json::Value>,
@@ -147,7 +151,7 @@ impl ReleaseDoc {
             if m.golden.is_none() {
                 return bad(format!("model `{}`: a golden set is required (it is the health check)", m.name));
             }
-            for b in std::iter::once(&m.blob).chain(&m.golden) {
+            for b in std::iter::once(&m.blob).chain(&m.golden).chain(&m.profile) {
                 check_blob_ref(&b.sha256, b.length)?;
             }
             if let Some(key) = m.config.keys().find(|k| !CONFIG_KEYS.contains(&k.as_str())) {
@@ -219,9 +223,9 @@ impl ReleaseDoc {
         }
     }
 
-    /// Every blob the release's models need (model files and golden files).
+    /// Every blob the release's models need (model, golden and profile files).
     pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
-        self.models.iter().flat_map(|m| std::iter::once(&m.blob).chain(&m.golden))
+        self.models.iter().flat_map(|m| std::iter::once(&m.blob).chain(&m.golden).chain(&m.profile))
     }
 
     /// Verifies a release envelope for this device: root and release role unexpired at `now`,
@@ -291,6 +295,7 @@ mod tests {
                 format: "onnx".into(),
                 blob: BlobRef { sha256: "a".repeat(64), length: 100 },
                 golden: Some(BlobRef { sha256: "b".repeat(64), length: 10 }),
+                profile: None,
                 config: Default::default(),
             }],
             deltas: vec![],

@@ -88,6 +88,10 @@ impl Backend for Ort {
         Ok(())
     }
 
+    fn has_thread_pool(&self) -> bool {
+        true
+    }
+
     fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError> {
         let env = environment()?;
         let wanted: Vec<String> =
@@ -225,8 +229,9 @@ fn build_with(
     // Always a number: left to itself, ONNX Runtime sizes its pool by physical cores and pins
     // each thread to one (sched_setaffinity), which fights the box's other work, and which the
     // systemd unit's system-call filter refuses (an error line per thread). The default is what
-    // this process may use (its affinity mask and cgroup quota).
-    let intra = options.intra_op_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // this process may use (its affinity mask and cgroup quota); the model's loader then measures
+    // whether one thread does as well (`crate::threads`).
+    let intra = options.intra_op_threads.unwrap_or_else(crate::threads::available);
     builder = builder.with_intra_threads(intra).map_err(|e| e.to_string())?;
     if let Some(n) = options.inter_op_threads {
         builder = builder.with_inter_threads(n).map_err(|e| e.to_string())?;

@@ -88,6 +88,10 @@ pub trait Backend: Send + Sync {
     fn check(&self, graph: &ModelGraph) -> Result<(), BackendError>;
     /// Prepares a session (after `check`).
     fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError>;
+    /// Whether one inference may run on several threads (`SessionOptions::intra_op_threads`).
+    fn has_thread_pool(&self) -> bool {
+        false
+    }
 }
 
 /// Why a backend could not load or run a model.

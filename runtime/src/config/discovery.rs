@@ -28,8 +28,8 @@ impl Config {
             {
                 *p = base.join(&*p);
             }
-            if let Some(g) = m.golden.as_mut().filter(|g| g.is_relative()) {
-                *g = base.join(&*g);
+            for p in [&mut m.golden, &mut m.profile].into_iter().flatten().filter(|p| p.is_relative()) {
+                *p = base.join(&*p);
             }
         }
         if let Some(u) = config.updates.as_mut() {

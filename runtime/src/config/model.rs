@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::error::{ConfigError, check_name, invalid};
 use super::escalation::{Escalation, EscalationConfig};
 use crate::backend::DEFAULT_BACKEND;
+use crate::drift::DriftSettings;
 
 /// Requests that may wait for a model's workers before new ones get 503.
 pub const DEFAULT_QUEUE_BOUND: usize = 128;
@@ -49,6 +50,8 @@ pub struct ModelConfig {
     pub provider_options: BTreeMap<String, BTreeMap<String, toml::Value>>,
     /// Golden file to check at load; default `NAME.golden.json` beside the model, if present.
     pub golden: Option<PathBuf>,
+    /// Reference profile for drift; default `NAME.profile.json` beside the model, if present.
+    pub profile: Option<PathBuf>,
     /// Skip the golden check even when a golden file is present. Default false.
     #[serde(default)]
     pub skip_golden: bool,
@@ -74,6 +77,19 @@ pub struct ModelConfig {
     /// Where backend calls run: `auto` (default), `threads` or `inline` (see `crate::executor`).
     #[serde(default)]
     pub executor: ExecutorChoice,
+    /// Drift against the reference profile beside the model (`NAME.profile.json`).
+    pub drift: Option<DriftConfig>,
+}
+
+/// `[models.drift]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Rows per window; default [`crate::drift::DEFAULT_WINDOW`].
+    pub window: Option<u64>,
+    /// Population stability index past which a window is reported; default
+    /// [`crate::drift::DEFAULT_THRESHOLD`].
+    pub threshold: Option<f64>,
 }
 
 /// `models[].executor`.
@@ -160,6 +176,8 @@ pub struct ModelSpec {
     pub providers: Vec<String>,
     pub provider_options: BTreeMap<String, Vec<(String, String)>>,
     pub golden: GoldenSource,
+    /// The reference profile named in configuration (else the one beside the model, if any).
+    pub profile: Option<PathBuf>,
     pub allow_non_finite: bool,
     pub batching: Option<Batching>,
     pub escalation: Option<Escalation>,
@@ -167,6 +185,7 @@ pub struct ModelSpec {
     /// ONNX Runtime may use its saturating u8s8 kernels (`exact_int8 = false`).
     pub fast_int8: bool,
     pub executor: ExecutorChoice,
+    pub drift: DriftSettings,
 }
 
 impl ModelConfig {
@@ -189,6 +208,9 @@ impl ModelConfig {
             }
             if m.golden.is_some() {
                 return Err(invalid(key("golden"), "a version folder keeps each version's golden file beside it"));
+            }
+            if m.profile.is_some() {
+                return Err(invalid(key("profile"), "a version folder keeps each version's profile beside it"));
             }
             let policy = match &m.version_policy {
                 None => VersionPolicy::Latest(1),
@@ -286,6 +308,9 @@ impl ModelConfig {
             (None, true) => GoldenSource::Skip,
             (None, false) => GoldenSource::Beside,
         };
+        if let Some(p) = m.profile.as_ref().filter(|p| !p.is_file()) {
+            return Err(invalid(key("profile"), format!("{} is not a file", p.display())));
+        }
         let batching = match &m.batching {
             None => None,
             Some(b) => {
@@ -320,6 +345,17 @@ impl ModelConfig {
             plan_cache: m.plan_cache.unwrap_or(crate::shapes::DEFAULT_PLAN_CACHE),
         };
         shapes.validate().map_err(|reason| invalid(key("shapes"), reason))?;
+        let mut drift = DriftSettings::default();
+        if let Some(d) = &m.drift {
+            drift.window = d.window.unwrap_or(drift.window);
+            if !(1..=100_000_000).contains(&drift.window) {
+                return Err(invalid(key("drift.window"), "must be between 1 and 100000000 rows"));
+            }
+            drift.threshold = d.threshold.unwrap_or(drift.threshold);
+            if !(drift.threshold.is_finite() && drift.threshold > 0.0) {
+                return Err(invalid(key("drift.threshold"), "must be a number above 0"));
+            }
+        }
         Ok(ModelSpec {
             name: m.name.clone(),
             source,
@@ -332,11 +368,13 @@ impl ModelConfig {
             providers: m.execution_providers.clone(),
             provider_options,
             golden,
+            profile: m.profile.clone(),
             allow_non_finite: m.allow_non_finite,
             batching,
             shapes,
             fast_int8: m.exact_int8 == Some(false),
             executor: m.executor,
+            drift,
         })
     }
 }

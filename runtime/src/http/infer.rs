@@ -113,6 +113,9 @@ async fn run(
     // Alone in the server (no other inference request anywhere in its path): the call may run
     // on this task; with others about, the HTTP threads have their work and a worker takes it.
     let alone = app.infer_requests.load(Relaxed) == 1;
+    if let Some(d) = &model.drift {
+        d.observe_inputs(&inputs);
+    }
     let results = model
         .infer(inputs, alone)
         .await
@@ -124,6 +127,9 @@ async fn run(
             NotRun::Stopped => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the inference worker stopped"),
         })?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(d) = &model.drift {
+        d.observe_outputs(&results, &spec.name, &model.version);
+    }
     let (results, parameters) = match (escalator, forwarded) {
         (Some(e), Some(inputs)) => {
             let (results, outcome) = e.resolve(&spec.name, &model.version, &inputs, results, overrides).await;

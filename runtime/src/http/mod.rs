@@ -133,6 +133,7 @@ async fn model_metadata(
             "backend": model.backend,
             "backend_choice": model.backend_choice,
             "executor": model.executor,
+            "intra_op_threads": model.threads,
             "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
             "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
         },
@@ -184,6 +185,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
     }
     render_plans(&mut out, &app);
+    out.push_str(crate::drift::METRIC_HEADERS);
+    for slot in app.registry.slots().iter() {
+        for s in slot.served().iter() {
+            if let Some(d) = &s.drift {
+                d.render(&mut out, &slot.spec.name, &s.version);
+            }
+        }
+    }
     out.push_str("# HELP outpost_model_load_failures Versions that failed their last load.\n# TYPE outpost_model_load_failures gauge\n");
     for slot in app.registry.slots().iter() {
         let failed = slot.failures();

@@ -106,7 +106,10 @@ pub async fn all_stats(State(app): State<Arc<App>>) -> Json<Value> {
 /// version holds per input shape (tract) under `plans` when it is serving.
 fn stats_of(slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
     let name = &slot.spec.name;
-    let plans = slot.served().iter().find(|v| v.version == version).and_then(|v| v.plans());
+    let served = slot.served();
+    let serving = served.iter().find(|v| v.version == version);
+    let plans = serving.and_then(|v| v.plans());
+    let drift = serving.and_then(|v| v.drift.as_ref()).map(|d| d.report());
     let h = |h: &Histogram| json!({ "count": h.count(), "ns": h.sum_ns() });
     let zero = json!({ "count": 0, "ns": 0 });
     json!({
@@ -126,5 +129,6 @@ fn stats_of(slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
         },
         "batch_stats": [],
         "plans": plans,
+        "drift": drift,
     })
 }

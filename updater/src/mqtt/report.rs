@@ -100,6 +100,26 @@ pub struct ModelReport {
     /// READY, LOADING, UNAVAILABLE, FAILED (the V2 repository index's states).
     #[serde(default)]
     pub state: String,
+    /// Drift of each served version that ships a reference profile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<ModelDrift>,
+}
+
+/// A served version's drift against its reference profile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelDrift {
+    pub version: String,
+    /// Windows closed since the version loaded, and those whose score passed the threshold.
+    #[serde(default)]
+    pub windows: u64,
+    #[serde(default)]
+    pub alerts: u64,
+    #[serde(default)]
+    pub threshold: f64,
+    /// The last closed window's population stability index per signal (`confidence`, `class`,
+    /// `input:NAME`); empty until a window closes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub psi: BTreeMap<String, f64>,
 }
 
 /// Request figures over one report interval (per model in `models`, keyed `name/version`).

@@ -73,6 +73,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     bail!("{} of {} models failed to load; first: {first}", failures.len(), config.models.len());
                 }
                 tracing::info!(ready_ms = started.elapsed().as_millis() as u64, "all models ready");
+                match crate::trim::release_executable_pages() {
+                    Ok(bytes) => tracing::debug!(bytes, "load-time code given back to the kernel (MADV_PAGEOUT)"),
+                    Err(e) => tracing::debug!(error = %e, "the kernel did not take the load-time code back"),
+                }
                 if let Some(u) = config.updates.as_ref().filter(|u| u.mqtt.is_some()) {
                     start_agent(&app, u)?;
                 }

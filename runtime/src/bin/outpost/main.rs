@@ -14,6 +14,7 @@ use outpost_runtime::backend;
 mod daemon;
 mod inspect;
 mod serve_args;
+mod trim;
 mod update;
 
 #[cfg(target_env = "musl")]
