@@ -10,6 +10,9 @@
 # the release binaries; read the gaps and ratios within one run, not the absolutes.
 # DRIFT=1 instead serves the model twice from this build, `plain` and `drift` (the same model
 # with a reference profile beside it, from `outpostctl profile`): what drift's counting costs.
+# SHADOW=SHARE (e.g. 0.1 or 1) serves it as `plain` and as `shadow`, the same model with itself
+# as its shadow candidate at that share (no rate bound): what sampling and the candidate's runs
+# cost the requests it answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-3}"
@@ -20,9 +23,9 @@ cargo build --release --quiet -p outpost-runtime -p outpost-tools
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-# name:binary:model directory
-servers=("after:target/release/outpost:models")
-[[ -n ${BEFORE:-} ]] && servers=("before:$BEFORE:models" "${servers[@]}")
+# name:binary:serve options (split on spaces)
+servers=("after:target/release/outpost:--model models/$model.onnx")
+[[ -n ${BEFORE:-} ]] && servers=("before:$BEFORE:--model models/$model.onnx" "${servers[@]}")
 if [[ -n ${DRIFT:-} ]]; then
   for d in plain drift; do
     mkdir -p "$work/$d"
@@ -30,13 +33,23 @@ if [[ -n ${DRIFT:-} ]]; then
     [[ -f models/$model.golden.json ]] && cp "models/$model.golden.json" "$work/$d/"
   done
   target/release/outpostctl profile "$work/drift/$model.onnx" >&2
-  servers=("plain:target/release/outpost:$work/plain" "drift:target/release/outpost:$work/drift")
+  servers=("plain:target/release/outpost:--model $work/plain/$model.onnx"
+    "drift:target/release/outpost:--model $work/drift/$model.onnx")
+fi
+if [[ -n ${SHADOW:-} ]]; then
+  m="$PWD/models/$model.onnx"
+  printf '[[models]]\nname = "%s"\npath = "%s"\n' "$model" "$m" >"$work/plain.toml"
+  cp "$work/plain.toml" "$work/shadow.toml"
+  printf '[models.shadow]\npath = "%s"\nshare = %s\nmax_per_second = 1000000\n' "$m" "$SHADOW" >>"$work/shadow.toml"
+  servers=("plain:target/release/outpost:--config $work/plain.toml"
+    "shadow:target/release/outpost:--config $work/shadow.toml")
 fi
 port=18100
 for s in "${servers[@]}"; do
-  IFS=: read -r name bin dir <<<"$s"
+  IFS=: read -r name bin options <<<"$s"
   port=$((port + 1))
-  "$bin" serve --model "$dir/$model.onnx" --listen "127.0.0.1:$port" 2>"$work/$name.log" &
+  # shellcheck disable=SC2086 # the options are words
+  "$bin" serve $options --listen "127.0.0.1:$port" 2>"$work/$name.log" &
   pids+=($!)
   echo "$name 127.0.0.1:$port" >>"$work/servers"
 done

@@ -10,7 +10,7 @@ use std::time::Instant;
 use outpost_updater::Refusal;
 use outpost_updater::apply::{Applied, Updater};
 use outpost_updater::mqtt::agent::Device;
-use outpost_updater::mqtt::report::{DeviceReport, ModelDrift, ModelReport, Resources, StatsReport};
+use outpost_updater::mqtt::report::{DeviceReport, ModelDrift, ModelReport, ModelShadow, Resources, StatsReport};
 
 use crate::registry::Registry;
 use crate::releases::ReleaseService;
@@ -173,6 +173,20 @@ impl Device for RuntimeDevice {
                         })
                     })
                     .collect(),
+                shadow: self.registry.shadow(&s.spec.name).map(|shadow| {
+                    let r = shadow.report();
+                    ModelShadow {
+                        candidate: r.candidate,
+                        compared: r.compared,
+                        failed: r.failed,
+                        skipped: r.skipped,
+                        rows: r.rows,
+                        agreement: r.agreement,
+                        mean_abs_diff: r.mean_abs_diff,
+                        p50_ms: r.p50_ms,
+                        p99_ms: r.p99_ms,
+                    }
+                }),
             })
             .collect();
         DeviceReport {

@@ -37,6 +37,7 @@ pub mod registry;
 pub mod releases;
 pub mod repository;
 pub mod server;
+pub mod shadow;
 pub mod shapes;
 pub mod stats;
 #[cfg(target_os = "linux")]

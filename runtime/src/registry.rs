@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::ModelSpec;
 use crate::model::{LoadError, ModelSlot};
+use crate::shadow::Shadow;
 
 /// Every configured model, in configuration order.
 pub struct Registry {
@@ -15,18 +16,30 @@ pub struct Registry {
     base: Vec<Arc<ModelSlot>>,
     /// What is served: the release's models, then the configured models it does not replace.
     slots: ArcSwap<Vec<Arc<ModelSlot>>>,
+    /// The shadow candidates loaded, one per model at most (`[models.shadow]`).
+    shadows: ArcSwap<Vec<Arc<Shadow>>>,
 }
 
 impl Registry {
     /// Empty slots for the given models (nothing loaded yet).
     pub fn new(specs: Vec<ModelSpec>) -> Registry {
         let base: Vec<Arc<ModelSlot>> = specs.into_iter().map(|s| Arc::new(ModelSlot::new(s))).collect();
-        Registry { slots: ArcSwap::from_pointee(base.clone()), base }
+        Registry { slots: ArcSwap::from_pointee(base.clone()), base, shadows: ArcSwap::from_pointee(Vec::new()) }
     }
 
     /// The slot of a model.
     pub fn get(&self, name: &str) -> Option<Arc<ModelSlot>> {
         self.slots.load().iter().find(|s| s.spec.name == name).cloned()
+    }
+
+    /// The shadow candidate of a model, when one is loaded.
+    pub fn shadow(&self, model: &str) -> Option<Arc<Shadow>> {
+        self.shadows.load().iter().find(|s| s.model == model).cloned()
+    }
+
+    /// Every shadow candidate loaded.
+    pub fn shadows(&self) -> Arc<Vec<Arc<Shadow>>> {
+        self.shadows.load_full()
     }
 
     /// All slots served now: the release's, then the configured ones.
@@ -46,8 +59,39 @@ impl Registry {
     }
 
     /// Loads every model, on as many threads as there are models (loading is CPU-bound and
-    /// independent). Returns the failures.
+    /// independent), then the shadow candidates not loaded yet of the models that loaded.
+    /// Returns the failures.
     pub fn load_all(&self) -> Vec<LoadError> {
+        let mut failures = self.load_slots();
+        failures.extend(self.load_shadows());
+        failures
+    }
+
+    fn load_shadows(&self) -> Vec<LoadError> {
+        let mut loaded: Vec<Arc<Shadow>> = self.shadows.load().iter().cloned().collect();
+        let mut failures = Vec::new();
+        for slot in self.slots().iter() {
+            let Some(settings) = &slot.spec.shadow else { continue };
+            let Some(active) = slot.version(None) else { continue };
+            if loaded.iter().any(|s| s.model == slot.spec.name) {
+                continue;
+            }
+            match Shadow::load(&slot.spec, settings, &active.signature.inputs) {
+                Ok(shadow) => {
+                    tracing::info!(model = %slot.spec.name, candidate = %settings.version, share = settings.share, "shadow candidate ready");
+                    loaded.push(Arc::new(shadow));
+                }
+                Err(e) => {
+                    tracing::error!(model = %slot.spec.name, error = %e, "shadow candidate not loaded; the model serves without it");
+                    failures.push(e);
+                }
+            }
+        }
+        self.shadows.store(Arc::new(loaded));
+        failures
+    }
+
+    fn load_slots(&self) -> Vec<LoadError> {
         // Loading starts background work (draining hard examples) on the caller's runtime.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let slots = self.slots();

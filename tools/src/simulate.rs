@@ -142,7 +142,12 @@ impl Device for SimDevice {
             runtime: Some(format!("outpostctl simulate {}", env!("CARGO_PKG_VERSION"))),
             models: serving
                 .into_iter()
-                .map(|(name, v)| ModelReport { name, versions: vec![v], state: "READY".into(), drift: Vec::new() })
+                .map(|(name, v)| ModelReport {
+                    name,
+                    versions: vec![v],
+                    state: "READY".into(),
+                    ..ModelReport::default()
+                })
                 .collect(),
             stats: Some(StatsReport { count, simulated: true, ..StatsReport::default() }),
             resources: Some(Resources { uptime_secs: self.started.elapsed().as_secs(), ..Resources::default() }),

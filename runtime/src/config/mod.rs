@@ -16,6 +16,7 @@ mod error;
 mod escalation;
 mod model;
 mod secret;
+mod shadow;
 mod updates;
 
 pub use error::ConfigError;
@@ -28,6 +29,10 @@ pub use model::{
     Batching, BatchingConfig, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_QUEUE_BOUND, DEFAULT_VERSION,
     DEFAULT_WORKERS, ExecutorChoice, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG, Source,
     VersionPolicy, VersionPolicyConfig,
+};
+pub use shadow::{
+    DEFAULT_SHADOW_MAX_IN_FLIGHT, DEFAULT_SHADOW_MAX_PER_SECOND, DEFAULT_SHADOW_SHARE, DEFAULT_SHADOW_VERSION,
+    ShadowConfig, ShadowSettings,
 };
 pub use updates::{MqttConfig, UpdatesConfig, agent_config};
 

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::error::{ConfigError, check_name, invalid};
 use super::escalation::{Escalation, EscalationConfig};
+use super::shadow::{ShadowConfig, ShadowSettings};
 use crate::backend::DEFAULT_BACKEND;
 use crate::drift::DriftSettings;
 
@@ -79,6 +80,8 @@ pub struct ModelConfig {
     pub executor: ExecutorChoice,
     /// Drift against the reference profile beside the model (`NAME.profile.json`).
     pub drift: Option<DriftConfig>,
+    /// A candidate model run on a share of live requests beside this one (`crate::shadow`).
+    pub shadow: Option<ShadowConfig>,
 }
 
 /// `[models.drift]`.
@@ -186,6 +189,8 @@ pub struct ModelSpec {
     pub fast_int8: bool,
     pub executor: ExecutorChoice,
     pub drift: DriftSettings,
+    /// The candidate run beside this model on a share of its requests, when configured.
+    pub shadow: Option<ShadowSettings>,
 }
 
 impl ModelConfig {
@@ -356,6 +361,10 @@ impl ModelConfig {
                 return Err(invalid(key("drift.threshold"), "must be a number above 0"));
             }
         }
+        let shadow = match &m.shadow {
+            None => None,
+            Some(c) => Some(c.validate(&key)?),
+        };
         Ok(ModelSpec {
             name: m.name.clone(),
             source,
@@ -375,6 +384,7 @@ impl ModelConfig {
             fast_int8: m.exact_int8 == Some(false),
             executor: m.executor,
             drift,
+            shadow,
         })
     }
 }

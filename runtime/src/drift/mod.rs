@@ -14,7 +14,7 @@
 //! real change, 0.1–0.25 a moderate one, over 0.25 a significant one (docs/quality.md).
 
 pub mod profile;
-mod rows;
+pub(crate) mod rows;
 
 use std::fmt::Write as _;
 use std::sync::Mutex;

@@ -22,6 +22,7 @@ use crate::budget;
 use crate::escalation::Overrides;
 use crate::executor::NotRun;
 use crate::model::{ModelSlot, ServedVersion};
+use crate::shadow::Shadow;
 use crate::stats::RequestOutcome;
 use crate::tensor::Tensor;
 use crate::v2::HEADER_LENGTH;
@@ -116,6 +117,8 @@ async fn run(
     if let Some(d) = &model.drift {
         d.observe_inputs(&inputs);
     }
+    // A request sampled for the shadow candidate keeps a copy of its inputs for it.
+    let shadow = app.registry.shadow(&spec.name).and_then(|s| s.admit()).map(|permit| (permit, inputs.clone()));
     let results = model
         .infer(inputs, alone)
         .await
@@ -129,6 +132,10 @@ async fn run(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if let Some(d) = &model.drift {
         d.observe_outputs(&results, &spec.name, &model.version);
+    }
+    // The candidate runs on its own task, against the local answer; this answer does not wait.
+    if let Some((permit, inputs)) = shadow {
+        Shadow::spawn(permit, inputs, results.clone());
     }
     let (results, parameters) = match (escalator, forwarded) {
         (Some(e), Some(inputs)) => {

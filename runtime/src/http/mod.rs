@@ -193,6 +193,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             }
         }
     }
+    out.push_str(crate::shadow::METRIC_HEADERS);
+    for shadow in app.registry.shadows().iter() {
+        shadow.render(&mut out, &shadow.model);
+    }
     out.push_str("# HELP outpost_model_load_failures Versions that failed their last load.\n# TYPE outpost_model_load_failures gauge\n");
     for slot in app.registry.slots().iter() {
         let failed = slot.failures();

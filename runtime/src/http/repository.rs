@@ -84,7 +84,7 @@ pub async fn model_stats(
         .stats()
         .iter()
         .filter(|(v, _)| wanted.is_none_or(|w| w == *v))
-        .map(|(v, s)| stats_of(&slot, v, s))
+        .map(|(v, s)| stats_of(&app, &slot, v, s))
         .collect();
     if stats.is_empty() && wanted.is_some() {
         return Err(ApiError::not_found(format!("model `{}` has no statistics for that version", slot.spec.name)));
@@ -97,19 +97,21 @@ pub async fn all_stats(State(app): State<Arc<App>>) -> Json<Value> {
         .registry
         .slots()
         .iter()
-        .flat_map(|slot| slot.stats().into_iter().map(|(v, s)| stats_of(slot, &v, &s)).collect::<Vec<_>>())
+        .flat_map(|slot| slot.stats().into_iter().map(|(v, s)| stats_of(&app, slot, &v, &s)).collect::<Vec<_>>())
         .collect();
     Json(json!({ "model_stats": stats }))
 }
 
 /// One version's statistics in the layout of Triton's statistics extension, with the plans the
-/// version holds per input shape (tract) under `plans` when it is serving.
-fn stats_of(slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
+/// version holds per input shape (tract) under `plans`, its drift under `drift`, and the model's
+/// shadow candidate's comparison under `shadow`, when it is serving.
+fn stats_of(app: &App, slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
     let name = &slot.spec.name;
     let served = slot.served();
     let serving = served.iter().find(|v| v.version == version);
     let plans = serving.and_then(|v| v.plans());
     let drift = serving.and_then(|v| v.drift.as_ref()).map(|d| d.report());
+    let shadow = serving.and_then(|_| app.registry.shadow(name)).map(|s| s.report());
     let h = |h: &Histogram| json!({ "count": h.count(), "ns": h.sum_ns() });
     let zero = json!({ "count": 0, "ns": 0 });
     json!({
@@ -130,5 +132,6 @@ fn stats_of(slot: &ModelSlot, version: &str, s: &ModelStats) -> Value {
         "batch_stats": [],
         "plans": plans,
         "drift": drift,
+        "shadow": shadow,
     })
 }

@@ -103,6 +103,36 @@ pub struct ModelReport {
     /// Drift of each served version that ships a reference profile.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<ModelDrift>,
+    /// The shadow candidate run beside the model, when one is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ModelShadow>,
+}
+
+/// A shadow candidate compared with the model serving, since the candidate loaded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelShadow {
+    /// The candidate's version label.
+    pub candidate: String,
+    /// Sampled requests compared, failed, and skipped for the candidate's rate or in-flight bound.
+    #[serde(default)]
+    pub compared: u64,
+    #[serde(default)]
+    pub failed: u64,
+    #[serde(default)]
+    pub skipped: u64,
+    /// Rows compared, and the share whose top class agrees with the active model's.
+    #[serde(default)]
+    pub rows: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    /// Mean absolute difference of the class scores per row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_abs_diff: Option<f64>,
+    /// The candidate's call, median and 99th percentile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
 }
 
 /// A served version's drift against its reference profile.
