@@ -150,6 +150,18 @@ impl Device for RuntimeDevice {
         self.updates.apply(dir)
     }
 
+    fn stage_candidate(&self, dir: &Path) -> Result<Applied, Refusal> {
+        self.updates.stage_candidate(dir)
+    }
+
+    fn promote(&self) -> Result<Applied, Refusal> {
+        self.updates.promote()
+    }
+
+    fn drop_candidate(&self) -> Result<u64, Refusal> {
+        self.updates.drop_candidate()
+    }
+
     fn report(&self) -> DeviceReport {
         let models = self
             .registry

@@ -88,6 +88,17 @@ impl ModelHost for RuntimeHost {
         tracing::info!(models = ?names, "release models serving");
         self.registry.set_release(staged);
     }
+
+    fn shadow(&self, staged: Self::Staged) -> Result<(), StageError> {
+        let names: Vec<String> = staged.iter().map(|s| s.spec.name.clone()).collect();
+        self.registry
+            .set_candidates(staged)
+            .map_err(|reason| StageError::new(names.join(", "), StageStep::Load, reason))
+    }
+
+    fn take_shadow(&self) -> Option<Self::Staged> {
+        self.registry.take_candidates()
+    }
 }
 
 /// The update service of one process: the locked store and the runtime it stages into.
@@ -131,13 +142,19 @@ impl ReleaseService {
     pub fn serve_active(&self) -> Result<Option<String>, String> {
         let updater = self.updater();
         let check = updater.store.check_at_start().map_err(|e| e.to_string())?;
-        let Some((sha, doc)) = check.active else { return Ok(check.fell_back) };
-        let staged = self
-            .host
-            .stage(&staged_models(&updater.store, &doc))
-            .map_err(|e| format!("release {} ({}) does not load: {e}", doc.number, outpost_updater::short(&sha)))?;
-        self.host.activate(staged);
-        tracing::info!(number = doc.number, release = outpost_updater::short(&sha), "serving the active release");
+        if let Some((sha, doc)) = check.active {
+            let staged = self
+                .host
+                .stage(&staged_models(&updater.store, &doc))
+                .map_err(|e| format!("release {} ({}) does not load: {e}", doc.number, outpost_updater::short(&sha)))?;
+            self.host.activate(staged);
+            tracing::info!(number = doc.number, release = outpost_updater::short(&sha), "serving the active release");
+        }
+        match updater.restore_candidate(&self.host) {
+            Ok(Some(said)) => tracing::info!("{said}"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "the candidate release is not staged"),
+        }
         Ok(check.fell_back)
     }
 
@@ -161,6 +178,22 @@ impl ReleaseService {
         self.updater().apply_dir(dir, &self.host)
     }
 
+    /// Verifies and stages a release directory as the candidate: its models run as shadows
+    /// of the serving ones until [`ReleaseService::promote`] or [`ReleaseService::drop_candidate`].
+    pub fn stage_candidate(&self, dir: &Path) -> Result<Applied, Refusal> {
+        self.updater().stage_candidate_dir(dir, &self.host)
+    }
+
+    /// Activates the candidate release.
+    pub fn promote(&self) -> Result<Applied, Refusal> {
+        self.updater().promote(&self.host)
+    }
+
+    /// Drops the candidate release; returns its number.
+    pub fn drop_candidate(&self) -> Result<u64, Refusal> {
+        self.updater().drop_candidate(&self.host)
+    }
+
     /// The trusted state and the last update's outcome.
     pub fn status(&self) -> Value {
         let updater = self.updater();
@@ -174,6 +207,10 @@ impl ReleaseService {
             "group": updater.target.group,
             "provisioned": current.is_some(),
             "active": active.as_ref().map(|d| json!({
+                "number": d.number,
+                "models": d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect::<Vec<_>>(),
+            })),
+            "candidate": updater.candidate().ok().flatten().map(|(_, d)| json!({
                 "number": d.number,
                 "models": d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect::<Vec<_>>(),
             })),

@@ -53,10 +53,15 @@ pub struct PublishArgs {
     /// Seconds to wait for the broker's acknowledgements.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// Offer it as a candidate: devices stage it and run its models as shadows of the serving
+    /// ones; publishing the same release without this flag promotes it.
+    #[arg(long)]
+    pub candidate: bool,
 }
 
 pub fn publish(a: PublishArgs) -> anyhow::Result<()> {
-    let (offer, doc) = offer_from_dir(&a.release_dir).map_err(anyhow::Error::msg)?;
+    let (mut offer, doc) = offer_from_dir(&a.release_dir).map_err(anyhow::Error::msg)?;
+    offer.candidate = a.candidate;
     let topics = Topics::new(&a.broker.topic_prefix, &doc.fleet);
     let client_id = format!("outpostctl-publish-{}", std::process::id());
     let broker = a.broker.config(&client_id)?;
@@ -65,8 +70,9 @@ pub fn publish(a: PublishArgs) -> anyhow::Result<()> {
         .block_on(publish_desired(&broker, &topics, &a.devices, offer.to_bytes(), Duration::from_secs(a.timeout)))
         .map_err(anyhow::Error::msg)?;
     println!(
-        "release {} ({}/{}, id {}) published to {acked} device(s)",
+        "release {}{} ({}/{}, id {}) published to {acked} device(s)",
         doc.number,
+        if a.candidate { " as a candidate" } else { "" },
         doc.fleet,
         doc.group,
         outpost_updater::short(&offer.release_id())

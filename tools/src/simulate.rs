@@ -82,6 +82,8 @@ struct FakeHost {
     fail: bool,
     crash: Option<Crash>,
     serving: Mutex<Vec<(String, String)>>,
+    /// A candidate release's models, staged beside what serves.
+    candidate: Mutex<Option<Vec<(String, String)>>>,
 }
 
 impl ModelHost for FakeHost {
@@ -112,6 +114,15 @@ impl ModelHost for FakeHost {
     fn activate(&self, staged: Self::Staged) {
         *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = staged;
     }
+
+    fn shadow(&self, staged: Self::Staged) -> Result<(), StageError> {
+        *self.candidate.lock().unwrap_or_else(|e| e.into_inner()) = Some(staged);
+        Ok(())
+    }
+
+    fn take_shadow(&self) -> Option<Self::Staged> {
+        self.candidate.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 struct SimDevice {
@@ -133,6 +144,21 @@ impl Device for SimDevice {
             return Err(Refusal::new(outpost_updater::error::RefusalKind::Policy, "simulated refusal"));
         }
         self.updater.lock().unwrap_or_else(|e| e.into_inner()).apply_dir(dir, &self.host)
+    }
+
+    fn stage_candidate(&self, dir: &Path) -> Result<Applied, Refusal> {
+        if self.refuse {
+            return Err(Refusal::new(outpost_updater::error::RefusalKind::Policy, "simulated refusal"));
+        }
+        self.updater.lock().unwrap_or_else(|e| e.into_inner()).stage_candidate_dir(dir, &self.host)
+    }
+
+    fn promote(&self) -> Result<Applied, Refusal> {
+        self.updater.lock().unwrap_or_else(|e| e.into_inner()).promote(&self.host)
+    }
+
+    fn drop_candidate(&self) -> Result<u64, Refusal> {
+        self.updater.lock().unwrap_or_else(|e| e.into_inner()).drop_candidate(&self.host)
     }
 
     fn report(&self) -> DeviceReport {
@@ -171,7 +197,12 @@ fn open_device(
     let updater = Updater { store, target: Target { fleet: args.fleet.clone(), group: args.group.clone() } };
     Ok(Arc::new(SimDevice {
         updater: Mutex::new(updater),
-        host: FakeHost { fail, crash: args.crash_on_apply, serving: Mutex::new(Vec::new()) },
+        host: FakeHost {
+            fail,
+            crash: args.crash_on_apply,
+            serving: Mutex::new(Vec::new()),
+            candidate: Mutex::new(None),
+        },
         refuse,
         labels: labels(&args.labels)?,
         requests: AtomicU64::new(0),

@@ -85,12 +85,21 @@ fn root_chain(dir: &Path, trusted: u64) -> Result<Vec<(u64, PathBuf)>, Refusal> 
     Ok(found)
 }
 
+/// A release fetched and staged, not yet trusted or served.
+pub(crate) struct Prepared<S> {
+    pub verified: Verified,
+    pub staged: S,
+    /// Blobs the fetch added to the store (removed again if the release is not committed).
+    pub added: Vec<String>,
+    pub applied: Applied,
+}
+
 /// A release verified for this device (not yet fetched, staged or trusted).
 pub struct Verified {
     pub doc: ReleaseDoc,
     pub env: Envelope,
     pub new_roots: Vec<Envelope>,
-    current: Current,
+    pub(crate) current: Current,
 }
 
 /// One object to fetch for a release: a whole blob, or a delta that rebuilds `target`.
@@ -201,36 +210,8 @@ impl Updater {
         started: Instant,
     ) -> Result<Applied, Refusal> {
         let store = &self.store;
-        let trusted = match store.current()? {
-            Some(c) => store.root(&c)?.doc.version,
-            None => 0,
-        };
-        let release =
-            Envelope::parse(&read_bounded(&ReleaseDir(dir).envelope(), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
-        let mut roots = Vec::new();
-        for (_, path) in root_chain(dir, trusted)? {
-            roots.push(Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?);
-        }
-        let Verified { doc, env, new_roots, current } = self.verify(&Offer { release, roots, attempt: 0 }, now)?;
-
-        let mut added = Vec::new();
-        let fetched = self.fetch_all(dir, &doc, &mut added);
-        let (full, from_delta, reused, bytes_read) = match fetched {
-            Ok(counts) => counts,
-            Err(e) => {
-                store.discard_blobs(&added);
-                return Err(e);
-            }
-        };
-
-        let staged = match host.stage(&staged_models(store, &doc)) {
-            Ok(s) => s,
-            Err(e) => {
-                store.discard_blobs(&added);
-                return refuse(RefusalKind::HealthCheck, e.to_string());
-            }
-        };
-
+        let Prepared { verified, staged, mut applied, .. } = self.prepare(dir, host, now, started)?;
+        let Verified { doc, env, new_roots, current } = verified;
         // Commit: the documents first, then the state that names them, in one rename.
         let mut root_sha = current.root.clone();
         for r in &new_roots {
@@ -243,28 +224,89 @@ impl Updater {
             previous: current.active.clone().filter(|a| *a != release_sha),
             last_number: Some(doc.number.max(current.last_number.unwrap_or(0))),
             repair: None,
+            // A release applied over a candidate replaces it.
+            candidate: None,
         };
-        if let Err(e) = store.commit(&next) {
-            // Past the rename the new state is what a restart finds: treat it as committed.
-            if store.current().ok().flatten().as_ref() != Some(&next) {
-                return Err(e);
-            }
-            tracing::warn!(error = %e, "the commit's directory sync failed after the rename; continuing as committed");
+        self.commit(&next)?;
+        if current.candidate.is_some() {
+            drop(host.take_shadow());
         }
         host.activate(staged);
-        if let Err(e) = store.collect_garbage() {
-            tracing::warn!(error = %e, "garbage collection failed; it is retried after the next update");
+        self.collect_garbage();
+        applied.millis = started.elapsed().as_millis() as u64;
+        Ok(applied)
+    }
+
+    /// Verifies the release in `dir`, fetches what it names into the store and stages its
+    /// models; nothing is trusted or served yet. On failure the blobs it added are removed.
+    pub(crate) fn prepare<H: ModelHost>(
+        &self,
+        dir: &Path,
+        host: &H,
+        now: SystemTime,
+        started: Instant,
+    ) -> Result<Prepared<H::Staged>, Refusal> {
+        let store = &self.store;
+        let trusted = match store.current()? {
+            Some(c) => store.root(&c)?.doc.version,
+            None => 0,
+        };
+        let release =
+            Envelope::parse(&read_bounded(&ReleaseDir(dir).envelope(), MAX_ENVELOPE_BYTES as u64, "release.json")?)?;
+        let mut roots = Vec::new();
+        for (_, path) in root_chain(dir, trusted)? {
+            roots.push(Envelope::parse(&read_bounded(&path, MAX_ENVELOPE_BYTES as u64, "root document")?)?);
         }
-        Ok(Applied {
+        let verified = self.verify(&Offer { release, roots, attempt: 0, candidate: false }, now)?;
+        let doc = &verified.doc;
+
+        let mut added = Vec::new();
+        let fetched = self.fetch_all(dir, doc, &mut added);
+        let (full, from_delta, reused, bytes_read) = match fetched {
+            Ok(counts) => counts,
+            Err(e) => {
+                store.discard_blobs(&added);
+                return Err(e);
+            }
+        };
+
+        let staged = match host.stage(&staged_models(store, doc)) {
+            Ok(s) => s,
+            Err(e) => {
+                store.discard_blobs(&added);
+                return refuse(RefusalKind::HealthCheck, e.to_string());
+            }
+        };
+        let applied = Applied {
             number: doc.number,
-            release: release_sha,
+            release: crate::sha256_hex(&verified.env.to_bytes()),
             models: doc.models.iter().map(|m| (m.name.clone(), m.version.clone())).collect(),
             full,
             from_delta,
             reused,
             bytes_read,
             millis: started.elapsed().as_millis() as u64,
-        })
+        };
+        Ok(Prepared { verified, staged, added, applied })
+    }
+
+    /// Commits a new trusted state. Past the rename the new state is what a restart finds: a
+    /// failure after it (the directory sync) counts as committed.
+    pub(crate) fn commit(&self, next: &Current) -> Result<(), Refusal> {
+        if let Err(e) = self.store.commit(next) {
+            if self.store.current().ok().flatten().as_ref() != Some(next) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "the commit's directory sync failed after the rename; continuing as committed");
+        }
+        Ok(())
+    }
+
+    /// Removes what the trusted state no longer names (retried after the next update on failure).
+    pub(crate) fn collect_garbage(&self) {
+        if let Err(e) = self.store.collect_garbage() {
+            tracing::warn!(error = %e, "garbage collection failed; it is retried after the next update");
+        }
     }
 
     /// Brings every blob of the release into the store by [`Updater::plan`], the choice the

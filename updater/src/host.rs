@@ -29,6 +29,11 @@ pub trait ModelHost {
     fn stage(&self, models: &[StagedModel]) -> Result<Self::Staged, StageError>;
     /// Serve the staged models in place of the previous release's.
     fn activate(&self, staged: Self::Staged);
+    /// Run the staged models beside the serving ones as shadow candidates, in place of any
+    /// before them (nothing served changes); an error when they cannot shadow what serves.
+    fn shadow(&self, staged: Self::Staged) -> Result<(), StageError>;
+    /// Stop the shadow candidates and hand them back (to activate them), if there are any.
+    fn take_shadow(&self) -> Option<Self::Staged>;
 }
 
 /// Which step of staging a model failed.

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod author;
+pub mod candidate;
 pub mod delta;
 pub mod envelope;
 pub mod error;

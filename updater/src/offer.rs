@@ -27,6 +27,13 @@ pub struct Offer {
     /// refusal record). Unsigned on purpose: it changes nothing that is trusted.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt: u32,
+    /// Stage the release as the candidate (its models run as shadows of the serving ones)
+    /// instead of activating it; the same release offered without it promotes the candidate.
+    /// Unsigned like `attempt`: the release's signature already allows it to be active, and the
+    /// flag only holds it back. An agent older than the flag refuses such an offer as malformed
+    /// rather than activating it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub candidate: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -69,7 +76,7 @@ impl Offer {
                 roots.push(Envelope::parse(&read(p)?).map_err(|e| e.to_string())?);
             }
         }
-        Ok(Offer { release, roots, attempt: 0 })
+        Ok(Offer { release, roots, attempt: 0, candidate: false })
     }
 
     /// Writes the offer as a release directory's documents (blobs are added beside them).

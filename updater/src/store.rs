@@ -46,11 +46,19 @@ pub struct Current {
     /// again to repair it, although its number is not above `last_number`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repair: Option<String>,
+    /// A release staged as a candidate (by hash): its models run beside the active ones as
+    /// shadows until it is promoted to active or dropped. Its number is not yet the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
 }
 
 impl Current {
     fn check(&self) -> Result<(), String> {
-        let ids = std::iter::once(&self.root).chain(&self.active).chain(&self.previous).chain(&self.repair);
+        let ids = std::iter::once(&self.root)
+            .chain(&self.active)
+            .chain(&self.previous)
+            .chain(&self.repair)
+            .chain(&self.candidate);
         match ids.into_iter().find(|id| !is_sha256_hex(id)) {
             Some(bad) => Err(format!("`{bad}` is not a document hash")),
             None => Ok(()),
@@ -365,7 +373,7 @@ impl Store {
         let mut keep_docs: BTreeSet<String> = BTreeSet::from([current.root.clone()]);
         keep_docs.extend(current.repair.clone());
         let mut keep_blobs = BTreeSet::new();
-        for r in current.active.iter().chain(&current.previous) {
+        for r in current.active.iter().chain(&current.previous).chain(&current.candidate) {
             keep_docs.insert(r.clone());
             keep_blobs.extend(self.release(r)?.blobs().map(|b| b.sha256.clone()));
         }

@@ -42,6 +42,23 @@ pub struct ShadowSettings {
     pub max_in_flight: usize,
 }
 
+impl ShadowSettings {
+    /// The settings of a candidate release's model at `path`: its own version label, and the
+    /// bounds of the serving model's `[models.shadow]` if it has one, else the defaults.
+    pub fn for_candidate(path: PathBuf, version: String, configured: Option<&ShadowSettings>) -> ShadowSettings {
+        match configured {
+            Some(c) => ShadowSettings { path, version, ..c.clone() },
+            None => ShadowSettings {
+                path,
+                version,
+                share: DEFAULT_SHADOW_SHARE,
+                max_per_second: DEFAULT_SHADOW_MAX_PER_SECOND,
+                max_in_flight: DEFAULT_SHADOW_MAX_IN_FLIGHT,
+            },
+        }
+    }
+}
+
 impl ShadowConfig {
     pub(crate) fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<ShadowSettings, ConfigError> {
         let invalid = |field: &str, reason: String| invalid(key(&format!("shadow.{field}")), reason);

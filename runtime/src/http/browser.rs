@@ -58,7 +58,7 @@ fn host_part(authority: &str) -> &str {
 
 /// The control endpoints: they change what the daemon serves.
 pub fn is_control(path: &str) -> bool {
-    path == "/v2/update/apply"
+    matches!(path, "/v2/update/apply" | "/v2/update/candidate" | "/v2/update/promote" | "/v2/update/drop")
         || path.strip_prefix("/v2/repository/models/").is_some_and(|p| p.ends_with("/load") || p.ends_with("/unload"))
 }
 

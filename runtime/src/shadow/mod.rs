@@ -39,7 +39,7 @@ pub struct Shadow {
     /// The model it shadows.
     pub model: String,
     pub settings: ShadowSettings,
-    candidate: ModelSlot,
+    candidate: Arc<ModelSlot>,
     /// Requests answered by the model while the candidate was loaded.
     seen: AtomicU64,
     /// Sampled requests started on the candidate.
@@ -77,19 +77,29 @@ impl Shadow {
     /// that it takes the same inputs as the model, whose served version has `inputs`.
     #[allow(clippy::result_large_err)] // once per load, and the registry collects `LoadError`s
     pub fn load(spec: &ModelSpec, settings: &ShadowSettings, inputs: &[TensorSpec]) -> Result<Shadow, LoadError> {
-        let candidate = ModelSlot::new(candidate_spec(spec, settings));
+        let candidate = Arc::new(ModelSlot::new(candidate_spec(spec, settings)));
         if let Some(first) = candidate.load().into_iter().next() {
             return Err(first);
         }
-        let refuse = |reason: String| LoadError::Versions {
+        Shadow::attach(&spec.name, candidate, settings, inputs).map_err(|reason| LoadError::Versions {
             name: spec.name.clone(),
             reason: format!("shadow candidate {}: {reason}", settings.path.display()),
-        };
-        let served = candidate.version(None).ok_or_else(|| refuse("it serves no version".into()))?;
-        same_inputs(inputs, &served.signature.inputs).map_err(refuse)?;
+        })
+    }
+
+    /// A shadow of model `model` (whose served version has `inputs`) on a loaded candidate: a
+    /// model of a candidate release, or one [`Shadow::load`] loaded.
+    pub fn attach(
+        model: &str,
+        candidate: Arc<ModelSlot>,
+        settings: &ShadowSettings,
+        inputs: &[TensorSpec],
+    ) -> Result<Shadow, String> {
+        let served = candidate.version(None).ok_or("it serves no version")?;
+        same_inputs(inputs, &served.signature.inputs)?;
         drop(served);
         Ok(Shadow {
-            model: spec.name.clone(),
+            model: model.to_owned(),
             settings: settings.clone(),
             candidate,
             seen: AtomicU64::new(0),
@@ -105,6 +115,11 @@ impl Shadow {
             epoch: Instant::now(),
             latency: Histogram::default(),
         })
+    }
+
+    /// The candidate's model slot.
+    pub fn candidate(&self) -> &Arc<ModelSlot> {
+        &self.candidate
     }
 
     /// Counts a request that reached the model and decides whether it also runs on the

@@ -317,6 +317,7 @@ pub fn release_upload(dir: &Path, conn: ConsoleConn) -> anyhow::Result<()> {
 }
 
 #[derive(clap::Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per command
 pub enum RolloutCommand {
     /// Start a rollout of an uploaded release (older live rollouts of its fleet and group are
     /// superseded). Rolling back is a rollout of a release made from the earlier models.
@@ -377,6 +378,14 @@ pub struct StartArgs {
     /// Seconds a device has to answer its offer before it counts as timed out.
     #[arg(long, default_value_t = 900.0)]
     deadline: f64,
+    /// Shadow gate: offer the release as a candidate, and activate it on a device only once at
+    /// least this share (0..1) of the rows it compared on live requests agree with what it
+    /// serves (with --shadow-rows). A device below it pauses the rollout.
+    #[arg(long, requires = "shadow_rows")]
+    shadow_agreement: Option<f64>,
+    /// Shadow gate: rows a device must have compared before the gate judges it.
+    #[arg(long, requires = "shadow_agreement")]
+    shadow_rows: Option<u64>,
     #[command(flatten)]
     conn: ConsoleConn,
 }
@@ -394,6 +403,7 @@ pub fn rollout(cmd: RolloutCommand) -> anyhow::Result<()> {
                     "release": a.release, "number": a.number, "fleet": a.fleet, "group": a.group, "labels": labels,
                     "waves": a.waves, "success_pct": a.success_pct, "soak_secs": a.soak, "errors": a.errors,
                     "rate_per_min": a.rate, "deadline_secs": a.deadline,
+                    "shadow_agreement": a.shadow_agreement, "shadow_rows": a.shadow_rows,
                 });
                 let mut api = Api::open(&a.conn).await?;
                 let v = api.json(Method::POST, "/api/rollouts", body.to_string()).await?;

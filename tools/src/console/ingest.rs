@@ -25,6 +25,10 @@ pub struct DeviceState {
     /// The release the update state is about, and which offer of it.
     pub working_on: Option<(String, u32)>,
     pub last_error: Option<String>,
+    /// The candidate release it stages, and its comparison summed over its models: rows
+    /// compared, rows whose top class agreed.
+    pub candidate: Option<String>,
+    pub shadow: (u64, u64),
     pub report: StateReport,
 }
 
@@ -58,6 +62,11 @@ pub fn parse(fleet: &str, id: &str, payload: &[u8]) -> Result<DeviceState, Strin
         update_state: u.map(|u| u.state),
         working_on: u.and_then(|u| u.release.as_ref()).map(|r| (r.id.clone(), r.attempt)),
         last_error,
+        candidate: report.candidate.as_ref().map(|c| c.id.clone()),
+        shadow: report.body.models.iter().filter_map(|m| m.shadow.as_ref()).fold((0, 0), |(rows, agreed), s| {
+            let a = s.agreement.unwrap_or(0.0).clamp(0.0, 1.0);
+            (rows + s.rows, agreed + (a * s.rows as f64).round() as u64)
+        }),
         report,
     })
 }
@@ -87,9 +96,11 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
     let labels = serde_json::to_string(&s.labels).expect("json");
     conn.execute(
         "INSERT INTO devices (id, fleet, grp, labels, online, release_id, release_number, update_state, last_error, \
-         state, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+         state, first_seen, last_seen, candidate_id, shadow_rows, shadow_agreed)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)
          ON CONFLICT (fleet, id) DO UPDATE SET grp = ?3, labels = ?4, online = 1, release_id = ?5, \
-         release_number = ?6, update_state = ?7, last_error = ?8, state = ?9, last_seen = ?10",
+         release_number = ?6, update_state = ?7, last_error = ?8, state = ?9, last_seen = ?10, candidate_id = ?11, \
+         shadow_rows = ?12, shadow_agreed = ?13",
         params![
             s.id,
             s.fleet,
@@ -100,7 +111,10 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
             s.update_state.map(UpdateState::as_str),
             s.last_error,
             serde_json::to_string(&s.report).expect("json"),
-            now
+            now,
+            s.candidate,
+            s.shadow.0 as i64,
+            s.shadow.1 as i64
         ],
     )?;
     match &before {
@@ -130,7 +144,7 @@ fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()
         "SELECT rd.rollout_id, r.release_id, rd.status, rd.attempt FROM rollout_devices rd
          JOIN rollouts r ON r.id = rd.rollout_id
          WHERE rd.device_id = ?1 AND r.fleet = ?2 AND r.state IN ('running', 'paused', 'completed')
-           AND rd.status IN ('offered', 'failed', 'timed_out')",
+           AND rd.status IN ('offered', 'shadowing', 'promoting', 'failed', 'timed_out')",
     )?;
     let rows: Vec<(i64, String, String, u32)> = stmt
         .query_map(params![s.id, s.fleet], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
@@ -148,7 +162,7 @@ fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()
         }
         let answers_offer = s.working_on.as_ref().is_some_and(|(id, a)| *id == release && *a == attempt);
         let failing = matches!(s.update_state, Some(UpdateState::Refused | UpdateState::Failed));
-        if status == "offered" && answers_offer && failing {
+        if matches!(status.as_str(), "offered" | "shadowing" | "promoting") && answers_offer && failing {
             let reason = s.last_error.clone().unwrap_or_else(|| "failed without a reason".into());
             conn.execute(
                 "UPDATE rollout_devices SET status = 'failed', finished = ?3, reason = ?4
@@ -168,8 +182,12 @@ pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
     let state: StateReport = serde_json::from_str(&state).unwrap_or_default();
     let labels: String = row.get("labels")?;
     let stats = state.body.stats.as_ref();
-    let models: Vec<Value> =
-        state.body.models.iter().map(|m| json!({"name": m.name, "versions": m.versions})).collect();
+    let models: Vec<Value> = state
+        .body
+        .models
+        .iter()
+        .map(|m| json!({"name": m.name, "versions": m.versions, "drift": m.drift, "shadow": m.shadow}))
+        .collect();
     Ok(json!({
         "id": row.get::<_, String>("id")?,
         "fleet": row.get::<_, String>("fleet")?,
@@ -178,6 +196,7 @@ pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
         "online": row.get::<_, i64>("online")? == 1,
         "release": row.get::<_, Option<i64>>("release_number")?,
         "release_id": row.get::<_, Option<String>>("release_id")?,
+        "candidate": state.candidate.as_ref().map(|c| c.number),
         "update_state": row.get::<_, Option<String>>("update_state")?,
         "last_error": row.get::<_, Option<String>>("last_error")?,
         "models": models,

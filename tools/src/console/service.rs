@@ -253,7 +253,15 @@ impl OfferSender {
         OfferSender { client: client.clone(), prefix: prefix.to_owned(), offers: Default::default() }
     }
 
-    fn send(&mut self, conn: &Connection, fleet: &str, device: &str, release: &str, attempt: u32) -> bool {
+    fn send(
+        &mut self,
+        conn: &Connection,
+        fleet: &str,
+        device: &str,
+        release: &str,
+        attempt: u32,
+        candidate: bool,
+    ) -> bool {
         let offer = self.offers.entry(release.to_owned()).or_insert_with(|| {
             let bytes: Vec<u8> =
                 conn.query_row("SELECT offer FROM releases WHERE id = ?1", [release], |r| r.get(0)).ok()?;
@@ -261,6 +269,7 @@ impl OfferSender {
         });
         let Some(offer) = offer else { return false };
         offer.attempt = attempt;
+        offer.candidate = candidate;
         let topic = Topics::new(&self.prefix, fleet).desired(device);
         self.client.try_publish(topic, QoS::AtLeastOnce, true, offer.to_bytes()).is_ok()
     }
@@ -279,8 +288,8 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
     let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
     let resent = tokio::task::spawn_blocking(move || {
         let conn = c.db();
-        for (fleet, device, release, attempt) in rollout::store::outstanding(&conn)? {
-            sender.send(&conn, &fleet, &device, &release, attempt);
+        for o in rollout::store::outstanding(&conn)? {
+            sender.send(&conn, &o.fleet, &o.device, &o.release, o.attempt, o.candidate);
         }
         Ok::<_, rusqlite::Error>(())
     })
@@ -297,8 +306,8 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
             let now = db::now_ms();
             let mut conn = c.db();
             let tx = conn.transaction()?;
-            rollout::store::tick(&tx, now, &mut |fleet, device, release, attempt| {
-                sender.send(&tx, fleet, device, release, attempt)
+            rollout::store::tick(&tx, now, &mut |fleet, device, release, attempt, candidate| {
+                sender.send(&tx, fleet, device, release, attempt, candidate)
             })?;
             tx.commit()
         })

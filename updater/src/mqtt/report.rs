@@ -51,6 +51,9 @@ pub struct StateReport {
     /// The active release (none before the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseRef>,
+    /// The candidate release, staged and running as shadows (none when there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<ReleaseRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateStatus>,
     #[serde(flatten)]

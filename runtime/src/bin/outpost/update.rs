@@ -23,6 +23,13 @@ pub enum UpdateCommand {
     Provision { root: PathBuf },
     /// Verify and apply a release directory (offline, or through the running daemon).
     Apply { release_dir: PathBuf },
+    /// Verify and stage a release directory as the candidate: its models run beside the
+    /// serving ones as shadows, on a share of the requests (running daemon only).
+    Candidate { release_dir: PathBuf },
+    /// Activate the candidate release (running daemon only).
+    Promote,
+    /// Drop the candidate release (running daemon only).
+    Drop,
     /// Show the trusted state and the last update's outcome.
     Status,
     /// Check the store and load the active release as the daemon does at start (stopped
@@ -83,6 +90,17 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             if answer.get("applied").is_some() { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(EXIT_REFUSED)) }
         }
+        (UpdateCommand::Candidate { .. } | UpdateCommand::Promote | UpdateCommand::Drop, Some(_)) => {
+            bail!("a candidate runs as a shadow in the running daemon: start it, then run this again")
+        }
+        (UpdateCommand::Candidate { release_dir }, None) => {
+            let dir = std::fs::canonicalize(&release_dir).with_context(|| release_dir.display().to_string())?;
+            answered(daemon_call(&config, "POST", "/v2/update/candidate", Some(&json!({ "release_dir": dir })))?)
+        }
+        (UpdateCommand::Promote, None) => {
+            answered(daemon_call(&config, "POST", "/v2/update/promote", Some(&json!({})))?)
+        }
+        (UpdateCommand::Drop, None) => answered(daemon_call(&config, "POST", "/v2/update/drop", Some(&json!({})))?),
         (UpdateCommand::Status, Some(u)) => {
             println!("{}", serde_json::to_string_pretty(&u.status())?);
             Ok(ExitCode::SUCCESS)
@@ -106,6 +124,12 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
 /// and loads the active release's models with their golden check.
 fn load_active(u: &Arc<ReleaseService>) -> anyhow::Result<Option<String>> {
     u.serve_active().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Prints the daemon's answer; exit status 2 when it refused.
+fn answered(answer: Value) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    if answer.get("error").is_some() { Ok(ExitCode::from(EXIT_REFUSED)) } else { Ok(ExitCode::SUCCESS) }
 }
 
 fn refused(msg: &str) -> anyhow::Result<ExitCode> {

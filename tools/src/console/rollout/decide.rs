@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::spec::Wave;
+use super::spec::{Gate, Wave};
 
 /// A live rollout as the database holds it: its settings and where it stands.
 pub struct Live {
@@ -24,6 +24,8 @@ pub struct Live {
     pub wave: usize,
     pub wave_done: Option<i64>,
     pub resumed: i64,
+    /// Offer as a candidate first; activate on each device once its shadow comparison passes.
+    pub gate: Option<Gate>,
 }
 
 impl Live {
@@ -43,7 +45,7 @@ pub struct Counts {
     pub offered: u64,
     /// Failed or timed out since the rollout was last resumed.
     pub new_failures: u64,
-    /// Offered and not answered yet.
+    /// Offered and not answered yet (a gated offer: until the device ran the release or failed).
     pub in_flight: u64,
     pub pending: u64,
     /// Offered in the last minute (for the rate limit).
@@ -52,6 +54,10 @@ pub struct Counts {
     pub wave_succeeded: u64,
     pub wave_offered: u64,
 }
+
+/// Sends one offer: `(fleet, device, release id, attempt, as a candidate)`; false when it
+/// could not be queued (the device stays where it was and is offered on a later tick).
+pub type Offer<'a> = dyn FnMut(&str, &str, &str, u32, bool) -> bool + 'a;
 
 /// What to do with a live rollout now.
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +147,7 @@ mod tests {
             wave: 0,
             wave_done: None,
             resumed: 0,
+            gate: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`view`]: a rollout as the API shows it.
 
 pub mod decide;
+pub mod gate;
 pub mod spec;
 pub mod store;
 pub mod view;

@@ -104,6 +104,39 @@ pub struct StartRequest {
     /// A device that has not answered within this many seconds of its offer counts as timed out.
     #[serde(default = "default_deadline")]
     pub deadline_secs: f64,
+    /// Shadow gate: offer the release as a candidate, and activate it on a device once at
+    /// least this share (0..1) of the rows it compared agree with the serving model...
+    #[serde(default)]
+    pub shadow_agreement: Option<f64>,
+    /// ...over at least this many compared rows.
+    #[serde(default)]
+    pub shadow_rows: Option<u64>,
+}
+
+/// A rollout's shadow gate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gate {
+    pub agreement: f64,
+    pub rows: u64,
+}
+
+impl StartRequest {
+    /// The shadow gate asked for, if any: both settings or neither.
+    pub fn gate(&self) -> Result<Option<Gate>, String> {
+        match (self.shadow_agreement, self.shadow_rows) {
+            (None, None) => Ok(None),
+            (Some(agreement), Some(rows)) => {
+                if !(agreement > 0.0 && agreement <= 1.0) {
+                    return Err("shadow_agreement: a share above 0 and at most 1".into());
+                }
+                if !(1..=1_000_000_000).contains(&rows) {
+                    return Err("shadow_rows: from 1 to 1000000000".into());
+                }
+                Ok(Some(Gate { agreement, rows }))
+            }
+            _ => Err("a shadow gate needs both shadow_agreement and shadow_rows".into()),
+        }
+    }
 }
 
 fn default_waves() -> String {

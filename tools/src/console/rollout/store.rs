@@ -6,13 +6,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value, json};
 
 use super::decide::{Counts, Decision, Live, decide};
-use super::spec::{StartRequest, Wave, parse_errors, parse_waves};
+use super::spec::{Gate, StartRequest, Wave, parse_errors, parse_waves};
 use crate::console::db::event;
 
 /// Starts a rollout; older live rollouts of the same fleet and group are superseded.
 pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, String> {
     let waves = parse_waves(&req.waves)?;
     let (error_limit, error_is_pct) = parse_errors(&req.errors)?;
+    let gate = req.gate()?;
     if !(0.0..=100.0).contains(&req.success_pct) {
         return Err("success_pct: from 0 to 100".into());
     }
@@ -45,8 +46,8 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
     let waves_json = json!(waves.iter().map(Wave::label).collect::<Vec<_>>()).to_string();
     conn.execute(
         "INSERT INTO rollouts (release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, \
-         rate_per_min, deadline_ms, state, created, updated)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12)",
+         rate_per_min, deadline_ms, state, created, updated, shadow_agreement, shadow_rows)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12, ?13, ?14)",
         params![
             release_id,
             fleet,
@@ -59,7 +60,9 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
             error_is_pct,
             req.rate_per_min as i64,
             deadline_ms,
-            now
+            now,
+            gate.map(|g| g.agreement),
+            gate.map(|g| g.rows as i64)
         ],
     )
     .map_err(db)?;
@@ -160,9 +163,7 @@ pub fn act(conn: &Connection, id: i64, action: &str, now: i64) -> Result<Value, 
     Ok(json!({"rollout": id, "action": action}))
 }
 
-/// Sends one offer: `(fleet, device, release id, attempt)`; false when it could not be queued
-/// (the device stays pending and is offered on a later tick).
-pub type Offer<'a> = dyn FnMut(&str, &str, &str, u32) -> bool + 'a;
+pub use super::decide::Offer;
 
 /// Moves every live rollout one step: adopts newly selected devices, times out silent ones,
 /// pauses on the error threshold, offers the current wave (within the rate limit), and after
@@ -170,7 +171,7 @@ pub type Offer<'a> = dyn FnMut(&str, &str, &str, u32) -> bool + 'a;
 pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT id, release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, rate_per_min,
-                deadline_ms, state, wave, wave_done, resumed
+                deadline_ms, state, wave, wave_done, resumed, shadow_agreement, shadow_rows
          FROM rollouts WHERE state IN ('running', 'paused', 'completed') ORDER BY id",
     )?;
     let live: Vec<Live> = stmt
@@ -195,6 +196,10 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
                 wave: r.get::<_, i64>(13)? as usize,
                 wave_done: r.get(14)?,
                 resumed: r.get(15)?,
+                gate: match (r.get::<_, Option<f64>>(16)?, r.get::<_, Option<i64>>(17)?) {
+                    (Some(agreement), Some(rows)) => Some(Gate { agreement, rows: rows as u64 }),
+                    _ => None,
+                },
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -229,6 +234,11 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
     if r.state == "paused" {
         return Ok(());
     }
+    if let Some(gate) = r.gate
+        && let Some(failed) = super::gate::advance(conn, r, gate, now, offer)?
+    {
+        return set_state("paused", &failed);
+    }
     match decide(r, &counts(conn, r, now)?, now) {
         Decision::Wait => Ok(()),
         Decision::Pause(reason) => set_state("paused", &reason),
@@ -262,7 +272,7 @@ fn counts(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<Counts> {
         total: n("1", &[])?,
         offered: n("status != 'pending'", &[])?,
         new_failures: n("status IN ('failed', 'timed_out') AND finished > ?2", &[&r.resumed])?,
-        in_flight: n("status = 'offered'", &[])?,
+        in_flight: n("status IN ('offered', 'shadowing', 'promoting')", &[])?,
         pending: n("status = 'pending'", &[])?,
         recent_offers: n("offered > ?2", &[&(now - 60_000)])?,
         wave_succeeded: n("wave = ?2 AND status = 'succeeded'", &[&wave])?,
@@ -309,7 +319,9 @@ fn adopt(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
 
 fn time_out(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
-        "SELECT device_id FROM rollout_devices WHERE rollout_id = ?1 AND status = 'offered' AND offered <= ?2",
+        // A device shadowing a candidate has no deadline: its comparison waits for traffic.
+        "SELECT device_id FROM rollout_devices
+         WHERE rollout_id = ?1 AND status IN ('offered', 'promoting') AND offered <= ?2",
     )?;
     let late: Vec<String> =
         stmt.query_map(params![r.id, now - r.deadline_ms], |x| x.get(0))?.collect::<Result<_, _>>()?;
@@ -344,7 +356,7 @@ fn offer_some(
         .query_map(params![r.id, r.fleet, budget as i64], |x| Ok((x.get(0)?, x.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (device, attempt) in picked {
-        if !offer(&r.fleet, &device, &r.release_id, attempt) {
+        if !offer(&r.fleet, &device, &r.release_id, attempt, r.gate.is_some()) {
             break;
         }
         conn.execute(
@@ -358,14 +370,34 @@ fn offer_some(
     Ok(())
 }
 
-/// Offers recorded as sent in live rollouts: `(fleet, device, release, attempt)`. At start the
-/// console sends them again: one queued just before the console was killed may never have left.
-pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, u32)>> {
+/// An offer recorded as sent in a live rollout.
+pub struct Outstanding {
+    pub fleet: String,
+    pub device: String,
+    pub release: String,
+    pub attempt: u32,
+    /// A gated rollout's offer before its gate passed.
+    pub candidate: bool,
+}
+
+/// Offers recorded as sent in live rollouts. At start the console sends them again: one queued
+/// just before the console was killed may never have left.
+pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<Outstanding>> {
     let mut s = conn.prepare(
-        "SELECT r.fleet, rd.device_id, r.release_id, rd.attempt FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-         WHERE rd.status = 'offered' AND r.state IN ('running', 'paused', 'completed')",
+        "SELECT r.fleet, rd.device_id, r.release_id, rd.attempt, rd.status = 'offered' AND r.shadow_rows IS NOT NULL
+         FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+         WHERE rd.status IN ('offered', 'promoting') AND r.state IN ('running', 'paused', 'completed')",
     )?;
-    s.query_map([], |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?)))?.collect()
+    s.query_map([], |x| {
+        Ok(Outstanding {
+            fleet: x.get(0)?,
+            device: x.get(1)?,
+            release: x.get(2)?,
+            attempt: x.get(3)?,
+            candidate: x.get(4)?,
+        })
+    })?
+    .collect()
 }
 
 /// The state machine driven by hand: states recorded as devices would send them, steps at
@@ -434,7 +466,7 @@ mod machine {
         fn step(&mut self, ms: i64) -> Vec<String> {
             self.now += ms;
             let mut sent = Vec::new();
-            tick(&self.conn, self.now, &mut |_, d, _, a| {
+            tick(&self.conn, self.now, &mut |_, d, _, a, _| {
                 sent.push((d.to_owned(), a));
                 true
             })

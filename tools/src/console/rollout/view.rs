@@ -10,7 +10,8 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
     let Some(mut v) = conn
         .query_row(
             "SELECT r.id, r.release_id, rel.number, r.fleet, r.grp, r.labels, r.waves, r.success_pct, r.soak_ms,
-                    r.error_limit, r.error_is_pct, r.rate_per_min, r.deadline_ms, r.state, r.reason, r.wave, r.created, r.updated
+                    r.error_limit, r.error_is_pct, r.rate_per_min, r.deadline_ms, r.state, r.reason, r.wave, r.created, r.updated,
+                    r.shadow_agreement, r.shadow_rows
              FROM rollouts r JOIN releases rel ON rel.id = r.release_id WHERE r.id = ?1",
             [id],
             |r| {
@@ -35,6 +36,10 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
                     "wave": r.get::<_, i64>(15)? + 1,
                     "created": r.get::<_, i64>(16)?,
                     "updated": r.get::<_, i64>(17)?,
+                    "shadow_gate": match (r.get::<_, Option<f64>>(18)?, r.get::<_, Option<i64>>(19)?) {
+                        (Some(agreement), Some(rows)) => json!({"agreement": agreement, "rows": rows}),
+                        _ => Value::Null,
+                    },
                 }))
             },
         )

@@ -12,6 +12,13 @@ pub trait Device: Send + Sync + 'static {
     fn with_updater<R>(&self, f: impl FnOnce(&Updater) -> R) -> R;
     /// Applies a release directory (verify, stage, health check, commit, activate).
     fn apply(&self, dir: &Path) -> Result<Applied, Refusal>;
+    /// Stages a release directory as the candidate: verified and health-checked like an
+    /// apply, then run beside the serving models as shadows.
+    fn stage_candidate(&self, dir: &Path) -> Result<Applied, Refusal>;
+    /// Activates the candidate release.
+    fn promote(&self) -> Result<Applied, Refusal>;
+    /// Drops the candidate release; returns its number.
+    fn drop_candidate(&self) -> Result<u64, Refusal>;
     /// The device's part of its state report (`stats` since the last call).
     fn report(&self) -> DeviceReport;
 }

@@ -195,11 +195,15 @@ impl<D: Device> Shared<D> {
     /// The retained state report.
     pub(crate) fn state_doc(&self) -> StateReport {
         let body = self.device.report();
-        let release = self.device.with_updater(|u| {
-            let current = u.store.current().ok().flatten()?;
-            let active = current.active?;
-            let d = u.store.release(&active).ok()?;
-            Some(ReleaseRef { id: active, number: d.number })
+        let (release, candidate) = self.device.with_updater(|u| {
+            let current = u.store.current().ok().flatten();
+            let named = |sha: Option<String>| {
+                let sha = sha?;
+                let d = u.store.release(&sha).ok()?;
+                Some(ReleaseRef { id: sha, number: d.number })
+            };
+            let current = current.as_ref();
+            (named(current.and_then(|c| c.active.clone())), named(current.and_then(|c| c.candidate.clone())))
         });
         let mut update = lock(&self.update).clone();
         update.dropped_replies = self.dropped_replies.load(Ordering::Relaxed);
@@ -210,6 +214,7 @@ impl<D: Device> Shared<D> {
             group: Some(cfg.group.clone()),
             online: true,
             release,
+            candidate,
             update: Some(update),
             body,
             seq: Some(self.seq.fetch_add(1, Ordering::Relaxed)),

@@ -104,24 +104,67 @@ impl<D: Device> Shared<D> {
         // The offer's attempt tells the console which of its offers this report answers.
         let release = OfferRef { id: id.clone(), number, attempt: offer.attempt };
         let o = offer.clone();
-        let (active, trusted) = self
+        let (active, candidate, trusted) = self
             .blocking(move |s| {
                 s.device.with_updater(|u| {
                     let current = u.store.current().ok().flatten();
+                    let candidate = current.as_ref().and_then(|c| c.candidate.clone());
                     let trusted = current.map(|c| format!("{} {:?}", c.root, c.last_number)).unwrap_or_default();
-                    (u.is_active(&o), trusted)
+                    (u.is_active(&o), candidate, trusted)
                 })
             })
             .await;
         let key = crate::sha256_hex(&[&bytes[..], b"\n", trusted.as_bytes()].concat());
-        if active {
-            self.clean_downloads(None);
-            self.set_state(|u| {
+        let idle = |s: &Self| {
+            s.set_state(|u| {
                 u.state = UpdateState::Idle;
                 u.progress = None;
                 u.retry_in_secs = None;
-            });
+            })
+        };
+        if active {
+            self.clean_downloads(None);
+            // Offered the active release again: a candidate beside it is no longer wanted.
+            if candidate.is_some()
+                && let Err(r) = self.blocking(|s| s.device.drop_candidate()).await
+            {
+                tracing::warn!(error = %r, "the candidate release could not be dropped");
+            }
+            idle(self.as_ref());
             return OfferOutcome::Done;
+        }
+        if candidate.as_deref() == Some(id.as_str()) {
+            if offer.candidate {
+                idle(self.as_ref());
+                return OfferOutcome::Done;
+            }
+            // The candidate offered for real: promote it, nothing to fetch.
+            self.set_state(|u| {
+                u.state = UpdateState::Applying;
+                u.release = Some(release.clone());
+            });
+            let promoted = self.blocking(|s| s.device.promote()).await;
+            return match promoted {
+                Ok(applied) => {
+                    self.set_state(|u| {
+                        u.state = UpdateState::Idle;
+                        u.last_applied = Some(AppliedReport {
+                            number: applied.number,
+                            release: applied.release,
+                            models: applied.models,
+                            download_ms: 0,
+                            apply_ms: applied.millis,
+                            transfer: None,
+                            at: time::format(SystemTime::now()),
+                        });
+                    });
+                    OfferOutcome::Done
+                }
+                Err(r) => {
+                    self.refuse(Some(&key), Some(&id), Some(release), &r);
+                    OfferOutcome::Done
+                }
+            };
         }
         if let Some(rec) = self.refused_record(&key) {
             self.set_state(|u| {
@@ -177,10 +220,12 @@ impl<D: Device> Shared<D> {
             return self.transfer_failed("storage", &format!("could not record the apply: {e}"), &id);
         }
         let d = dir.clone();
+        let as_candidate = offer.candidate;
         // A panic while applying (a backend on a hostile graph) is a refusal like any other.
         let applied = self
             .blocking(move |s| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.device.apply(&d))).unwrap_or_else(|panic| {
+                let step = || if as_candidate { s.device.stage_candidate(&d) } else { s.device.apply(&d) };
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).unwrap_or_else(|panic| {
                     Err(Refusal::new(
                         crate::error::RefusalKind::HealthCheck,
                         format!("applying the release panicked: {}", crate::panic_message(&*panic)),
@@ -190,6 +235,12 @@ impl<D: Device> Shared<D> {
             .await;
         let _ = std::fs::remove_file(self.applying_path());
         match applied {
+            Ok(_) if as_candidate => {
+                // Staged beside what serves: the report's `candidate` says so.
+                let _ = std::fs::remove_dir_all(&dir);
+                idle(self.as_ref());
+                OfferOutcome::Done
+            }
             Ok(applied) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 let progress = lock(&self.update).progress.clone();
