@@ -254,6 +254,21 @@ pub struct AppliedReport {
     pub at: String,
 }
 
+impl AppliedReport {
+    /// The report of a release applied (or a candidate promoted) now.
+    pub fn of(applied: crate::apply::Applied, download_ms: u64, transfer: Option<Progress>) -> AppliedReport {
+        AppliedReport {
+            number: applied.number,
+            release: applied.release,
+            models: applied.models,
+            download_ms,
+            apply_ms: applied.millis,
+            transfer,
+            at: crate::time::format(std::time::SystemTime::now()),
+        }
+    }
+}
+
 /// Progress of the current transfer. `chunks_resumed` were found on disk (earlier attempt or
 /// process); `chunks_fetched` arrived in this attempt; each chunk is written once.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

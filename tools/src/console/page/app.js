@@ -70,7 +70,7 @@ function renderSummary(o) {
 
 function waveRow(w) {
   const c = w.counts || {};
-  const ok = c.succeeded || 0, bad = (c.failed || 0) + (c.timed_out || 0), busy = c.offered || 0;
+  const ok = c.succeeded || 0, bad = (c.failed || 0) + (c.timed_out || 0), busy = inFlight(c);
   const size = Math.max(w.size, ok + bad + busy, 1);
   const pct = (n) => (100 * n) / size + "%";
   return el("div", { class: "wave", "data-wave": w.wave },
@@ -79,7 +79,41 @@ function waveRow(w) {
       el("div", { class: "ok", style: "width:" + pct(ok) }),
       el("div", { class: "bad", style: "width:" + pct(bad) }),
       el("div", { class: "busy", style: "width:" + pct(busy) })),
-    el("div", { class: "muted" }, ok + " / " + w.size + " succeeded" + (bad ? ", " + bad + " failed" : "") + (busy ? ", " + busy + " in flight" : "")));
+    el("div", { class: "muted" }, ok + " / " + w.size + " succeeded" + (bad ? ", " + bad + " failed" : "") + (busy ? ", " + busy + " in flight" : "") +
+      (c.shadowing ? " (" + c.shadowing + " shadowing)" : "")));
+}
+
+// Offered and not answered yet: a gated rollout's devices also while they shadow and promote.
+const inFlight = (c) => (c.offered || 0) + (c.shadowing || 0) + (c.promoting || 0);
+
+// A rollout's shadow gate, in words.
+const gateText = (g) => (g ? ", gate: " + (100 * g.agreement).toFixed(1) + "% agreement over " + g.rows + " rows" : "");
+
+// The candidate a device stages, with its comparison so far (summed over its models).
+function candidateText(d) {
+  if (d.candidate === null || d.candidate === undefined) return "-";
+  let rows = 0, agreed = 0;
+  for (const m of list(d.models)) {
+    if (m.shadow && m.shadow.rows) {
+      rows += m.shadow.rows;
+      agreed += (m.shadow.agreement || 0) * m.shadow.rows;
+    }
+  }
+  return String(d.candidate) + (rows ? " · " + ((100 * agreed) / rows).toFixed(1) + "% of " + rows : "");
+}
+
+// The largest drift score of the device's last windows, marked past its threshold.
+function driftCell(d) {
+  let worst = null, threshold = null, where = "";
+  for (const m of list(d.models)) {
+    for (const v of list(m.drift)) {
+      for (const [signal, psi] of Object.entries(v.psi || {})) {
+        if (worst === null || psi > worst) [worst, threshold, where] = [psi, v.threshold, m.name + ":" + v.version + " " + signal];
+      }
+    }
+  }
+  if (worst === null) return "-";
+  return el("span", { class: worst > threshold ? "badge failed" : "", title: "largest PSI of the last window: " + where }, worst.toFixed(2));
 }
 
 function renderRollouts(o) {
@@ -94,11 +128,11 @@ function renderRollouts(o) {
         el("h3", {}, "Rollout " + r.id + ": release " + r.number),
         el("span", { class: "badge " + r.state }, r.state),
         el("span", { class: "muted" }, r.fleet + "/" + r.group + ", " + r.devices + " devices, waves " + r.wave_spec.join(" → ") +
-          ", errors ≤ " + r.errors + (r.rate_per_min ? ", " + r.rate_per_min + "/min" : "")),
+          ", errors ≤ " + r.errors + (r.rate_per_min ? ", " + r.rate_per_min + "/min" : "") + gateText(r.shadow_gate)),
         r.reason ? el("span", {}, r.reason) : null),
       r.waves.map(waveRow),
       el("div", { class: "muted" }, (c.succeeded || 0) + " succeeded, " + ((c.failed || 0) + (c.timed_out || 0)) + " failed, " +
-        (c.offered || 0) + " in flight, " + (c.pending || 0) + " waiting"),
+        inFlight(c) + " in flight, " + (c.pending || 0) + " waiting"),
       r.failures.length
         ? el("ul", { class: "failures" }, r.failures.slice(0, 20).map((f) =>
             el("li", {}, deviceLink(f.device), " " + f.status.replace("_", " ") + " (attempt " + f.attempt + "): " + (f.reason || ""))))
@@ -120,7 +154,9 @@ function renderFleet(o) {
       el("td", {}, ago(o.now, d.last_seen)),
       el("td", { class: "num" }, num(d.p50_ms, 3)),
       el("td", { class: "num" }, num(d.p99_ms, 3)),
-      el("td", { class: "num" }, d.escalation_rate === null || d.escalation_rate === undefined ? "-" : (100 * d.escalation_rate).toFixed(1) + "%"))));
+      el("td", { class: "num" }, d.escalation_rate === null || d.escalation_rate === undefined ? "-" : (100 * d.escalation_rate).toFixed(1) + "%"),
+      el("td", { class: "candidate" }, candidateText(d)),
+      el("td", { class: "num drift" }, driftCell(d)))));
 }
 
 function renderReleases(o) {
@@ -150,6 +186,10 @@ async function renderDevice(id) {
       el("dt", {}, "Last error"), el("dd", {}, d.last_error || "-"),
       el("dt", {}, "Runtime"), el("dd", {}, s.runtime || "-"),
       el("dt", {}, "Latency p50 / p99"), el("dd", {}, num(d.p50_ms, 3) + " / " + num(d.p99_ms, 3) + " ms"),
+      el("dt", {}, "Candidate"), el("dd", {}, candidateText(d)),
+      el("dt", {}, "Drift (last window)"), el("dd", { class: "mono" }, list(d.models).flatMap((m) => list(m.drift).map((v) =>
+        m.name + ":" + v.version + " " + Object.entries(v.psi || {}).map(([k, p]) => k + " " + p.toFixed(3)).join(", ") +
+        " (threshold " + v.threshold + ", " + v.alerts + " of " + v.windows + " windows past it)")).join("; ") || "-"),
       el("dt", {}, "Labels"), el("dd", { class: "mono" }, JSON.stringify(d.labels))),
     el("h2", { style: "margin-top:14px" }, "Rollouts"),
     d.rollouts.length

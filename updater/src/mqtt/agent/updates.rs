@@ -12,7 +12,6 @@ use super::shared::{Failure, OfferOutcome, Shared, lock};
 use crate::Refusal;
 use crate::mqtt::report::{AppliedReport, ErrorReport, OfferRef, UpdateState};
 use crate::offer::Offer;
-use crate::time;
 
 pub(crate) async fn run_updates<D: Device>(
     s: Arc<Shared<D>>,
@@ -148,15 +147,7 @@ impl<D: Device> Shared<D> {
                 Ok(applied) => {
                     self.set_state(|u| {
                         u.state = UpdateState::Idle;
-                        u.last_applied = Some(AppliedReport {
-                            number: applied.number,
-                            release: applied.release,
-                            models: applied.models,
-                            download_ms: 0,
-                            apply_ms: applied.millis,
-                            transfer: None,
-                            at: time::format(SystemTime::now()),
-                        });
+                        u.last_applied = Some(AppliedReport::of(applied, 0, None));
                     });
                     OfferOutcome::Done
                 }
@@ -246,15 +237,7 @@ impl<D: Device> Shared<D> {
                 let progress = lock(&self.update).progress.clone();
                 self.set_state(|u| {
                     u.state = UpdateState::Idle;
-                    u.last_applied = Some(AppliedReport {
-                        number: applied.number,
-                        release: applied.release,
-                        models: applied.models,
-                        download_ms,
-                        apply_ms: applied.millis,
-                        transfer: progress,
-                        at: time::format(SystemTime::now()),
-                    });
+                    u.last_applied = Some(AppliedReport::of(applied, download_ms, progress));
                     u.progress = None;
                 });
                 OfferOutcome::Done
