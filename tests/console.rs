@@ -4,7 +4,6 @@
 //! headless Chromium.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use outpost_tests::console::{Console, Sim, TOKEN, ids};
@@ -247,32 +246,7 @@ fn failures_pause_a_rollout_and_resume_retry_abort_and_rollback_work() {
 /// The web page in headless Chromium: it loads with the token, shows the fleet and the running
 /// rollout's progress; a screenshot is kept next to the test's files (and in docs/).
 fn check_page(dir: &Path, console: &Console, rollout: u64) {
-    let url = format!("http://127.0.0.1:{}/#token={TOKEN}", console.port);
-    let chromium = |extra: &[&str]| {
-        let profile = dir.join(format!("chromium-{}", extra.len()));
-        let out = Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                "--window-size=1400,1100",
-                "--virtual-time-budget=5000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("chromium (Debian package chromium)");
-        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let dom = chromium(&["--dump-dom"]);
+    let dom = console.page(dir, &["--dump-dom"]);
     assert!(dom.contains("data-loaded=\"yes\""), "the page loaded its data: {dom}");
     for d in ["sim-0001", "sim-0050"] {
         assert!(dom.contains(&format!("data-device=\"{d}\"")), "{d} in the fleet table");
@@ -281,7 +255,7 @@ fn check_page(dir: &Path, console: &Console, rollout: u64) {
     assert!(card.starts_with(" data-state=\"running\""), "{card}");
     assert!(card.contains("6 / 50 succeeded"), "its wave's progress: {card}");
     let shot = dir.join("console.png");
-    chromium(&[&format!("--screenshot={}", shot.display())]);
+    console.page(dir, &[&format!("--screenshot={}", shot.display())]);
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
     if std::env::var_os("OUTPOST_UPDATE_SCREENSHOT").is_some() {

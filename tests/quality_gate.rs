@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use outpost_tests::console::{Console, TOKEN};
+use outpost_tests::console::Console;
 use outpost_tests::mqtt::{Broker, Device, FLEET, ctl, publisher, wait_for};
 use outpost_tests::{Server, repo_root};
 use serde_json::{Value, json};
@@ -204,33 +204,10 @@ fn a_gated_rollout_promotes_an_agreeing_candidate_and_pauses_on_a_disagreeing_on
     }
 
     // The console's page shows the gate and why the rollout stopped at it.
-    let dom = page_dom(&dir, &console);
+    let dom = console.page(&dir, &["--dump-dom"]);
     assert!(dom.contains("data-loaded=\"yes\""), "the page loaded its data: {dom}");
     let card = dom.split(&format!("id=\"rollout-{id}\"")).nth(1).expect("the rollout is shown");
     assert!(card.starts_with(" data-state=\"paused\""), "{card}");
     assert!(card.contains("gate: 95.0% agreement over 30 rows"), "{card}");
     assert!(card.contains(reason), "{card}");
-}
-
-/// The console's page as headless Chromium renders it (its DOM after the first data load).
-fn page_dom(dir: &Path, console: &Console) -> String {
-    let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", dir.join("chromium").display()))
-        .arg(format!("http://127.0.0.1:{}/#token={TOKEN}", console.port))
-        .output()
-        .expect("chromium (Debian package chromium)");
-    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -122,6 +122,35 @@ impl Console {
     pub fn device(&self, id: &str) -> Value {
         self.json(&["fleet", "show", id])
     }
+
+    /// The web page in headless Chromium (logged in with the token), with `extra` arguments
+    /// such as `--dump-dom` (the DOM after its first data load) or `--screenshot=PATH`; its
+    /// stdout. Each call gets its own profile folder under `dir`.
+    pub fn page(&self, dir: &Path, extra: &[&str]) -> String {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1400,1100",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join(format!("chromium-{n}")).display()))
+            .args(extra)
+            .arg(format!("http://127.0.0.1:{}/#token={TOKEN}", self.port))
+            .output()
+            .expect("chromium (Debian package chromium)");
+        assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Console {

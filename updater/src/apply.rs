@@ -209,15 +209,10 @@ impl Updater {
         now: SystemTime,
         started: Instant,
     ) -> Result<Applied, Refusal> {
-        let store = &self.store;
         let Prepared { verified, staged, mut applied, .. } = self.prepare(dir, host, now, started)?;
-        let Verified { doc, env, new_roots, current } = verified;
         // Commit: the documents first, then the state that names them, in one rename.
-        let mut root_sha = current.root.clone();
-        for r in &new_roots {
-            root_sha = store.put_doc(r)?;
-        }
-        let release_sha = store.put_doc(&env)?;
+        let (root_sha, release_sha) = self.put_docs(&verified)?;
+        let Verified { doc, current, .. } = verified;
         let next = Current {
             root: root_sha,
             active: Some(release_sha.clone()),
@@ -288,6 +283,16 @@ impl Updater {
             millis: started.elapsed().as_millis() as u64,
         };
         Ok(Prepared { verified, staged, added, applied })
+    }
+
+    /// Stores a verified release's documents (the root versions it brought, then the release)
+    /// before a state names them; returns the trusted root's hash and the release's.
+    pub(crate) fn put_docs(&self, verified: &Verified) -> Result<(String, String), Refusal> {
+        let mut root = verified.current.root.clone();
+        for r in &verified.new_roots {
+            root = self.store.put_doc(r)?;
+        }
+        Ok((root, self.store.put_doc(&verified.env)?))
     }
 
     /// Commits a new trusted state. Past the rename the new state is what a restart finds: a

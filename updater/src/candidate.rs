@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use crate::apply::{Applied, Prepared, Updater, Verified};
+use crate::apply::{Applied, Prepared, Updater};
 use crate::error::{Refusal, RefusalKind, refuse};
 use crate::host::{ModelHost, staged_models};
 use crate::release::ReleaseDoc;
@@ -36,17 +36,12 @@ impl Updater {
         started: Instant,
     ) -> Result<Applied, Refusal> {
         let Prepared { verified, staged, added, applied } = self.prepare(dir, host, now, started)?;
-        let Verified { env, new_roots, current, .. } = verified;
         if let Err(e) = host.shadow(staged) {
             self.store.discard_blobs(&added);
             return refuse(RefusalKind::HealthCheck, e.to_string());
         }
-        let mut root = current.root.clone();
-        for r in &new_roots {
-            root = self.store.put_doc(r)?;
-        }
-        let release = self.store.put_doc(&env)?;
-        let next = Current { root, candidate: Some(release), ..current };
+        let (root, release) = self.put_docs(&verified)?;
+        let next = Current { root, candidate: Some(release), ..verified.current };
         if let Err(e) = self.commit(&next) {
             drop(host.take_shadow());
             return Err(e);
