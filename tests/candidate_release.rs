@@ -5,6 +5,8 @@
 //! shadow its model is refused and changes nothing. Over MQTT (a real Mosquitto), a candidate
 //! offer is staged and reported with its comparisons, the same release offered for real is
 //! promoted without a second download, and the active release offered again drops it.
+//! `outpost update revert` returns to the release that ran before the active one, once, and the
+//! release it left can never be applied again.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -159,6 +161,56 @@ fn a_candidate_release_runs_as_a_shadow_until_promoted_or_dropped() {
     assert!(shadow(addr).is_null());
     assert!(http(addr, "GET", "/v2/update/status")["candidate"].is_null());
     assert_eq!(send(addr, 1, Duration::ZERO), ["6"]);
+}
+
+#[test]
+fn revert_returns_to_the_previous_release_once_and_the_left_release_cannot_return() {
+    let dir = std::env::temp_dir().join(format!("outpost-revert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fleet = Fleet::new();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let state = dir.join("state");
+    let config = store_config(&state, &addr.to_string());
+    std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
+    ok(update(&config, &["provision", dir.join("root-1.json").to_str().unwrap()]));
+    let r1 = sample_release(&dir, &fleet, 1, "digits", "digits-edge");
+    let r2 = sample_release(&dir, &fleet, 2, "digits", "digits-central");
+    let r3 = sample_release(&dir, &fleet, 3, "digits", "digits-edge-qop");
+    ok(update(&config, &["apply", r1.to_str().unwrap()]));
+    let (code, answer) = update(&config, &["revert"]);
+    assert_eq!((code, answer["refusal"].as_str()), (2, Some("missing")), "nothing ran before: {answer}");
+    assert!(answer["error"].as_str().unwrap().contains("no previous release"), "{answer}");
+
+    // Offline: release 2 applied, then reverted; its number stays the last accepted.
+    ok(update(&config, &["apply", r2.to_str().unwrap()]));
+    let answer = ok(update(&config, &["revert"]));
+    assert_eq!(answer["applied"]["number"], 1, "{answer}");
+    let status = ok(update(&config, &["status"]));
+    assert_eq!(
+        (status["active"]["number"].as_u64(), status["previous"].is_null(), status["last_number"].as_u64()),
+        (Some(1), true, Some(2)),
+        "{status}"
+    );
+    let (code, answer) = update(&config, &["apply", r2.to_str().unwrap()]);
+    assert_eq!((code, answer["refusal"].as_str()), (2, Some("rollback")), "the release left stays out: {answer}");
+
+    // Through the running daemon: release 3 serves, is reverted, and release 1 serves again.
+    let _daemon = Daemon::serve_at(addr, &["--config", config.to_str().unwrap()]);
+    assert_eq!(send(addr, 1, Duration::ZERO), ["1"]);
+    ok(update(&config, &["apply", r3.to_str().unwrap()]));
+    assert_eq!(send(addr, 1, Duration::ZERO), ["3"]);
+    let before = trusted_state(&state);
+    let answer = ok(update(&config, &["revert"]));
+    assert_eq!(answer["applied"]["number"], 1, "{answer}");
+    assert_eq!(send(addr, 2, Duration::ZERO), ["1", "1"]);
+    // Once: a second revert has nowhere to go, and changes nothing.
+    let after = trusted_state(&state);
+    assert_ne!(after, before);
+    let (code, answer) = update(&config, &["revert"]);
+    assert_eq!((code, answer["refusal"].as_str()), (2, Some("missing")), "{answer}");
+    assert_eq!(trusted_state(&state), after);
+    assert_eq!(send(addr, 1, Duration::ZERO), ["1"]);
 }
 
 /// `outpostctl publish RELEASE --devices dev1 [--candidate]` as the console user.

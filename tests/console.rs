@@ -254,6 +254,13 @@ fn check_page(dir: &Path, console: &Console, rollout: u64) {
     let card = dom.split(&format!("id=\"rollout-{rollout}\"")).nth(1).expect("the rollout is shown");
     assert!(card.starts_with(" data-state=\"running\""), "{card}");
     assert!(card.contains("6 / 50 succeeded"), "its wave's progress: {card}");
+    // The fleet counted by release, and the table filtered on one (from the address).
+    let groups = dom.split("data-group=\"release\"").nth(1).expect("the release groups");
+    assert!(groups.contains("release 3</button></td><td class=\"num\">6</td>"), "{groups}");
+    assert!(dom.contains("data-total=\"50\""), "{dom}");
+    let filtered = console.page_at(dir, "release=3", &["--dump-dom"]);
+    assert_eq!(filtered.matches("<tr data-device=").count(), 6, "{filtered}");
+    assert!(filtered.contains("1–6 of 6 devices (release 3)"), "{filtered}");
     let shot = dir.join("console.png");
     console.page(dir, &[&format!("--screenshot={}", shot.display())]);
     let png = std::fs::read(&shot).unwrap();

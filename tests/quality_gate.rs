@@ -53,20 +53,25 @@ fn top_classes(models: &[&str]) -> Vec<Vec<usize>> {
     })
 }
 
-/// Sends `rows` to every device, round after round, until dropped.
+/// Sends each device its rows, round after round, until stopped.
 struct Traffic {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl Traffic {
+    /// The same rows to every device.
     fn start(addrs: Vec<std::net::SocketAddr>, rows: Vec<Vec<f32>>) -> Traffic {
+        Traffic::each(addrs.into_iter().map(|a| (a, rows.clone())).collect())
+    }
+
+    fn each(devices: Vec<(std::net::SocketAddr, Vec<Vec<f32>>)>) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut sent = 0;
             'all: for i in 0.. {
-                for addr in &addrs {
+                for (addr, rows) in &devices {
                     if flag.load(Ordering::Relaxed) {
                         break 'all;
                     }
@@ -93,13 +98,14 @@ impl Traffic {
     }
 }
 
-/// A signed release `r{number}` of `sample` as model `digits` in the publisher's folder.
-fn release(pubdir: &Path, number: u64, sample: &str) {
+/// A signed release `r{number}` of `sample` as model `digits` in the publisher's folder
+/// (`extra`: more lines of its model entry).
+fn release(pubdir: &Path, number: u64, sample: &str, extra: &str) {
     let models = repo_root().join("models");
     std::fs::write(
         pubdir.join(format!("r{number}.toml")),
         format!(
-            "fleet = \"{FLEET}\"\nnumber = {number}\n[[models]]\nname = \"digits\"\nversion = \"{number}\"\npath = {:?}\ngolden = {:?}\n",
+            "fleet = \"{FLEET}\"\nnumber = {number}\n[[models]]\nname = \"digits\"\nversion = \"{number}\"\npath = {:?}\ngolden = {:?}\n{extra}",
             models.join(format!("{sample}.onnx")),
             models.join(format!("{sample}.golden.json"))
         ),
@@ -122,7 +128,7 @@ fn a_gated_rollout_promotes_an_agreeing_candidate_and_pauses_on_a_disagreeing_on
     std::fs::create_dir_all(&dir).unwrap();
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
-    release(&pubdir, 5, "digits-central");
+    release(&pubdir, 5, "digits-central", "");
     let root = pubdir.join("root-1.json");
     let broker = Broker::start(&dir.join("broker"));
     let console = Console::start(&dir, &broker, &root);
@@ -210,4 +216,93 @@ fn a_gated_rollout_promotes_an_agreeing_candidate_and_pauses_on_a_disagreeing_on
     assert!(card.starts_with(" data-state=\"paused\""), "{card}");
     assert!(card.contains("gate: 95.0% agreement over 30 rows"), "{card}");
     assert!(card.contains(reason), "{card}");
+}
+
+/// After activation: release 6 carries a reference profile, and a rollout with a soak gate on
+/// drift and the rollback rule takes it to the fleet. The first two devices get the same kind
+/// of digits as the profile and keep it; the third gets its digits with the pixels inverted,
+/// its drift score passes the bound, the rollout pauses naming it, and the device goes back to
+/// release 1, which it still holds, and serves it.
+#[test]
+fn shifted_inputs_after_activation_pause_the_rollout_and_roll_the_device_back() {
+    let dir = std::env::temp_dir().join(format!("outpost-soak-gate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    // The profile: the first 200 held-out digits; the traffic is the rest.
+    const REFERENCE: usize = 200;
+    let head = repo_root().join("models/successors/digits-edge-head.onnx");
+    let data = repo_root().join("models/digits-test.csv");
+    let profile = pubdir.join("head.profile.json");
+    let limit = REFERENCE.to_string();
+    let (head_s, data_s, profile_s) = (head.to_str().unwrap(), data.to_str().unwrap(), profile.to_str().unwrap());
+    ctl(&pubdir, &["profile", head_s, "--data", data_s, "--limit", &limit, "--out", profile_s]);
+    release(
+        &pubdir,
+        6,
+        "successors/digits-edge-head",
+        &format!("profile = {profile:?}\n[models.config.drift]\nwindow = 100\nthreshold = 0.25\n"),
+    );
+    let broker = Broker::start(&dir.join("broker"));
+    let console = Console::start(&dir, &broker, &pubdir.join("root-1.json"));
+    let devices: Vec<Device> =
+        DEVICES.iter().map(|id| Device::start(&dir, id, &broker.address(), &pubdir, "")).collect();
+    wait_for(Duration::from_secs(30), "3 devices online", || (console.online() == 3).then_some(()));
+    for r in ["r1", "r6"] {
+        console.ctl(&["release", "upload", pubdir.join(r).to_str().unwrap()]);
+    }
+    // Release 1 everywhere first: the release a rollback returns to.
+    let id = start(&console, &["--number", "1", "--waves", "100%"]);
+    console.wait_rollout(id, "completed", Duration::from_secs(60));
+
+    let rows = digits();
+    let live = rows[REFERENCE..].to_vec();
+    let inverted: Vec<Vec<f32>> = live.iter().map(|r| r.iter().map(|v| 16.0 - v).collect()).collect();
+    let traffic = Traffic::each(vec![
+        (devices[0].addr, live.clone()),
+        (devices[1].addr, live.clone()),
+        (devices[2].addr, inverted),
+    ]);
+    let id =
+        start(&console, &["--number", "6", "--waves", "1,100%", "--soak", "3", "--drift-max", "1.5", "--rollback"]);
+    let r = console.wait_rollout(id, "paused", Duration::from_secs(120));
+    traffic.stop();
+    let reason = r["reason"].as_str().unwrap();
+    println!("soak gate: {reason}");
+    assert!(reason.starts_with("soak gate: device dev3 drift score "), "{r:#}");
+    assert!(reason.ends_with(", over 1.5; rolled back to release 1"), "{r:#}");
+    let score: f64 = reason.split("drift score ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!(score > 1.5, "{reason}");
+    assert_eq!(r["counts"]["rolled_back"], 1, "{r:#}");
+    assert_eq!(r["soak_gate"], json!({"drift_max": 1.5, "escalation_rise": null, "p99_ratio": null, "rollback": true}));
+    // dev3 returns to release 1 (from its store: nothing to fetch) and serves it.
+    wait_for(Duration::from_secs(30), "dev3 back on release 1", || {
+        let s = broker.state("dev3")?;
+        (s["release"]["number"] == 1).then_some(())
+    });
+    assert_eq!(devices[2].served_version().as_deref(), Some("1"));
+    // The others run release 6 within the bound: their scores as the console sees them.
+    for d in &devices[..2] {
+        assert_eq!(d.served_version().as_deref(), Some("6"), "{}", d.id);
+        let seen = console.device(&d.id);
+        let drift = seen["drift"].as_f64();
+        println!("{}: drift {drift:?}", d.id);
+        assert!(drift.is_none_or(|x| x <= 1.5), "{seen:#}");
+        if d.id == "dev1" {
+            // Activated a wave and a soak earlier: it has closed windows of its own.
+            assert!(drift.is_some(), "{seen:#}");
+        }
+    }
+    let history = console.device("dev3")["history"].clone();
+    let kinds: Vec<&str> = history.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"rolled_back"), "{kinds:?}");
+
+    // The page: the rollout with its soak gate and the device rolled back, and release 6's
+    // drift over time from the console's samples (one a second here).
+    let dom = console.page(&dir, &["--dump-dom"]);
+    let card = dom.split(&format!("id=\"rollout-{id}\"")).nth(1).expect("the rollout is shown");
+    assert!(card.contains("soak: drift ≤ 1.5, rollback") && card.contains("1 rolled back"), "{card}");
+    let chart = dom.split("class=\"drift-chart\" data-release=\"6\"").nth(1).expect("release 6's drift over time");
+    assert!(chart.contains("<polyline class=\"max\" points=\""), "{chart}");
 }

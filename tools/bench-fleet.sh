@@ -4,7 +4,7 @@
 # console with its SQLite database and built-in blob server. Release 1 is rolled out whole,
 # then release 2 (digits-edge's retrained head, as a delta) in waves 1%,10%,50%,100%; prints
 # the time from `rollout start` to every device on it, and the broker's and console's CPU
-# seconds and peak RSS during that rollout.
+# seconds and peak RSS during that rollout; then what the console's page costs at that size.
 #   tools/bench-fleet.sh [DEVICES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,4 +75,29 @@ rollout() { # NUMBER: starts it, waits for completion, prints seconds
 rollout 1
 rollout 2
 echo "peak RSS: broker $(( $(hwm $BROKER) / 1024 )) MB, console $(( $(hwm $CONSOLE) / 1024 )) MB"
+
+# The web page at this size: what each of its polls returns and takes (median of 20), and the
+# console's CPU over those 60 requests.
+c0=$(cpu $CONSOLE)
+python3 - "$CPORT" "$W/token" <<'PY'
+import statistics, sys, time, urllib.request
+port, token = sys.argv[1], open(sys.argv[2]).read().strip()
+for path in ["/api/overview", "/api/fleet?limit=50", "/api/fleet?drift=%3E%3D1&release=2&limit=50&offset=50"]:
+    times, size = [], 0
+    for _ in range(20):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": "Bearer " + token})
+        t = time.perf_counter()
+        size = len(urllib.request.urlopen(req).read())
+        times.append(time.perf_counter() - t)
+    print(f"page poll {path}: {size:,} bytes, {statistics.median(times) * 1000:.1f} ms")
+PY
+printf 'console CPU for those 60 requests: %.2f s; console RSS now %s MB\n' \
+  "$(echo "($(cpu $CONSOLE) - $c0) / $(getconf CLK_TCK)" | bc -l)" "$(( $(awk '/VmRSS/ {print $2}' /proc/$CONSOLE/status) / 1024 ))"
+if command -v chromium >/dev/null; then
+  # The whole page in headless Chromium, browser start included, until its data is drawn.
+  t0=$(date +%s.%N)
+  chromium --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run \
+    --virtual-time-budget=10000 --user-data-dir="$W/chromium" --dump-dom "http://127.0.0.1:$CPORT/#token=$(cat "$W/token")" 2>/dev/null \
+    | grep -q 'data-loaded="yes"' && printf 'page in headless Chromium (browser start included): %.2f s\n' "$(echo "$(date +%s.%N) - $t0" | bc)"
+fi
 "$C" rollout status --json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print("last rollout:", r["counts"])'

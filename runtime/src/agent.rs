@@ -162,6 +162,10 @@ impl Device for RuntimeDevice {
         self.updates.drop_candidate()
     }
 
+    fn revert(&self) -> Result<Applied, Refusal> {
+        self.updates.revert()
+    }
+
     fn report(&self) -> DeviceReport {
         let models = self
             .registry

@@ -194,26 +194,32 @@ impl ReleaseService {
         self.updater().drop_candidate(&self.host)
     }
 
+    /// Activates the previous release in place of the active one (once; see
+    /// [`outpost_updater::revert`]).
+    pub fn revert(&self) -> Result<Applied, Refusal> {
+        self.updater().revert(&self.host)
+    }
+
     /// The trusted state and the last update's outcome.
     pub fn status(&self) -> Value {
         let updater = self.updater();
         let store = &updater.store;
         let current = store.current().ok().flatten();
-        let active = current.as_ref().and_then(|c| c.active.as_ref()).and_then(|a| store.release(a).ok());
+        let summary = |sha: Option<&String>| {
+            let d = store.release(sha?).ok()?;
+            let models: Vec<Value> = d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect();
+            Some(json!({"number": d.number, "models": models}))
+        };
         let last =
             std::fs::read(store.dir().join("status.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
         json!({
             "fleet": updater.target.fleet,
             "group": updater.target.group,
             "provisioned": current.is_some(),
-            "active": active.as_ref().map(|d| json!({
-                "number": d.number,
-                "models": d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect::<Vec<_>>(),
-            })),
-            "candidate": updater.candidate().ok().flatten().map(|(_, d)| json!({
-                "number": d.number,
-                "models": d.models.iter().map(|m| json!({"name": m.name, "version": m.version})).collect::<Vec<_>>(),
-            })),
+            "active": summary(current.as_ref().and_then(|c| c.active.as_ref())),
+            // What `outpost update revert` returns to.
+            "previous": summary(current.as_ref().and_then(|c| c.previous.as_ref())),
+            "candidate": summary(current.as_ref().and_then(|c| c.candidate.as_ref())),
             "last_number": current.as_ref().and_then(|c| c.last_number),
             "last_update": last,
         })

@@ -41,6 +41,8 @@ impl Console {
             root.display().to_string(),
             "--tick-ms".into(),
             "200".into(),
+            "--drift-sample-secs".into(),
+            "1".into(),
         ];
         args.extend(broker.ctl_args("console"));
         let mut c = Console { child: None, port, data, args, log: dir.join("console.log") };
@@ -127,6 +129,12 @@ impl Console {
     /// such as `--dump-dom` (the DOM after its first data load) or `--screenshot=PATH`; its
     /// stdout. Each call gets its own profile folder under `dir`.
     pub fn page(&self, dir: &Path, extra: &[&str]) -> String {
+        self.page_at(dir, "", extra)
+    }
+
+    /// The page opened at `view` (the rest of its address after the token, such as
+    /// `release=3`: the fleet table's filters).
+    pub fn page_at(&self, dir: &Path, view: &str, extra: &[&str]) -> String {
         static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = Command::new("chromium")
@@ -145,7 +153,11 @@ impl Console {
             ])
             .arg(format!("--user-data-dir={}", dir.join(format!("chromium-{n}")).display()))
             .args(extra)
-            .arg(format!("http://127.0.0.1:{}/#token={TOKEN}", self.port))
+            .arg(format!(
+                "http://127.0.0.1:{}/#token={TOKEN}{}{view}",
+                self.port,
+                if view.is_empty() { "" } else { "&" }
+            ))
             .output()
             .expect("chromium (Debian package chromium)");
         assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));

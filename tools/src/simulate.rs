@@ -161,6 +161,10 @@ impl Device for SimDevice {
         self.updater.lock().unwrap_or_else(|e| e.into_inner()).drop_candidate(&self.host)
     }
 
+    fn revert(&self) -> Result<Applied, Refusal> {
+        self.updater.lock().unwrap_or_else(|e| e.into_inner()).revert(&self.host)
+    }
+
     fn report(&self) -> DeviceReport {
         let serving = self.host.serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let count = self.requests.swap(0, Ordering::Relaxed);

@@ -148,7 +148,7 @@ impl Updater {
     }
 
     /// Writes the outcome of an update step to `status.json` and the log.
-    fn record(&self, what: &str, now: SystemTime, result: Result<serde_json::Value, &Refusal>) {
+    pub(crate) fn record(&self, what: &str, now: SystemTime, result: Result<serde_json::Value, &Refusal>) {
         let status = match result {
             Ok(mut detail) => {
                 detail["result"] = serde_json::json!(what);

@@ -17,6 +17,7 @@ pub mod mqtt;
 pub mod offer;
 pub mod release;
 pub mod release_dir;
+pub mod revert;
 pub mod root;
 pub mod store;
 pub mod time;

@@ -58,8 +58,10 @@ fn host_part(authority: &str) -> &str {
 
 /// The control endpoints: they change what the daemon serves.
 pub fn is_control(path: &str) -> bool {
-    matches!(path, "/v2/update/apply" | "/v2/update/candidate" | "/v2/update/promote" | "/v2/update/drop")
-        || path.strip_prefix("/v2/repository/models/").is_some_and(|p| p.ends_with("/load") || p.ends_with("/unload"))
+    matches!(
+        path,
+        "/v2/update/apply" | "/v2/update/candidate" | "/v2/update/promote" | "/v2/update/drop" | "/v2/update/revert"
+    ) || path.strip_prefix("/v2/repository/models/").is_some_and(|p| p.ends_with("/load") || p.ends_with("/unload"))
 }
 
 /// Checks one request's headers; `Err` is the answer.

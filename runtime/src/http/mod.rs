@@ -51,6 +51,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v2/update/candidate", post(update::candidate))
         .route("/v2/update/promote", post(update::promote))
         .route("/v2/update/drop", post(update::drop_candidate))
+        .route("/v2/update/revert", post(update::revert))
         .route("/v2/update/status", get(update::status))
         .route("/metrics", get(metrics))
         .fallback(no_route)

@@ -3,6 +3,7 @@
 //! 422 naming its kind (`{"error": ..., "refusal": "rollback"}`); nothing served changes.
 //! `POST /v2/update/candidate` stages a release as the candidate (its models run as shadows of
 //! the serving ones), `POST /v2/update/promote` activates it and `POST /v2/update/drop` drops it.
+//! `POST /v2/update/revert` returns to the release that ran before the active one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +76,11 @@ pub async fn promote(State(app): State<Arc<App>>) -> Result<Response, ApiError> 
 pub async fn drop_candidate(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let updates = service(&app)?;
     answer("dropped", move || updates.drop_candidate()).await
+}
+
+pub async fn revert(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let updates = service(&app)?;
+    answer("applied", move || updates.revert()).await
 }
 
 pub async fn status(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {

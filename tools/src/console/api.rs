@@ -16,7 +16,10 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::state::Console;
-use super::{catalog, db, ingest, rollout};
+use super::{catalog, db, fleet, history, ingest, rollout};
+
+/// How far back `/api/fleet` carries the drift history (the page's charts).
+const HISTORY_MS: i64 = 6 * 3600 * 1000;
 
 type Shared = State<Arc<Console>>;
 
@@ -49,6 +52,7 @@ pub fn router(console: Arc<Console>) -> Router {
     let api = Router::new()
         .route("/overview", get(overview))
         .route("/devices", get(devices))
+        .route("/fleet", get(fleet_page))
         .route("/devices/{id}", get(device))
         // An offer is as large as a device takes one (its chunk hashes grow with the model: a
         // 200 MB model at 64 KiB chunks makes a 0.3 MB offer); other bodies stay small.
@@ -151,16 +155,31 @@ async fn overview(State(c): Shared) -> Json {
         c.bad_states.load(std::sync::atomic::Ordering::Relaxed),
     );
     with_db(c, move |conn| {
-        let devices = list_devices(conn, None)?;
-        let online = devices.iter().filter(|d| d["online"] == true).count();
+        let (devices, online): (i64, i64) =
+            conn.query_row("SELECT count(*), coalesce(sum(online), 0) FROM devices", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         Ok(axum::Json(json!({
             "now": db::now_ms(),
-            "summary": {"devices": devices.len(), "online": online, "chunks_served": stats.0, "bytes_served": stats.1,
+            "summary": {"devices": devices, "online": online, "chunks_served": stats.0, "bytes_served": stats.1,
                         "states_ignored": stats.2},
-            "devices": devices,
             "releases": list_releases(conn)?,
             "rollouts": list_rollouts(conn, 20)?,
         })))
+    })
+    .await
+}
+
+/// `GET /api/fleet?FILTERS`: the fleet's groups (by release, update state, drift band) and one
+/// page of the devices the filters select (docs/console.md, "JSON API").
+async fn fleet_page(State(c): Shared, Query(f): Query<fleet::Filter>) -> Json {
+    with_db(c, move |conn| {
+        let mut v = fleet::page(conn, &f).map_err(bad)?;
+        let now = db::now_ms();
+        v["groups"] = fleet::groups(conn, f.fleet.as_deref())?;
+        v["drift_history"] = json!(history::drift(conn, f.fleet.as_deref(), now - HISTORY_MS)?);
+        v["now"] = json!(now);
+        Ok(axum::Json(v))
     })
     .await
 }

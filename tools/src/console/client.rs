@@ -386,6 +386,20 @@ pub struct StartArgs {
     /// Shadow gate: rows a device must have compared before the gate judges it.
     #[arg(long, requires = "shadow_agreement")]
     shadow_rows: Option<u64>,
+    /// Soak gate: once a device runs the release and until the rollout completes, pause the
+    /// rollout when its largest drift score (PSI, last closed window) is over this.
+    #[arg(long)]
+    drift_max: Option<f64>,
+    /// Soak gate: ...or its escalation rate rises more than this (0..1, absolute) above its rate
+    /// when it was offered the release.
+    #[arg(long)]
+    escalation_rise: Option<f64>,
+    /// Soak gate: ...or its p99 is more than this many times its p99 when offered.
+    #[arg(long)]
+    p99_ratio: Option<f64>,
+    /// Soak gate: offer a device past a bound the release it ran before.
+    #[arg(long)]
+    rollback: bool,
     #[command(flatten)]
     conn: ConsoleConn,
 }
@@ -404,6 +418,8 @@ pub fn rollout(cmd: RolloutCommand) -> anyhow::Result<()> {
                     "waves": a.waves, "success_pct": a.success_pct, "soak_secs": a.soak, "errors": a.errors,
                     "rate_per_min": a.rate, "deadline_secs": a.deadline,
                     "shadow_agreement": a.shadow_agreement, "shadow_rows": a.shadow_rows,
+                    "drift_max": a.drift_max, "escalation_rise": a.escalation_rise, "p99_ratio": a.p99_ratio,
+                    "rollback": a.rollback,
                 });
                 let mut api = Api::open(&a.conn).await?;
                 let v = api.json(Method::POST, "/api/rollouts", body.to_string()).await?;

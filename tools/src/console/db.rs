@@ -6,8 +6,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, params};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have been applied.
-const MIGRATIONS: &[&str] =
-    &[include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_shadow_gate.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_shadow_gate.sql"),
+    include_str!("../../migrations/0003_soak_gate.sql"),
+];
 
 /// Opens (creating if needed) and migrates the database. WAL with `synchronous=NORMAL`: a
 /// committed step survives the console being killed; a power cut may lose the last steps

@@ -29,6 +29,9 @@ pub struct DeviceState {
     /// compared, rows whose top class agreed.
     pub candidate: Option<String>,
     pub shadow: (u64, u64),
+    /// The largest drift score (population stability index) of any served version's last
+    /// closed window, over every signal; none until a window closes.
+    pub drift: Option<f64>,
     pub report: StateReport,
 }
 
@@ -67,8 +70,14 @@ pub fn parse(fleet: &str, id: &str, payload: &[u8]) -> Result<DeviceState, Strin
             let a = s.agreement.unwrap_or(0.0).clamp(0.0, 1.0);
             (rows + s.rows, agreed + (a * s.rows as f64).round() as u64)
         }),
+        drift: largest_drift(&report),
         report,
     })
+}
+
+fn largest_drift(report: &StateReport) -> Option<f64> {
+    let scores = report.body.models.iter().flat_map(|m| &m.drift).flat_map(|d| d.psi.values());
+    scores.copied().filter(|x| x.is_finite()).reduce(f64::max)
 }
 
 /// Records a state: the device row (created on first sight), events for what changed, and
@@ -94,13 +103,14 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
         return Ok(());
     }
     let labels = serde_json::to_string(&s.labels).expect("json");
+    let stats = s.report.body.stats.as_ref();
     conn.execute(
         "INSERT INTO devices (id, fleet, grp, labels, online, release_id, release_number, update_state, last_error, \
-         state, first_seen, last_seen, candidate_id, shadow_rows, shadow_agreed)
-         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)
+         state, first_seen, last_seen, candidate_id, shadow_rows, shadow_agreed, drift, requests, escalation_rate, p99_ms)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
          ON CONFLICT (fleet, id) DO UPDATE SET grp = ?3, labels = ?4, online = 1, release_id = ?5, \
          release_number = ?6, update_state = ?7, last_error = ?8, state = ?9, last_seen = ?10, candidate_id = ?11, \
-         shadow_rows = ?12, shadow_agreed = ?13",
+         shadow_rows = ?12, shadow_agreed = ?13, drift = ?14, requests = ?15, escalation_rate = ?16, p99_ms = ?17",
         params![
             s.id,
             s.fleet,
@@ -114,7 +124,11 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
             now,
             s.candidate,
             s.shadow.0 as i64,
-            s.shadow.1 as i64
+            s.shadow.1 as i64,
+            s.drift,
+            stats.map(|x| x.count as i64),
+            stats.and_then(|x| x.escalation_rate),
+            stats.and_then(|x| x.p99_ms)
         ],
     )?;
     match &before {
@@ -204,6 +218,7 @@ pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
         "p50_ms": stats.and_then(|s| s.p50_ms),
         "p99_ms": stats.and_then(|s| s.p99_ms),
         "escalation_rate": stats.and_then(|s| s.escalation_rate),
+        "drift": row.get::<_, Option<f64>>("drift")?,
         "runtime": state.body.runtime,
         "first_seen": row.get::<_, i64>("first_seen")?,
         "last_seen": row.get::<_, i64>("last_seen")?,

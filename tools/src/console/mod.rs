@@ -9,6 +9,8 @@ pub mod api;
 pub mod catalog;
 pub mod client;
 pub mod db;
+pub mod fleet;
+pub mod history;
 pub mod ingest;
 pub mod rollout;
 pub mod service;

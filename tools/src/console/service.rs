@@ -47,6 +47,9 @@ pub struct ConsoleArgs {
     /// Milliseconds between rollout steps.
     #[arg(long, default_value_t = 500)]
     pub tick_ms: u64,
+    /// Seconds between samples of the fleet's drift scores (the page's drift over time).
+    #[arg(long, default_value_t = 60.0)]
+    pub drift_sample_secs: f64,
 }
 
 pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
@@ -90,7 +93,9 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
             states_tx,
         ));
         tokio::spawn(record_states(console.clone(), prefix.clone(), states_rx));
-        tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), Duration::from_millis(a.tick_ms.max(50))));
+        let every = Duration::from_millis(a.tick_ms.max(50));
+        let sample_ms = (a.drift_sample_secs.clamp(0.1, 86_400.0) * 1000.0) as i64;
+        tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), every, sample_ms));
         let blobs = BlobServerConfig {
             broker: a.broker.config(&format!("{}-blobs", a.client_id))?,
             prefix,
@@ -275,9 +280,10 @@ impl OfferSender {
     }
 }
 
-/// Steps every live rollout on a timer. Offers are queued to the MQTT client without waiting;
-/// one that cannot be queued leaves its device pending for the next step.
-async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration) {
+/// Steps every live rollout on a timer, and samples the fleet's drift every `sample_ms`.
+/// Offers are queued to the MQTT client without waiting; one that cannot be queued leaves its
+/// device pending for the next step.
+async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration, sample_ms: i64) {
     // No step before the devices' retained states are in: a console that was down longer than
     // a deadline would otherwise time out devices that answered while it was away.
     while !console.states_ready.load(std::sync::atomic::Ordering::SeqCst) {
@@ -309,6 +315,7 @@ async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: Stri
             rollout::store::tick(&tx, now, &mut |fleet, device, release, attempt, candidate| {
                 sender.send(&tx, fleet, device, release, attempt, candidate)
             })?;
+            super::history::sample(&tx, now, sample_ms)?;
             tx.commit()
         })
         .await;

@@ -30,6 +30,9 @@ pub enum UpdateCommand {
     Promote,
     /// Drop the candidate release (running daemon only).
     Drop,
+    /// Return to the release that ran before the active one: once, and the release reverted
+    /// from can never be applied again (its fix comes as a release with a higher number).
+    Revert,
     /// Show the trusted state and the last update's outcome.
     Status,
     /// Check the store and load the active release as the daemon does at start (stopped
@@ -101,6 +104,16 @@ pub fn run(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             answered(daemon_call(&config, "POST", "/v2/update/promote", Some(&json!({})))?)
         }
         (UpdateCommand::Drop, None) => answered(daemon_call(&config, "POST", "/v2/update/drop", Some(&json!({})))?),
+        (UpdateCommand::Revert, Some(u)) => {
+            if let Err(e) = u.check_store() {
+                eprintln!("outpost: warning: {e}");
+            }
+            answered(match u.revert() {
+                Ok(a) => json!({ "applied": a }),
+                Err(e) => json!({ "error": e.to_string(), "refusal": e.kind.as_str() }),
+            })
+        }
+        (UpdateCommand::Revert, None) => answered(daemon_call(&config, "POST", "/v2/update/revert", Some(&json!({})))?),
         (UpdateCommand::Status, Some(u)) => {
             println!("{}", serde_json::to_string_pretty(&u.status())?);
             Ok(ExitCode::SUCCESS)

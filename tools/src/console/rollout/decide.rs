@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::spec::{Gate, Wave};
+use super::spec::{Gate, SoakGate, Wave};
 
 /// A live rollout as the database holds it: its settings and where it stands.
 pub struct Live {
@@ -26,6 +26,8 @@ pub struct Live {
     pub resumed: i64,
     /// Offer as a candidate first; activate on each device once its shadow comparison passes.
     pub gate: Option<Gate>,
+    /// Bounds on each activated device's signals until the rollout completes.
+    pub soak: Option<SoakGate>,
 }
 
 impl Live {
@@ -148,6 +150,7 @@ mod tests {
             wave_done: None,
             resumed: 0,
             gate: None,
+            soak: None,
         }
     }
 

@@ -86,81 +86,17 @@ pub fn advance(
 
 #[cfg(test)]
 mod tests {
-    use rusqlite::Connection;
     use serde_json::{Value, json};
 
-    use crate::console::rollout::store::{start, tick};
-    use crate::console::rollout::view::show;
-    use crate::console::{db, ingest};
+    use crate::console::rollout::store::start;
+    use crate::console::rollout::testing::{Fleet, R1, R2, offer};
 
-    const R1: &str = "aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11";
-    const R2: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12";
-
-    struct Fleet {
-        conn: Connection,
-        now: i64,
-    }
-
-    impl Fleet {
-        fn new(name: &str, devices: usize) -> Fleet {
-            let dir = std::env::temp_dir().join(format!("outpost-gate-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let conn = db::open(&dir.join("console.db")).unwrap();
-            for (id, n) in [(R1, 1), (R2, 2)] {
-                conn.execute(
-                    "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
-                     VALUES (?1, 'f', 'default', ?2, '[]', x'00', 0, 0)",
-                    rusqlite::params![id, n],
-                )
-                .unwrap();
-            }
-            let mut f = Fleet { conn, now: 1_000_000 };
-            for n in 1..=devices {
-                f.report(&format!("d{n}"), None, 0, 0.0);
-            }
-            f
-        }
-
-        /// A state: running release 1, with `candidate` staged and compared on `rows` rows.
-        fn report(&mut self, id: &str, candidate: Option<&str>, rows: u64, agreement: f64) {
-            let mut doc = json!({"device": id, "fleet": "f", "group": "default", "online": true,
-                                 "release": {"id": R1, "number": 1}});
-            if let Some(c) = candidate {
-                doc["candidate"] = json!({"id": c, "number": 2});
-                doc["models"] = json!([{"name": "m", "versions": ["1"],
-                    "shadow": {"candidate": "2", "rows": rows, "agreement": agreement}}]);
-            }
-            let s = ingest::parse("f", id, doc.to_string().as_bytes()).unwrap();
-            ingest::record(&self.conn, &s, self.now).unwrap();
-        }
-
-        fn promoted(&mut self, id: &str) {
-            let doc = json!({"device": id, "fleet": "f", "group": "default", "online": true,
-                             "release": {"id": R2, "number": 2}});
-            let s = ingest::parse("f", id, doc.to_string().as_bytes()).unwrap();
-            ingest::record(&self.conn, &s, self.now).unwrap();
-        }
-
-        /// One step; the offers sent: (device, release, as a candidate).
-        fn step(&mut self) -> Vec<(String, String, bool)> {
-            self.now += 1000;
-            let mut sent = Vec::new();
-            tick(&self.conn, self.now, &mut |_, d, r, _, c| {
-                sent.push((d.to_owned(), r[..4].to_owned(), c));
-                true
-            })
-            .unwrap();
-            sent
-        }
-
-        fn show(&self, id: i64) -> Value {
-            show(&self.conn, id).unwrap().unwrap()
-        }
-    }
-
-    fn offer(d: &str, r: &str, candidate: bool) -> (String, String, bool) {
-        (d.into(), r.into(), candidate)
+    /// A state: running release 1, with `candidate` staged and compared on `rows` rows.
+    fn report(f: &mut Fleet, id: &str, candidate: &str, rows: u64, agreement: f64) {
+        let extra = json!({"candidate": {"id": candidate, "number": 2},
+            "models": [{"name": "m", "versions": ["1"],
+                        "shadow": {"candidate": "2", "rows": rows, "agreement": agreement}}]});
+        f.state(id, R1, extra);
     }
 
     #[test]
@@ -171,28 +107,28 @@ mod tests {
         assert_eq!(f.show(id)["shadow_gate"], json!({"agreement": 0.95, "rows": 100}));
         // Wave 1: one device, offered as a candidate.
         assert_eq!(f.step(), [offer("d1", "ab12", true)]);
-        f.report("d1", Some(R2), 40, 0.99);
+        report(&mut f, "d1", R2, 40, 0.99);
         assert!(f.step().is_empty(), "too few rows compared: wait");
         assert_eq!(f.show(id)["counts"]["shadowing"], 1);
-        f.report("d1", Some(R2), 120, 0.975);
+        report(&mut f, "d1", R2, 120, 0.975);
         assert_eq!(f.step(), [offer("d1", "ab12", false)], "the gate passed: offered for real");
         assert_eq!(f.show(id)["counts"]["promoting"], 1);
-        f.promoted("d1");
+        f.state("d1", R2, json!({}));
         assert!(f.step().is_empty(), "wave 1 done");
         assert!(f.step().is_empty(), "wave 2 opened");
         // Wave 2: the other two, as candidates; d3 disagrees too often.
         let mut offers = f.step();
         offers.sort();
         assert_eq!(offers, [offer("d2", "ab12", true), offer("d3", "ab12", true)]);
-        f.report("d2", Some(R2), 30, 0.99);
-        f.report("d3", Some(R2), 150, 0.80);
+        report(&mut f, "d2", R2, 30, 0.99);
+        report(&mut f, "d3", R2, 150, 0.80);
         assert_eq!(f.step(), [offer("d3", "aa11", false)], "d3 is offered its active release again");
         let v = f.show(id);
         assert_eq!(v["state"], "paused", "{v}");
         assert_eq!(v["reason"], "shadow gate: device d3 agreed on 80.0% of 150 rows, below 95.0%", "{v}");
         assert_eq!(v["failures"][0]["device"], "d3", "{v}");
         // Paused: d2 passing its gate now waits for the operator.
-        f.report("d2", Some(R2), 200, 0.99);
+        report(&mut f, "d2", R2, 200, 0.99);
         assert!(f.step().is_empty());
     }
 

@@ -111,6 +111,19 @@ pub struct StartRequest {
     /// ...over at least this many compared rows.
     #[serde(default)]
     pub shadow_rows: Option<u64>,
+    /// Soak gate: after a device activates the release and until the rollout completes, its
+    /// largest drift score must stay at or below this...
+    #[serde(default)]
+    pub drift_max: Option<f64>,
+    /// ...its escalation rate at most this much (0..1, absolute) above its rate when offered...
+    #[serde(default)]
+    pub escalation_rise: Option<f64>,
+    /// ...and its p99 at most this many times its p99 when offered.
+    #[serde(default)]
+    pub p99_ratio: Option<f64>,
+    /// A device past a soak bound is offered the release it ran before.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// A rollout's shadow gate.
@@ -120,7 +133,42 @@ pub struct Gate {
     pub rows: u64,
 }
 
+/// A rollout's soak gate: bounds on each activated device's signals. Unset bounds are not
+/// checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SoakGate {
+    pub drift_max: Option<f64>,
+    pub escalation_rise: Option<f64>,
+    pub p99_ratio: Option<f64>,
+    pub rollback: bool,
+}
+
+impl SoakGate {
+    pub fn is_set(&self) -> bool {
+        self.drift_max.is_some() || self.escalation_rise.is_some() || self.p99_ratio.is_some()
+    }
+}
+
 impl StartRequest {
+    /// The soak gate asked for, if any; `rollback` needs a bound to act on.
+    pub fn soak_gate(&self) -> Result<Option<SoakGate>, String> {
+        let check = |what: &str, v: Option<f64>, lo: f64, hi: f64| match v {
+            Some(x) if !(x.is_finite() && x > lo && x <= hi) => Err(format!("{what}: above {lo} and at most {hi}")),
+            _ => Ok(v),
+        };
+        let gate = SoakGate {
+            drift_max: check("drift_max", self.drift_max, 0.0, 1000.0)?,
+            escalation_rise: check("escalation_rise", self.escalation_rise, 0.0, 1.0)?,
+            p99_ratio: check("p99_ratio", self.p99_ratio, 1.0, 1000.0)?,
+            rollback: self.rollback,
+        };
+        match (gate.is_set(), gate.rollback) {
+            (true, _) => Ok(Some(gate)),
+            (false, true) => Err("rollback needs a soak bound: drift_max, escalation_rise or p99_ratio".into()),
+            (false, false) => Ok(None),
+        }
+    }
+
     /// The shadow gate asked for, if any: both settings or neither.
     pub fn gate(&self) -> Result<Option<Gate>, String> {
         match (self.shadow_agreement, self.shadow_rows) {

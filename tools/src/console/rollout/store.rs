@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value, json};
 
 use super::decide::{Counts, Decision, Live, decide};
-use super::spec::{Gate, StartRequest, Wave, parse_errors, parse_waves};
+use super::spec::{Gate, SoakGate, StartRequest, Wave, parse_errors, parse_waves};
 use crate::console::db::event;
 
 /// Starts a rollout; older live rollouts of the same fleet and group are superseded.
@@ -14,6 +14,7 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
     let waves = parse_waves(&req.waves)?;
     let (error_limit, error_is_pct) = parse_errors(&req.errors)?;
     let gate = req.gate()?;
+    let soak = req.soak_gate()?;
     if !(0.0..=100.0).contains(&req.success_pct) {
         return Err("success_pct: from 0 to 100".into());
     }
@@ -46,8 +47,9 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
     let waves_json = json!(waves.iter().map(Wave::label).collect::<Vec<_>>()).to_string();
     conn.execute(
         "INSERT INTO rollouts (release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, \
-         rate_per_min, deadline_ms, state, created, updated, shadow_agreement, shadow_rows)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12, ?13, ?14)",
+         rate_per_min, deadline_ms, state, created, updated, shadow_agreement, shadow_rows, drift_max, escalation_rise, \
+         p99_ratio, rollback)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         params![
             release_id,
             fleet,
@@ -62,7 +64,11 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
             deadline_ms,
             now,
             gate.map(|g| g.agreement),
-            gate.map(|g| g.rows as i64)
+            gate.map(|g| g.rows as i64),
+            soak.and_then(|s| s.drift_max),
+            soak.and_then(|s| s.escalation_rise),
+            soak.and_then(|s| s.p99_ratio),
+            soak.is_some_and(|s| s.rollback)
         ],
     )
     .map_err(db)?;
@@ -171,7 +177,8 @@ pub use super::decide::Offer;
 pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT id, release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, rate_per_min,
-                deadline_ms, state, wave, wave_done, resumed, shadow_agreement, shadow_rows
+                deadline_ms, state, wave, wave_done, resumed, shadow_agreement, shadow_rows, drift_max, escalation_rise,
+                p99_ratio, rollback
          FROM rollouts WHERE state IN ('running', 'paused', 'completed') ORDER BY id",
     )?;
     let live: Vec<Live> = stmt
@@ -200,6 +207,13 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
                     (Some(agreement), Some(rows)) => Some(Gate { agreement, rows: rows as u64 }),
                     _ => None,
                 },
+                soak: Some(SoakGate {
+                    drift_max: r.get(18)?,
+                    escalation_rise: r.get(19)?,
+                    p99_ratio: r.get(20)?,
+                    rollback: r.get(21)?,
+                })
+                .filter(SoakGate::is_set),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -218,7 +232,7 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
     // console was killed between an offer and its record).
     conn.execute(
         "UPDATE rollout_devices SET status = 'succeeded', finished = ?4, reason = NULL, wave = coalesce(wave, ?5)
-         WHERE rollout_id = ?1 AND status != 'succeeded'
+         WHERE rollout_id = ?1 AND status NOT IN ('succeeded', 'degraded', 'rolled_back')
            AND device_id IN (SELECT id FROM devices WHERE fleet = ?2 AND release_id = ?3)",
         params![r.id, r.fleet, r.release_id, now, r.wave as i64],
     )?;
@@ -236,6 +250,12 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
     }
     if let Some(gate) = r.gate
         && let Some(failed) = super::gate::advance(conn, r, gate, now, offer)?
+    {
+        return set_state("paused", &failed);
+    }
+    if r.state == "running"
+        && let Some(soak) = &r.soak
+        && let Some(failed) = super::soak::watch(conn, r, soak, now, offer)?
     {
         return set_state("paused", &failed);
     }
@@ -360,10 +380,14 @@ fn offer_some(
             break;
         }
         conn.execute(
-            // A retried device stays in the wave it was first offered in.
-            "UPDATE rollout_devices SET status = 'offered', wave = coalesce(wave, ?3), offered = ?4
+            // A retried device stays in the wave it was first offered in. What it runs now, and
+            // its figures, are what a soak gate compares with and a rollback returns it to.
+            "UPDATE rollout_devices SET status = 'offered', wave = coalesce(wave, ?3), offered = ?4,
+                 previous_id = (SELECT release_id FROM devices WHERE fleet = ?5 AND id = ?2),
+                 base_escalation = (SELECT escalation_rate FROM devices WHERE fleet = ?5 AND id = ?2 AND requests >= ?6),
+                 base_p99 = (SELECT p99_ms FROM devices WHERE fleet = ?5 AND id = ?2 AND requests >= ?6)
              WHERE rollout_id = ?1 AND device_id = ?2",
-            params![r.id, device, wave as i64, now],
+            params![r.id, device, wave as i64, now, r.fleet, super::soak::MIN_REQUESTS],
         )?;
         event(conn, now, Some(r.id), Some(&device), "offered", &format!("wave {}, attempt {}", wave + 1, attempt + 1))?;
     }
@@ -384,9 +408,12 @@ pub struct Outstanding {
 /// just before the console was killed may never have left.
 pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<Outstanding>> {
     let mut s = conn.prepare(
-        "SELECT r.fleet, rd.device_id, r.release_id, rd.attempt, rd.status = 'offered' AND r.shadow_rows IS NOT NULL
+        // A rolled-back device's offer is its previous release.
+        "SELECT r.fleet, rd.device_id, CASE rd.status WHEN 'rolled_back' THEN rd.previous_id ELSE r.release_id END,
+                CASE rd.status WHEN 'rolled_back' THEN 0 ELSE rd.attempt END,
+                rd.status = 'offered' AND r.shadow_rows IS NOT NULL
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-         WHERE rd.status IN ('offered', 'promoting') AND r.state IN ('running', 'paused', 'completed')",
+         WHERE rd.status IN ('offered', 'promoting', 'rolled_back') AND r.state IN ('running', 'paused', 'completed')",
     )?;
     s.query_map([], |x| {
         Ok(Outstanding {

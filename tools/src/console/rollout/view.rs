@@ -11,7 +11,7 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
         .query_row(
             "SELECT r.id, r.release_id, rel.number, r.fleet, r.grp, r.labels, r.waves, r.success_pct, r.soak_ms,
                     r.error_limit, r.error_is_pct, r.rate_per_min, r.deadline_ms, r.state, r.reason, r.wave, r.created, r.updated,
-                    r.shadow_agreement, r.shadow_rows
+                    r.shadow_agreement, r.shadow_rows, r.drift_max, r.escalation_rise, r.p99_ratio, r.rollback
              FROM rollouts r JOIN releases rel ON rel.id = r.release_id WHERE r.id = ?1",
             [id],
             |r| {
@@ -39,6 +39,11 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
                     "shadow_gate": match (r.get::<_, Option<f64>>(18)?, r.get::<_, Option<i64>>(19)?) {
                         (Some(agreement), Some(rows)) => json!({"agreement": agreement, "rows": rows}),
                         _ => Value::Null,
+                    },
+                    "soak_gate": match (r.get::<_, Option<f64>>(20)?, r.get::<_, Option<f64>>(21)?, r.get::<_, Option<f64>>(22)?) {
+                        (None, None, None) => Value::Null,
+                        (drift_max, escalation_rise, p99_ratio) => json!({"drift_max": drift_max,
+                            "escalation_rise": escalation_rise, "p99_ratio": p99_ratio, "rollback": r.get::<_, bool>(23)?}),
                     },
                 }))
             },
@@ -81,7 +86,7 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
     v["waves"] = json!(waves);
     let mut f = conn.prepare(
         "SELECT device_id, status, reason, attempt, finished FROM rollout_devices
-         WHERE rollout_id = ?1 AND status IN ('failed', 'timed_out') ORDER BY finished DESC LIMIT 200",
+         WHERE rollout_id = ?1 AND status IN ('failed', 'timed_out', 'degraded', 'rolled_back') ORDER BY finished DESC LIMIT 200",
     )?;
     let failures: Vec<Value> = f
         .query_map([id], |r| {

@@ -19,6 +19,8 @@ pub trait Device: Send + Sync + 'static {
     fn promote(&self) -> Result<Applied, Refusal>;
     /// Drops the candidate release; returns its number.
     fn drop_candidate(&self) -> Result<u64, Refusal>;
+    /// Activates the previous release in place of the active one.
+    fn revert(&self) -> Result<Applied, Refusal>;
     /// The device's part of its state report (`stats` since the last call).
     fn report(&self) -> DeviceReport;
 }

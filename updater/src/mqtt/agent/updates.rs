@@ -103,13 +103,14 @@ impl<D: Device> Shared<D> {
         // The offer's attempt tells the console which of its offers this report answers.
         let release = OfferRef { id: id.clone(), number, attempt: offer.attempt };
         let o = offer.clone();
-        let (active, candidate, trusted) = self
+        let (active, candidate, previous, trusted) = self
             .blocking(move |s| {
                 s.device.with_updater(|u| {
                     let current = u.store.current().ok().flatten();
                     let candidate = current.as_ref().and_then(|c| c.candidate.clone());
+                    let previous = current.as_ref().and_then(|c| c.previous.clone());
                     let trusted = current.map(|c| format!("{} {:?}", c.root, c.last_number)).unwrap_or_default();
-                    (u.is_active(&o), candidate, trusted)
+                    (u.is_active(&o), candidate, previous, trusted)
                 })
             })
             .await;
@@ -132,18 +133,22 @@ impl<D: Device> Shared<D> {
             idle(self.as_ref());
             return OfferOutcome::Done;
         }
-        if candidate.as_deref() == Some(id.as_str()) {
+        let promote = candidate.as_deref() == Some(id.as_str());
+        // The release run before the active one, offered for real: revert to it (the store
+        // holds it whole; see `crate::revert` for why this is the one way past the number rule).
+        let revert = !offer.candidate && previous.as_deref() == Some(id.as_str());
+        if promote || revert {
             if offer.candidate {
                 idle(self.as_ref());
                 return OfferOutcome::Done;
             }
-            // The candidate offered for real: promote it, nothing to fetch.
+            // Nothing to fetch: promote the candidate, or revert.
             self.set_state(|u| {
                 u.state = UpdateState::Applying;
                 u.release = Some(release.clone());
             });
-            let promoted = self.blocking(|s| s.device.promote()).await;
-            return match promoted {
+            let done = self.blocking(move |s| if promote { s.device.promote() } else { s.device.revert() }).await;
+            return match done {
                 Ok(applied) => {
                     self.set_state(|u| {
                         u.state = UpdateState::Idle;
