@@ -63,9 +63,18 @@ fn shadow(addr: std::net::SocketAddr) -> Value {
     http(addr, "GET", "/v2/models/digits/stats")["model_stats"][0]["shadow"].clone()
 }
 
-#[test]
-fn a_candidate_release_runs_as_a_shadow_until_promoted_or_dropped() {
-    let dir = std::env::temp_dir().join(format!("outpost-candidate-{}", std::process::id()));
+/// A provisioned device store in a fresh folder named for `name`: the folder, the fleet's keys,
+/// the daemon's address, its state directory and its config.
+struct Provisioned {
+    dir: std::path::PathBuf,
+    fleet: Fleet,
+    addr: std::net::SocketAddr,
+    state: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+fn provisioned(name: &str) -> Provisioned {
+    let dir = std::env::temp_dir().join(format!("outpost-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let fleet = Fleet::new();
@@ -73,8 +82,13 @@ fn a_candidate_release_runs_as_a_shadow_until_promoted_or_dropped() {
     let state = dir.join("state");
     let config = store_config(&state, &addr.to_string());
     std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
-    let root = dir.join("root-1.json");
-    ok(update(&config, &["provision", root.to_str().unwrap()]));
+    ok(update(&config, &["provision", dir.join("root-1.json").to_str().unwrap()]));
+    Provisioned { dir, fleet, addr, state, config }
+}
+
+#[test]
+fn a_candidate_release_runs_as_a_shadow_until_promoted_or_dropped() {
+    let Provisioned { dir, fleet, addr, state, config } = provisioned("candidate");
     let r1 = sample_release(&dir, &fleet, 1, "digits", "digits-edge");
     ok(update(&config, &["apply", r1.to_str().unwrap()]));
     // Offline, a candidate has nothing to run beside.
@@ -165,15 +179,7 @@ fn a_candidate_release_runs_as_a_shadow_until_promoted_or_dropped() {
 
 #[test]
 fn revert_returns_to_the_previous_release_once_and_the_left_release_cannot_return() {
-    let dir = std::env::temp_dir().join(format!("outpost-revert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fleet = Fleet::new();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let state = dir.join("state");
-    let config = store_config(&state, &addr.to_string());
-    std::fs::write(dir.join("root-1.json"), fleet.root1.to_bytes()).unwrap();
-    ok(update(&config, &["provision", dir.join("root-1.json").to_str().unwrap()]));
+    let Provisioned { dir, fleet, addr, state, config } = provisioned("revert");
     let r1 = sample_release(&dir, &fleet, 1, "digits", "digits-edge");
     let r2 = sample_release(&dir, &fleet, 2, "digits", "digits-central");
     let r3 = sample_release(&dir, &fleet, 3, "digits", "digits-edge-qop");

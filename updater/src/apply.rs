@@ -32,6 +32,24 @@ pub struct Applied {
     pub millis: u64,
 }
 
+impl Applied {
+    /// The outcome of activating release `sha` (document `doc`) from blobs the store already
+    /// held: nothing fetched or rebuilt.
+    pub(crate) fn from_store(doc: &ReleaseDoc, sha: String, started: Instant) -> Applied {
+        let blobs: std::collections::BTreeSet<&str> = doc.blobs().map(|b| b.sha256.as_str()).collect();
+        Applied {
+            number: doc.number,
+            release: sha,
+            models: doc.models.iter().map(|m| (m.name.clone(), m.version.clone())).collect(),
+            full: 0,
+            from_delta: 0,
+            reused: blobs.len(),
+            bytes_read: 0,
+            millis: started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
 /// Opens a regular file of a release directory without blocking: a FIFO or device (which could
 /// stall the update or feed it endless data) is refused before any read.
 fn open_regular(path: &Path, what: &str) -> Result<File, Refusal> {

@@ -79,10 +79,20 @@ impl Updater {
     /// Activates the candidate: its document is verified again, its staged models (or, if the
     /// host holds none, the same models staged again) serve, and it becomes the active release.
     pub fn promote<H: ModelHost>(&self, host: &H) -> Result<Applied, Refusal> {
+        self.activate_recorded("candidate promoted", |now, started| self.promote_at(host, now, started))
+    }
+
+    /// Runs an activation of a release the store holds, timed from now, and records its
+    /// outcome in `status.json` as `what`.
+    pub(crate) fn activate_recorded(
+        &self,
+        what: &str,
+        f: impl FnOnce(SystemTime, Instant) -> Result<Applied, Refusal>,
+    ) -> Result<Applied, Refusal> {
         let started = Instant::now();
         let now = SystemTime::now();
-        let result = self.promote_at(host, now, started);
-        self.record("candidate promoted", now, result.as_ref().map(|a| serde_json::json!({ "applied": a })));
+        let result = f(now, started);
+        self.record(what, now, result.as_ref().map(|a| serde_json::json!({ "applied": a })));
         result
     }
 
@@ -116,17 +126,7 @@ impl Updater {
         }
         host.activate(staged);
         self.collect_garbage();
-        let blobs: std::collections::BTreeSet<&str> = doc.blobs().map(|b| b.sha256.as_str()).collect();
-        Ok(Applied {
-            number: doc.number,
-            release: sha,
-            models: doc.models.iter().map(|m| (m.name.clone(), m.version.clone())).collect(),
-            full: 0,
-            from_delta: 0,
-            reused: blobs.len(),
-            bytes_read: 0,
-            millis: started.elapsed().as_millis() as u64,
-        })
+        Ok(Applied::from_store(&doc, sha, started))
     }
 
     /// Stops the candidate's shadows and forgets it (its blobs go at the next collection).

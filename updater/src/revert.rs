@@ -25,11 +25,7 @@ impl Updater {
     /// Activates the previous release in place of the active one (and drops any candidate).
     /// Recorded in `status.json` like an apply.
     pub fn revert<H: ModelHost>(&self, host: &H) -> Result<Applied, Refusal> {
-        let started = Instant::now();
-        let now = SystemTime::now();
-        let result = self.revert_at(host, now, started);
-        self.record("reverted", now, result.as_ref().map(|a| serde_json::json!({ "applied": a })));
-        result
+        self.activate_recorded("reverted", |now, started| self.revert_at(host, now, started))
     }
 
     fn revert_at<H: ModelHost>(&self, host: &H, now: SystemTime, started: Instant) -> Result<Applied, Refusal> {
@@ -67,16 +63,6 @@ impl Updater {
         }
         host.activate(staged);
         self.collect_garbage();
-        let blobs: std::collections::BTreeSet<&str> = doc.blobs().map(|b| b.sha256.as_str()).collect();
-        Ok(Applied {
-            number: doc.number,
-            release: sha,
-            models: doc.models.iter().map(|m| (m.name.clone(), m.version.clone())).collect(),
-            full: 0,
-            from_delta: 0,
-            reused: blobs.len(),
-            bytes_read: 0,
-            millis: started.elapsed().as_millis() as u64,
-        })
+        Ok(Applied::from_store(&doc, sha, started))
     }
 }
