@@ -34,7 +34,14 @@ ulimit -n 65536 2>/dev/null || true
 # The broker: the repository's config with a loopback port, a password per device.
 PORT=$((20000 + RANDOM % 20000))
 mkdir -p "$W/broker"
-{ echo "console:pw-console"; for i in $(seq -f "%04g" 1 "$N"); do echo "sim-$i:pw-sim-$i"; done; } > "$W/broker/passwd"
+# The simulated devices run in processes of at most 5,000 (each holds two descriptors per
+# device, and the open-file limit is often 20,000): process K's devices are simK-0001, ...
+SIMS=$(( (N + 4999) / 5000 ))
+sim_count() { local left=$(( N - $1 * 5000 )); echo $(( left < 5000 ? left : 5000 )); }
+{ echo "console:pw-console"
+  for k in $(seq 0 $((SIMS - 1))); do
+    for i in $(seq -f "%04g" 1 "$(sim_count "$k")"); do echo "sim$k-$i:pw-sim$k-$i"; done
+  done; } > "$W/broker/passwd"
 mosquitto_passwd -U "$W/broker/passwd"
 # Mosquitto started as root drops to its own user: it must be able to read its files.
 chmod 755 "$W" "$W/broker"; chmod 644 "$W/broker/passwd"
@@ -50,8 +57,10 @@ CPORT=$((PORT + 1))
 BROKER_ARGS=(--broker 127.0.0.1:$PORT)
 "$C" console --data "$W/console" --listen 127.0.0.1:$CPORT --token-file "$W/token" --root "$W/root-1.json" \
   "${BROKER_ARGS[@]}" --username console --password-file "$W/console.pw" 2>"$W/console.log" & PIDS+=($!); CONSOLE=$!
-OUTPOST_SIM_PASSWORD='pw-{id}' "$C" simulate --devices "$N" --fleet demo --root "$W/root-1.json" --state-dir "$W/sim" \
-  "${BROKER_ARGS[@]}" --every 3600 2>"$W/sim.log" & PIDS+=($!)
+for k in $(seq 0 $((SIMS - 1))); do
+  OUTPOST_SIM_PASSWORD='pw-{id}' "$C" simulate --devices "$(sim_count "$k")" --id-prefix "sim$k" --fleet demo \
+    --root "$W/root-1.json" --state-dir "$W/sim" "${BROKER_ARGS[@]}" --every 3600 2>"$W/sim$k.log" & PIDS+=($!)
+done
 export OUTPOST_CONSOLE=127.0.0.1:$CPORT OUTPOST_CONSOLE_TOKEN_FILE=$W/token
 
 online() { "$C" fleet ls --json | python3 -c 'import json,sys; print(sum(d["online"] for d in json.load(sys.stdin)))'; }
@@ -77,22 +86,30 @@ rollout 2
 echo "peak RSS: broker $(( $(hwm $BROKER) / 1024 )) MB, console $(( $(hwm $CONSOLE) / 1024 )) MB"
 
 # The web page at this size: what each of its polls returns and takes (median of 20), and the
-# console's CPU over those 60 requests.
-c0=$(cpu $CONSOLE)
-python3 - "$CPORT" "$W/token" <<'PY'
-import statistics, sys, time, urllib.request
-port, token = sys.argv[1], open(sys.argv[2]).read().strip()
-for path in ["/api/overview", "/api/fleet?limit=50", "/api/fleet?drift=%3E%3D1&release=2&limit=50&offset=50"]:
-    times, size = [], 0
+# console's CPU seconds and RSS after each path's 20 requests.
+python3 - "$CPORT" "$W/token" "$CONSOLE" <<'PY'
+import json, os, statistics, sys, time, urllib.request
+port, token, pid = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
+tick = os.sysconf("SC_CLK_TCK")
+def cpu():
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / tick
+def rss():
+    return next(int(l.split()[1]) // 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS"))
+# /api/devices is every device, what the overview carried before the page paged: last, so its
+# memory does not count against the others.
+for path in ["/api/overview", "/api/fleet?limit=50", "/api/fleet?release=2&q=9&limit=50&offset=50", "/api/devices"]:
+    times, body, c0 = [], b"", cpu()
     for _ in range(20):
         req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": "Bearer " + token})
         t = time.perf_counter()
-        size = len(urllib.request.urlopen(req).read())
+        body = urllib.request.urlopen(req).read()
         times.append(time.perf_counter() - t)
-    print(f"page poll {path}: {size:,} bytes, {statistics.median(times) * 1000:.1f} ms")
+    v = json.loads(body)
+    total = f", total {v['total']}" if isinstance(v, dict) and "total" in v else ""
+    print(f"page poll {path}: {len(body):,} bytes{total}, {statistics.median(times) * 1000:.1f} ms median; "
+          f"console {(cpu() - c0) / 20 * 1000:.0f} ms CPU per request, RSS {rss()} MB after")
 PY
-printf 'console CPU for those 60 requests: %.2f s; console RSS now %s MB\n' \
-  "$(echo "($(cpu $CONSOLE) - $c0) / $(getconf CLK_TCK)" | bc -l)" "$(( $(awk '/VmRSS/ {print $2}' /proc/$CONSOLE/status) / 1024 ))"
 if command -v chromium >/dev/null; then
   # The whole page in headless Chromium, browser start included, until its data is drawn.
   t0=$(date +%s.%N)
