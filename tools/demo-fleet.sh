@@ -3,15 +3,17 @@
 # console, a few hundred simulated devices and three real `outpost` daemons serving the sample
 # digits model under live traffic. It publishes three signed releases and runs:
 #   1. release 1 to every device, in waves;
-#   2. release 2 (the retrained head) to the real devices behind a shadow gate: each stages it
-#      as a candidate, compares it on its live requests, and activates it once 90% of 30 rows
-#      agree;
+#   2. release 2 (the retrained head, with its reference profile) to the real devices behind a
+#      shadow gate and a soak gate: each stages it as a candidate, compares it on its live
+#      requests, and activates it once 90% of 30 rows agree; then real-3's inputs shift (its
+#      digits inverted), its drift score passes the soak gate's bound, the rollout pauses and
+#      real-3 is rolled back to release 1;
 #   3. release 3 (a different model, the float central MLP) behind a stricter gate (99% of 100
 #      rows) while the traffic turns noisy: the candidate disagrees and the rollout pauses at
 #      the gate, naming the device and its figures.
 # Then it prints the console's address with its token and keeps everything running until
-# Ctrl-C, so a person can look at the page (rollouts, waves, devices, their candidates and
-# shadow figures).
+# Ctrl-C, so a person can look at the page (rollouts, waves, the fleet by release and drift with
+# each release's drift over time, devices, their candidates and shadow figures).
 #   tools/demo-fleet.sh [SIMULATED_DEVICES]      default 300
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +32,14 @@ echo "== keys, root and three signed releases in $W"
   $C keys gen root >/dev/null; $C keys gen release >/dev/null
   $C root create --fleet demo --root-key root.pub --release-key release.pub -o root-1.json >/dev/null
   $C sign root-1.json --key root.key >/dev/null
+  # Release 2's reference profile: the first 200 held-out digits (the traffic is all of them).
+  $C profile "$OLDPWD/models/successors/digits-edge-head.onnx" --data "$OLDPWD/models/digits-test.csv" \
+    --limit 200 --out head.profile.json >/dev/null
   n=1
   for m in digits-edge successors/digits-edge-head digits-central; do
     printf 'fleet = "demo"\nnumber = %s\n[[models]]\nname = "digits"\nversion = "%s"\npath = "%s"\ngolden = "%s"\n' \
       $n $n "$OLDPWD/models/$m.onnx" "$OLDPWD/models/$m.golden.json" > r$n.toml
+    [[ $n == 2 ]] && printf 'profile = "head.profile.json"\n[models.config.drift]\nwindow = 100\n' >> r$n.toml
     $C release create r$n.toml -o r$n >/dev/null
     $C release sign r$n --key release.key >/dev/null
     n=$((n + 1))
@@ -85,10 +91,11 @@ TOML
   "$O" update provision "$W/root-1.json" --config "$W/$d.toml" >/dev/null
   "$O" serve --config "$W/$d.toml" 2>"$W/$d.log" & PIDS+=($!)
 done
-# Live traffic to the real devices: held-out digits, with noise once $W/noisy exists.
-python3 - "$W/noisy" "$PWD/models/digits-test.csv" "${HTTP[@]}" <<'PY' & PIDS+=($!)
+# Live traffic to the real devices: held-out digits, with noise once $W/noisy exists, and
+# inverted for the last device once $W/inverted exists.
+python3 - "$W/noisy" "$W/inverted" "$PWD/models/digits-test.csv" "${HTTP[@]}" <<'PY' & PIDS+=($!)
 import json, os, random, sys, time, urllib.request
-flag, csv, addrs = sys.argv[1], sys.argv[2], sys.argv[3:]
+flag, inverted, csv, addrs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 rows = [[float(v) for v in l.split(",")[1:]] for l in open(csv).read().splitlines()[1:]]
 rng = random.Random(1)
 i = 0
@@ -98,6 +105,8 @@ while True:
         row = rows[i % len(rows)]
         if noisy:
             row = [min(16.0, max(0.0, v + rng.gauss(0, 4))) for v in row]
+        if a == addrs[-1] and os.path.exists(inverted):
+            row = [16.0 - v for v in row]
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]}).encode()
         try:
             urllib.request.urlopen(urllib.request.Request(f"http://{a}/v2/models/digits/infer", body,
@@ -128,8 +137,13 @@ rollout() { "$C" rollout start --fleet demo "$@" --json | python3 -c 'import jso
 echo "== rollout 1: release 1 to every device, waves 1%,10%,50%,100%"
 id=$(rollout --number 1 --waves 1%,10%,50%,100% --errors 1%)
 wait_state "$id" completed
-echo "== rollout 2: release 2 to the real devices, gated on shadow agreement (90% of 30 rows)"
-id=$(rollout --number 2 --label ring=real --waves 1,100% --shadow-agreement 0.9 --shadow-rows 30)
+echo "== rollout 2: release 2 to the real devices, gated on shadow agreement (90% of 30 rows) and,"
+echo "   once active, on drift (at most 1.5, with rollback); real-3's digits are inverted once it runs it"
+id=$(rollout --number 2 --label ring=real --waves 1,100% --soak 60 --shadow-agreement 0.9 --shadow-rows 30 \
+  --drift-max 1.5 --rollback)
+release_of() { "$C" fleet show "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["release"])'; }
+until [[ $(release_of real-3) == 2 || $(state "$id") == paused ]]; do sleep 1; done
+touch "$W/inverted"
 wait_state "$id" completed paused
 "$C" rollout status "$id"
 echo "== rollout 3: release 3 (another model) under noisy traffic, gated at 99% of 100 rows"
