@@ -64,7 +64,7 @@ TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 echo "$TOKEN" > "$W/token"
 CPORT=$((PORT + 1))
 "$C" console --data "$W/console" --listen 127.0.0.1:$CPORT --token-file "$W/token" --root "$W/root-1.json" \
-  --broker 127.0.0.1:$PORT --username console --password-file "$W/console.pw" 2>"$W/console.log" & PIDS+=($!)
+  --drift-sample-secs 5 --broker 127.0.0.1:$PORT --username console --password-file "$W/console.pw" 2>"$W/console.log" & PIDS+=($!)
 OUTPOST_SIM_PASSWORD='pw-{id}' "$C" simulate --devices "$N" --fleet demo --root "$W/root-1.json" --state-dir "$W/sim" \
   --broker 127.0.0.1:$PORT --label ring=sim --every 3600 2>"$W/sim.log" & PIDS+=($!)
 HTTP=()

@@ -231,7 +231,9 @@ function driftChart(release, history, now) {
     svg("title", {}, title),
     svg("line", { class: "threshold", x1: 0, x2: W, y1: y(0.25), y2: y(0.25) }),
     svg("polyline", { class: "mean", points: line(1) }),
-    svg("polyline", { class: "max", points: line(2) }));
+    svg("polyline", { class: "max", points: line(2) }),
+    // The latest sample as a dot: also what shows while there is only one.
+    svg("circle", { class: "max", cx: x(last[0]), cy: y(last[2]), r: 2 }));
 }
 
 function renderFleet(f) {
