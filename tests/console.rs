@@ -1,5 +1,6 @@
 //! The fleet console end to end: real Mosquitto (the repository's config and ACL), the console
-//! with its SQLite database and built-in blob server, `outpostctl simulate` fleets running the
+//! with its database (SQLite, and the same rollouts again on a real PostgreSQL) and built-in
+//! blob server, `outpostctl simulate` fleets running the
 //! real agent and updater, and the `outpostctl` client commands. The web page is checked in
 //! headless Chromium.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use outpost_tests::console::{Console, Sim, TOKEN, ids};
 use outpost_tests::mqtt::{Broker, FLEET, ctl, publisher, wait_for};
-use outpost_tests::repo_root;
+use outpost_tests::{postgres, repo_root};
 use serde_json::Value;
 
 fn scratch(name: &str) -> PathBuf {
@@ -35,7 +36,16 @@ fn on_release(console: &Console, number: u64) -> usize {
 
 #[test]
 fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
-    let dir = scratch("waves");
+    four_waves("waves", &[]);
+}
+
+#[test]
+fn a_four_wave_rollout_on_postgresql() {
+    four_waves("waves-pg", &["--database", &postgres::database("waves")]);
+}
+
+fn four_waves(name: &str, console_args: &[&str]) {
+    let dir = scratch(name);
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let root = pubdir.join("root-1.json");
@@ -43,7 +53,7 @@ fn a_four_wave_rollout_survives_a_console_kill_and_reaches_late_joiners() {
     users.extend(ids("late", 2));
     users.extend(ids("odd", 1));
     let broker = Broker::start_with_users(&dir.join("broker"), &users);
-    let mut console = Console::start(&dir, &broker, &root);
+    let mut console = Console::start_named(&dir, &broker, &root, "console", console_args);
     let _sim = Sim::start(&dir, &broker, &root, "sim", 52, &[]);
     wait_for(Duration::from_secs(30), "52 devices online", || (console.online() == 52).then_some(()));
 
@@ -148,13 +158,22 @@ fn rollback_release(pubdir: &Path) {
 
 #[test]
 fn failures_pause_a_rollout_and_resume_retry_abort_and_rollback_work() {
-    let dir = scratch("failures");
+    failures("failures", &[]);
+}
+
+#[test]
+fn failures_resume_retry_abort_and_rollback_on_postgresql() {
+    failures("failures-pg", &["--database", &postgres::database("failures")]);
+}
+
+fn failures(name: &str, console_args: &[&str]) {
+    let dir = scratch(name);
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     rollback_release(&pubdir);
     let root = pubdir.join("root-1.json");
     let broker = Broker::start_with_users(&dir.join("broker"), &ids("sim", 50));
-    let console = Console::start(&dir, &broker, &root);
+    let console = Console::start_named(&dir, &broker, &root, "console", console_args);
     for r in ["r1", "r2", "r3", "r5"] {
         console.ctl(&["release", "upload", pubdir.join(r).to_str().unwrap()]);
     }
@@ -325,4 +344,77 @@ fn a_release_of_a_200_mb_model_uploads() {
     let large = releases.as_array().unwrap().iter().find(|r| r["number"] == 10);
     assert!(large.is_some(), "{releases}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Which console steps rollouts, as `console` reports it.
+fn stepping(console: &Console) -> String {
+    let v = http_get(console.port, "/api/overview");
+    v["console"]["stepping"]["console"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The objects in a console's folder.
+fn objects(console: &Console) -> std::collections::BTreeSet<String> {
+    let names = std::fs::read_dir(console.data.join("objects")).into_iter().flatten().flatten();
+    names.map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
+}
+
+/// Past one machine: two consoles on one PostgreSQL database, and devices on two brokers (half
+/// on the central broker the consoles use, half on an edge broker bridged to it with
+/// cross/mosquitto/bridge.conf). Both consoles serve the API and chunks; the one holding the
+/// rollout lease steps rollouts. It is killed (SIGKILL) mid-wave; the other takes the lease once
+/// it expires, and the rollout completes on both brokers with each device offered once.
+#[test]
+fn two_consoles_on_postgresql_and_a_bridged_broker_survive_a_console_kill() {
+    let dir = scratch("takeover");
+    let pubdir = dir.join("publisher");
+    publisher(&pubdir);
+    let root = pubdir.join("root-1.json");
+    let broker = Broker::start_with_users(&dir.join("broker"), &ids("sim", 15));
+    let edge = Broker::start_bridged(&dir.join("edge"), &broker, &ids("edge", 15));
+    let db = postgres::database("takeover");
+    let args = |id: &'static str| ["--database", db.as_str(), "--client-id", id, "--lease-secs", "3"];
+    let mut a = Console::start_named(&dir, &broker, &root, "console-a", &args("console-a"));
+    wait_for(Duration::from_secs(30), "console-a to step rollouts", || (stepping(&a) == "console-a").then_some(()));
+    let b = Console::start_named(&dir, &broker, &root, "console-b", &args("console-b"));
+    let _sim = Sim::start(&dir, &broker, &root, "sim", 15, &[]);
+    let _edge_sim = Sim::start(&dir, &edge, &root, "edge", 15, &[]);
+    wait_for(Duration::from_secs(30), "30 devices online, seen through b", || (b.online() == 30).then_some(()));
+    assert_eq!(stepping(&b), "console-a", "b serves; a steps");
+
+    // Uploaded through a; b copies the objects from the database and serves their chunks too.
+    a.ctl(&["release", "upload", pubdir.join("r1").to_str().unwrap()]);
+    let uploaded = objects(&a);
+    assert!(!uploaded.is_empty());
+    wait_for(Duration::from_secs(10), "b's copy of the objects", || (objects(&b) == uploaded).then_some(()));
+
+    // Started through b, stepped by a; a is killed once wave 2 is under way.
+    let id = start(&b, &["--number", "1", "--waves", "2,50%,100%", "--soak", "1", "--errors", "0"]);
+    let mid = wait_for(Duration::from_secs(60), "wave 2 to open", || {
+        let r = b.rollout(id);
+        (r["wave"].as_u64() >= Some(2) && count(&r, "succeeded") >= 2).then_some(r)
+    });
+    a.kill();
+    let killed = std::time::Instant::now();
+    // The lease lasts 3 s; b asks at every step (200 ms).
+    wait_for(Duration::from_secs(15), "console-b to take over", || (stepping(&b) == "console-b").then_some(()));
+    eprintln!("console-b took over {:.1} s after console-a was killed", killed.elapsed().as_secs_f64());
+    let r = b.wait_rollout(id, "completed", Duration::from_secs(90));
+    assert!(count(&mid, "succeeded") < 30, "the kill came mid-rollout: {mid:#}");
+    assert_eq!(count(&r, "succeeded"), 30, "{r:#}");
+    assert_eq!(count(&r, "failed") + count(&r, "timed_out"), 0, "{r:#}");
+    let fleet = b.json(&["fleet", "ls"]);
+    let on_edge = fleet.as_array().unwrap().iter().filter(|d| d["id"].as_str().unwrap().starts_with("edge-"));
+    assert_eq!(on_edge.filter(|d| d["release"] == 1).count(), 15, "the edge broker's devices too: {fleet}");
+    assert_eq!(on_release(&b, 1), 30);
+
+    // Each device was offered the release once, on its first attempt, across the takeover.
+    let events = console_events(&b);
+    let mut offers = std::collections::BTreeMap::<&str, Vec<&str>>::new();
+    for e in events.iter().filter(|e| e["kind"] == "offered" && e["rollout"] == id) {
+        offers.entry(e["device"].as_str().unwrap()).or_default().push(e["detail"].as_str().unwrap());
+    }
+    assert_eq!(offers.len(), 30, "{offers:?}");
+    assert!(offers.values().all(|o| o.len() == 1 && o[0].ends_with("attempt 1")), "{offers:?}");
+    let served = http_get(b.port, "/api/overview")["summary"]["chunks_served"].as_u64().unwrap();
+    assert!(served > 0, "b served chunks from its copy of the objects");
 }

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Fleet scale through the console: N simulated devices (default 1000; the real agent and
 # updater, a fake backend) on one loopback Mosquitto (the repository's config and ACL), the
-# console with its SQLite database and built-in blob server. Release 1 is rolled out whole,
+# console with its database and built-in blob server. Release 1 is rolled out whole,
 # then release 2 (digits-edge's retrained head, as a delta) in waves 1%,10%,50%,100%; prints
 # the time from `rollout start` to every device on it, and the broker's and console's CPU
 # seconds and peak RSS during that rollout; then what the console's page costs at that size.
-#   tools/bench-fleet.sh [DEVICES]
+# DATABASE=postgres runs the console on a PostgreSQL server (tools/postgres-test.sh: Debian's
+# postgresql, a throwaway cluster) instead of its SQLite file, and counts the server's CPU too.
+#   [DATABASE=sqlite|postgres] tools/bench-fleet.sh [DEVICES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}
@@ -55,8 +57,18 @@ echo pw-console > "$W/console.pw"
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/token"
 CPORT=$((PORT + 1))
 BROKER_ARGS=(--broker 127.0.0.1:$PORT)
+DATABASE=${DATABASE:-sqlite}
+DB_ARGS=()
+if [[ $DATABASE == postgres ]]; then
+  # The server stops when this script exits (its standard input, the coprocess pipe, closes).
+  coproc PGSERVER { tools/postgres-test.sh; }
+  read -r PGURL <&"${PGSERVER[0]}"
+  psql "$PGURL" -qc "CREATE DATABASE bench"
+  DBURL="${PGURL%/*}/bench"
+  DB_ARGS=(--database "$DBURL")
+fi
 "$C" console --data "$W/console" --listen 127.0.0.1:$CPORT --token-file "$W/token" --root "$W/root-1.json" \
-  "${BROKER_ARGS[@]}" --username console --password-file "$W/console.pw" 2>"$W/console.log" & PIDS+=($!); CONSOLE=$!
+  "${DB_ARGS[@]}" "${BROKER_ARGS[@]}" --username console --password-file "$W/console.pw" 2>"$W/console.log" & PIDS+=($!); CONSOLE=$!
 for k in $(seq 0 $((SIMS - 1))); do
   OUTPOST_SIM_PASSWORD='pw-{id}' "$C" simulate --devices "$(sim_count "$k")" --id-prefix "sim$k" --fleet demo \
     --root "$W/root-1.json" --state-dir "$W/sim" "${BROKER_ARGS[@]}" --every 3600 2>"$W/sim$k.log" & PIDS+=($!)
@@ -70,20 +82,29 @@ until [[ $(online 2>/dev/null || echo 0) == "$N" ]]; do sleep 1; done
 "$C" release upload "$W/r2" >/dev/null
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
+# The database server's processes, in clock ticks (0 on SQLite: it runs inside the console).
+dbcpu() { ps -C postgres -o cputimes= 2>/dev/null | awk -v t="$(getconf CLK_TCK)" '{s += $1} END {print s * t + 0}'; }
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; } # peak RSS, KiB
 rollout() { # NUMBER: starts it, waits for completion, prints seconds
-  local id t0 b0 c0
-  b0=$(cpu $BROKER); c0=$(cpu $CONSOLE); t0=$(date +%s.%N)
+  local id t0 b0 c0 d0
+  b0=$(cpu $BROKER); c0=$(cpu $CONSOLE); d0=$(dbcpu); t0=$(date +%s.%N)
   id=$("$C" rollout start --number "$1" --fleet demo --waves 1%,10%,50%,100% --errors 1% --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   until "$C" rollout status "$id" --json | grep -q '"state": "completed"'; do sleep 0.2; done
   local t1; t1=$(date +%s.%N)
   local tick; tick=$(getconf CLK_TCK)
-  printf 'release %s to %s devices: %.1f s; broker CPU %.1f s, console CPU %.1f s\n' "$1" "$N" \
-    "$(echo "$t1 - $t0" | bc)" "$(echo "($(cpu $BROKER) - $b0) / $tick" | bc -l)" "$(echo "($(cpu $CONSOLE) - $c0) / $tick" | bc -l)"
+  printf 'release %s to %s devices: %.1f s; broker CPU %.1f s, console CPU %.1f s, database server CPU %.1f s\n' "$1" "$N" \
+    "$(echo "$t1 - $t0" | bc)" "$(echo "($(cpu $BROKER) - $b0) / $tick" | bc -l)" "$(echo "($(cpu $CONSOLE) - $c0) / $tick" | bc -l)" \
+    "$(echo "($(dbcpu) - $d0) / $tick" | bc -l)"
 }
 rollout 1
 rollout 2
 echo "peak RSS: broker $(( $(hwm $BROKER) / 1024 )) MB, console $(( $(hwm $CONSOLE) / 1024 )) MB"
+if [[ $DATABASE == postgres ]]; then
+  size=$(psql "$DBURL" -tAc "SELECT pg_database_size(current_database())")
+else
+  size=$(cat "$W/console/console.db"* | wc -c)
+fi
+echo "database ($DATABASE): $(( size / 1024 / 1024 )) MB"
 
 # The web page at this size: what each of its polls returns and takes (median of 20), and the
 # console's CPU seconds and RSS after each path's 20 requests.

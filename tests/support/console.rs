@@ -24,7 +24,13 @@ pub const TOKEN: &str = "test-token-0123456789abcdef";
 impl Console {
     /// Starts a console for the demo fleet (root `root`), as the broker's `console` user.
     pub fn start(dir: &Path, broker: &Broker, root: &Path) -> Console {
-        let data = dir.join("console");
+        Console::start_named(dir, broker, root, "console", &[])
+    }
+
+    /// A console with its own data folder `dir/NAME` and log, and `extra` arguments (say
+    /// `--database postgres://...` and a `--client-id` of its own).
+    pub fn start_named(dir: &Path, broker: &Broker, root: &Path, name: &str, extra: &[&str]) -> Console {
+        let data = dir.join(name);
         std::fs::create_dir_all(&data).unwrap();
         let token = dir.join("console.token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
@@ -45,7 +51,8 @@ impl Console {
             "1".into(),
         ];
         args.extend(broker.ctl_args("console"));
-        let mut c = Console { child: None, port, data, args, log: dir.join("console.log") };
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut c = Console { child: None, port, data, args, log: dir.join(format!("{name}.log")) };
         c.restart();
         c
     }

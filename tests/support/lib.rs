@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod mqtt;
+pub mod postgres;
 pub mod releases;
 pub mod tls;
 

@@ -13,7 +13,7 @@ use crate::{free_port, outpost_bin, repo_root};
 
 pub const FLEET: &str = "demo";
 /// The users the broker knows (password: `pw-USER`).
-pub const USERS: [&str; 7] = ["console", "blobs", "dev1", "dev2", "dev3", "dev4", "dev5"];
+pub const USERS: [&str; 8] = ["console", "blobs", "bridge", "dev1", "dev2", "dev3", "dev4", "dev5"];
 
 pub fn outpostctl() -> PathBuf {
     outpost_bin().with_file_name(format!("outpostctl{}", std::env::consts::EXE_SUFFIX))
@@ -56,12 +56,36 @@ impl Broker {
         Broker::start_with(dir, free_port(), None, extra)
     }
 
+    /// An edge broker bridged to `central` with the repository's `cross/mosquitto/bridge.conf`
+    /// (this address and the `bridge` user's password in place of the example's), and these
+    /// extra users (its devices).
+    pub fn start_bridged(dir: &Path, central: &Broker, extra: &[String]) -> Broker {
+        let port = free_port();
+        let bridge = std::fs::read_to_string(repo_root().join("cross/mosquitto/bridge.conf")).unwrap();
+        let bridge: Vec<String> = bridge
+            .lines()
+            .filter_map(|l| match l.split_whitespace().next() {
+                Some("address") => Some(format!("address {}", central.address())),
+                Some("remote_password") => Some("remote_password pw-bridge".into()),
+                Some("remote_clientid") => Some(format!("remote_clientid outpost-edge-{port}")),
+                // Plain MQTT on loopback here.
+                Some("bridge_cafile") => None,
+                _ => Some(l.to_owned()),
+            })
+            .collect();
+        Broker::start_full(dir, port, None, extra, &bridge)
+    }
+
     /// With a second listener speaking TLS with this certificate and key.
     pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> Broker {
         Broker::start_with(dir, free_port(), Some((cert, key)), &[])
     }
 
     fn start_with(dir: &Path, port: u16, tls: Option<(&Path, &Path)>, extra: &[String]) -> Broker {
+        Broker::start_full(dir, port, tls, extra, &[])
+    }
+
+    fn start_full(dir: &Path, port: u16, tls: Option<(&Path, &Path)>, extra: &[String], more: &[String]) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
         // Written in plain text, then hashed in place in one pass (`mosquitto_passwd -U`).
         let passwd = dir.join("passwd");
@@ -89,6 +113,7 @@ impl Broker {
             conf.push(format!("listener {p} 127.0.0.1\ncertfile {}\nkeyfile {}", cert.display(), key.display()));
             p
         });
+        conf.extend(more.iter().cloned());
         std::fs::write(dir.join("mosquitto.conf"), conf.join("\n")).unwrap();
         let mut b = Broker { child: None, port, dir: dir.to_owned(), tls_port };
         b.restart();

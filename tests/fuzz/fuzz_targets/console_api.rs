@@ -107,7 +107,7 @@ fn fixture() -> &'static Fixture {
         let f = Fixture { dir, template, roots_file, rt, lock: Mutex::new(()) };
         let release = make_release(&f.dir, &release_key);
         {
-            let conn = db::open(&f.template).unwrap();
+            let conn = db::open(&db::Database::Sqlite(f.template.clone())).unwrap();
             for i in 0..4 {
                 let state = format!(
                     r#"{{"device":"dev-{i}","fleet":"{FLEET}","group":"default","online":true,"labels":{{"site":"s{}"}}}}"#,
@@ -163,13 +163,15 @@ fn open_console(f: &Fixture) -> Arc<Console> {
 
 fn open_console_at(f: &Fixture, path: &Path) -> Arc<Console> {
     Arc::new(Console {
-        db: Mutex::new(db::open(path).unwrap()),
+        db: Mutex::new(db::open(&db::Database::Sqlite(path.to_owned())).unwrap()),
         objects: f.dir.join("objects"),
         roots: roots(f),
         token: TOKEN.into(),
         blob_stats: Default::default(),
         bad_states: Default::default(),
         states_ready: Default::default(),
+        holder: "fuzz".into(),
+        lease: Default::default(),
     })
 }
 

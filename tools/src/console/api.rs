@@ -12,11 +12,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use http_body_util::BodyExt;
-use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
+use super::db::{Connection, OptionalExtension, params};
 use super::state::Console;
-use super::{catalog, db, fleet, history, ingest, rollout};
+use super::{catalog, db, fleet, history, ingest, lease, objects, rollout};
 
 /// How far back `/api/fleet` carries the drift history (the page's charts).
 const HISTORY_MS: i64 = 6 * 3600 * 1000;
@@ -32,8 +32,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<rusqlite::Error> for ApiError {
-    fn from(e: rusqlite::Error) -> ApiError {
+impl From<db::Error> for ApiError {
+    fn from(e: db::Error) -> ApiError {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}"))
     }
 }
@@ -102,25 +102,25 @@ async fn auth(State(c): Shared, req: Request, next: Next) -> Response {
 /// Runs a database read or write off the async threads.
 async fn with_db<T: Send + 'static>(
     c: Arc<Console>,
-    f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(move || f(&mut c.db()))
         .await
         .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the request's task failed".into()))?
 }
 
-fn list_devices(conn: &rusqlite::Connection, fleet: Option<&str>) -> Result<Vec<Value>, ApiError> {
-    let mut s = conn.prepare("SELECT * FROM devices WHERE ?1 IS NULL OR fleet = ?1 ORDER BY fleet, id")?;
+fn list_devices(conn: &Connection, fleet: Option<&str>) -> Result<Vec<Value>, ApiError> {
+    let mut s = conn.prepare("SELECT * FROM devices WHERE (fleet = ?1 OR ?1 IS NULL) ORDER BY fleet, id")?;
     Ok(s.query_map([fleet], ingest::device_json)?.collect::<Result<_, _>>()?)
 }
 
-fn list_releases(conn: &rusqlite::Connection) -> Result<Vec<Value>, ApiError> {
+fn list_releases(conn: &Connection) -> Result<Vec<Value>, ApiError> {
     let mut s = conn.prepare(
         "SELECT r.id, r.fleet, r.grp, r.number, r.models, r.bytes, r.uploaded,
                 (SELECT count(*) FROM devices d WHERE d.release_id = r.id) AS running
          FROM releases r ORDER BY r.fleet, r.grp, r.number DESC",
     )?;
-    let rows = s.query_map([], |r| {
+    let rows = s.query_map(params![], |r| {
         Ok(json!({
             "id": r.get::<_, String>(0)?, "fleet": r.get::<_, String>(1)?, "group": r.get::<_, String>(2)?,
             "number": r.get::<_, i64>(3)?,
@@ -131,7 +131,7 @@ fn list_releases(conn: &rusqlite::Connection) -> Result<Vec<Value>, ApiError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn list_rollouts(conn: &rusqlite::Connection, limit: i64) -> Result<Vec<Value>, ApiError> {
+fn list_rollouts(conn: &Connection, limit: i64) -> Result<Vec<Value>, ApiError> {
     let ids: Vec<i64> = conn
         .prepare("SELECT id FROM rollouts ORDER BY id DESC LIMIT ?1")?
         .query_map([limit], |r| r.get(0))?
@@ -154,15 +154,19 @@ async fn overview(State(c): Shared) -> Json {
         c.blob_stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
         c.bad_states.load(std::sync::atomic::Ordering::Relaxed),
     );
+    let this = c.holder.clone();
     with_db(c, move |conn| {
         let (devices, online): (i64, i64) =
-            conn.query_row("SELECT count(*), coalesce(sum(online), 0) FROM devices", [], |r| {
+            conn.query_row("SELECT count(*), coalesce(sum(online), 0) FROM devices", params![], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
+        let stepping = lease::holder(conn)?.map(|(holder, until)| json!({"console": holder, "until": until}));
         Ok(axum::Json(json!({
             "now": db::now_ms(),
             "summary": {"devices": devices, "online": online, "chunks_served": stats.0, "bytes_served": stats.1,
                         "states_ignored": stats.2},
+            // Which console steps rollouts (its lease), and which one answered.
+            "console": {"this": this, "stepping": stepping},
             "releases": list_releases(conn)?,
             "rollouts": list_rollouts(conn, 20)?,
         })))
@@ -192,7 +196,7 @@ async fn device(State(c): Shared, Path(id): Path<String>, Query(q): Query<FleetQ
     with_db(c, move |conn| {
         let dev = conn
             .query_row(
-                "SELECT * FROM devices WHERE id = ?1 AND (?2 IS NULL OR fleet = ?2) ORDER BY last_seen DESC LIMIT 1",
+                "SELECT * FROM devices WHERE id = ?1 AND (fleet = ?2 OR ?2 IS NULL) ORDER BY last_seen DESC LIMIT 1",
                 params![id, q.fleet],
                 |r| Ok((ingest::device_json(r)?, r.get::<_, String>("state")?)),
             )
@@ -232,9 +236,8 @@ async fn releases(State(c): Shared) -> Json {
 /// directory's documents make it), taken once its objects are uploaded.
 async fn upload_release(State(c): Shared, body: Bytes) -> Json {
     let (offer, doc) = catalog::verify(&c.roots, &body, SystemTime::now()).map_err(bad)?;
-    let objects = c.objects.clone();
     with_db(c, move |conn| {
-        let added = catalog::add_release(conn, &objects, &offer, &doc, db::now_ms()).map_err(bad)?;
+        let added = catalog::add_release(conn, &offer, &doc, db::now_ms()).map_err(bad)?;
         Ok(axum::Json(added))
     })
     .await
@@ -250,14 +253,18 @@ fn object_name(sha256: &str) -> Result<(), ApiError> {
 
 async fn head_object(State(c): Shared, Path(sha256): Path<String>) -> Result<Response, ApiError> {
     object_name(&sha256)?;
-    match std::fs::metadata(c.objects.join(&sha256)) {
-        Ok(m) => Ok(([(header::CONTENT_LENGTH, m.len().to_string())], Body::empty()).into_response()),
-        Err(_) => Ok(StatusCode::NOT_FOUND.into_response()),
-    }
+    let length: Option<i64> = with_db(c, move |conn| {
+        Ok(conn.query_row("SELECT length FROM blobs WHERE sha256 = ?1", [&sha256], |r| r.get(0)).optional()?)
+    })
+    .await?;
+    Ok(match length {
+        Some(n) => ([(header::CONTENT_LENGTH, n.to_string())], Body::empty()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    })
 }
 
 /// `PUT /api/objects/{sha256}`: the body is stored when it hashes to its name; it streams
-/// to disk, never whole in memory.
+/// to disk, never whole in memory, and goes into the database a piece at a time.
 async fn put_object(State(c): Shared, Path(sha256): Path<String>, body: Body) -> Json {
     object_name(&sha256)?;
     let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the object: {e}"));
@@ -270,12 +277,11 @@ async fn put_object(State(c): Shared, Path(sha256): Path<String>, body: Body) ->
             tokio::task::block_in_place(|| w.write(data)).map_err(bad)?;
         }
     }
-    let len = tokio::task::block_in_place(|| w.finish()).map_err(bad)?;
+    tokio::task::block_in_place(|| w.finish()).map_err(bad)?;
+    let dir = c.objects.clone();
     with_db(c, move |conn| {
-        conn.execute(
-            "INSERT OR REPLACE INTO blobs (sha256, length, stored) VALUES (?1, ?2, ?3)",
-            params![sha256, len as i64, db::now_ms()],
-        )?;
+        let len = objects::store(conn, &dir, &sha256, db::now_ms())
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("storing the object: {e}")))?;
         Ok(axum::Json(json!({"sha256": sha256, "length": len})))
     })
     .await

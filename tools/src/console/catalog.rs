@@ -2,6 +2,7 @@
 //! check out against the fleet's root (walking any newer roots it carries) and every object
 //! it names (blobs and deltas) is already stored with its signed length.
 
+use crate::console::db::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,6 @@ use outpost_updater::envelope::Envelope;
 use outpost_updater::offer::Offer;
 use outpost_updater::release::{ReleaseDoc, Target};
 use outpost_updater::root::Root;
-use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -64,19 +64,18 @@ pub fn verify(roots: &Roots, bytes: &[u8], now: SystemTime) -> Result<(Offer, Re
     Ok((offer, doc))
 }
 
-/// Records a verified release whose objects are all in `objects`.
-pub fn add_release(
-    conn: &Connection,
-    objects: &Path,
-    offer: &Offer,
-    doc: &ReleaseDoc,
-    now: i64,
-) -> Result<Value, String> {
+/// Records a verified release whose objects are all stored (the `blobs` table: any console
+/// sharing the database may have taken them).
+pub fn add_release(conn: &Connection, offer: &Offer, doc: &ReleaseDoc, now: i64) -> Result<Value, String> {
     for (hash, length) in doc.objects() {
-        match std::fs::metadata(objects.join(hash)) {
-            Ok(m) if m.len() == length => {}
-            Ok(m) => return Err(format!("object {hash} is {} bytes, the release says {length}", m.len())),
-            Err(_) => return Err(format!("object {hash} ({length} bytes) is not uploaded yet")),
+        let stored: Option<i64> = conn
+            .query_row("SELECT length FROM blobs WHERE sha256 = ?1", [hash], |r| r.get(0))
+            .optional()
+            .map_err(|e| e.to_string())?;
+        match stored {
+            Some(n) if n as u64 == length => {}
+            Some(n) => return Err(format!("object {hash} is {n} bytes, the release says {length}")),
+            None => return Err(format!("object {hash} ({length} bytes) is not uploaded yet")),
         }
     }
     let id = offer.release_id();
@@ -84,8 +83,8 @@ pub fn add_release(
     let bytes: u64 = doc.blobs().map(|b| b.length).sum();
     let added = conn
         .execute(
-            "INSERT OR IGNORE INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
             params![
                 id,
                 doc.fleet,

@@ -2,7 +2,7 @@
 //! page at a time under filters. What the page polls, so its cost does not grow with the fleet
 //! past one `GROUP BY` per grouping and one page of rows.
 
-use rusqlite::{Connection, ToSql};
+use super::db::{self, Connection, ToSql};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -78,7 +78,8 @@ impl Filter {
         if let Some(q) = &self.q {
             // A substring, with LIKE's own wildcards taken literally.
             let escaped = q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-            bind(&mut terms, "id LIKE '%' || ? || '%' ESCAPE '\\'", Box::new(escaped));
+            // Case-insensitive on both engines (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
+            bind(&mut terms, "lower(id) LIKE '%' || lower(?) || '%' ESCAPE '\\'", Box::new(escaped));
         }
         Ok((terms.join(" AND "), params))
     }
@@ -88,7 +89,7 @@ impl Filter {
 pub fn page(conn: &Connection, filter: &Filter) -> Result<Value, String> {
     let (clause, params) = filter.clause()?;
     let refs: Vec<&dyn ToSql> = params.iter().map(|p| p.as_ref()).collect();
-    let db = |e: rusqlite::Error| format!("database: {e}");
+    let db = |e: db::Error| format!("database: {e}");
     let total: i64 = conn
         .query_row(&format!("SELECT count(*) FROM devices WHERE {clause}"), refs.as_slice(), |r| r.get(0))
         .map_err(db)?;
@@ -102,17 +103,17 @@ pub fn page(conn: &Connection, filter: &Filter) -> Result<Value, String> {
 }
 
 /// Devices counted by release, by update state and by drift band (of one fleet, or all).
-pub fn groups(conn: &Connection, fleet: Option<&str>) -> rusqlite::Result<Value> {
-    let count = |key: &str, column: &str| -> rusqlite::Result<Vec<Value>> {
+pub fn groups(conn: &Connection, fleet: Option<&str>) -> db::Result<Value> {
+    let count = |key: &str, column: &str| -> db::Result<Vec<Value>> {
         let sql = format!(
-            "SELECT {column} AS k, count(*), sum(online) FROM devices WHERE ?1 IS NULL OR fleet = ?1
-             GROUP BY k ORDER BY count(*) DESC, k"
+            "SELECT {column} AS k, count(*), sum(online) FROM devices WHERE (fleet = ?1 OR ?1 IS NULL)
+             GROUP BY k ORDER BY count(*) DESC, k NULLS FIRST"
         );
         let mut s = conn.prepare(&sql)?;
         s.query_map([fleet], |r| {
-            let k = match r.get::<_, rusqlite::types::Value>(0)? {
-                rusqlite::types::Value::Integer(n) => json!(n),
-                rusqlite::types::Value::Text(t) => json!(t),
+            let k = match r.get::<_, db::Value>(0)? {
+                db::Value::Integer(n) => json!(n),
+                db::Value::Text(t) => json!(t),
                 _ => Value::Null,
             };
             Ok(json!({key: k, "devices": r.get::<_, i64>(1)?, "online": r.get::<_, i64>(2)?}))
@@ -139,15 +140,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::console::{db, ingest};
+    use crate::console::ingest;
 
     /// 25 devices: d00..d24; every 5th runs no release, the rest release 1 (even) or 2 (odd); d03
     /// failed its update; every 4th has drifted far; d07 is offline.
-    fn fleet() -> Connection {
-        let dir = std::env::temp_dir().join(format!("outpost-fleet-view-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let conn = db::open(&dir.join("console.db")).unwrap();
+    fn fleet(database: &db::Database) -> Connection {
+        let conn = db::open(database).unwrap();
         for n in 0..25 {
             let id = format!("d{n:02}");
             let mut doc = json!({"device": id, "fleet": "f", "group": "default", "online": true});
@@ -178,43 +176,48 @@ mod tests {
 
     #[test]
     fn devices_page_under_filters_and_bad_filters_say_why() {
-        let conn = fleet();
-        let all = page(&conn, &query(json!({"limit": 10, "offset": 20}))).unwrap();
-        assert_eq!((all["total"].as_i64(), ids(&all)), (Some(25), vec!["d20", "d21", "d22", "d23", "d24"]));
-        let none = page(&conn, &query(json!({"release": "none"}))).unwrap();
-        assert_eq!(ids(&none), ["d00", "d05", "d10", "d15", "d20"]);
-        let one = page(&conn, &query(json!({"release": "1", "drift": ">=1"}))).unwrap();
-        assert_eq!(ids(&one), ["d04", "d08", "d12", "d16", "d24"]);
-        let calm = page(&conn, &query(json!({"drift": "<0.1", "online": false}))).unwrap();
-        assert_eq!(ids(&calm), ["d07"]);
-        assert_eq!(ids(&page(&conn, &query(json!({"state": "failed"}))).unwrap()), ["d03"]);
-        assert_eq!(
-            ids(&page(&conn, &query(json!({"q": "2"}))).unwrap()),
-            ["d02", "d12", "d20", "d21", "d22", "d23", "d24"]
-        );
-        assert_eq!(page(&conn, &query(json!({"q": "%"}))).unwrap()["total"], 0, "wildcards are literal");
-        assert!(page(&conn, &query(json!({"release": "two"}))).unwrap_err().contains("release number"));
-        assert!(page(&conn, &query(json!({"drift": "high"}))).unwrap_err().contains("one of none"));
-        assert_eq!(page(&conn, &query(json!({"limit": 100000}))).unwrap()["limit"], MAX_PAGE);
+        for database in db::testing::databases("fleet-page") {
+            let conn = fleet(&database);
+            let all = page(&conn, &query(json!({"limit": 10, "offset": 20}))).unwrap();
+            assert_eq!((all["total"].as_i64(), ids(&all)), (Some(25), vec!["d20", "d21", "d22", "d23", "d24"]));
+            let none = page(&conn, &query(json!({"release": "none"}))).unwrap();
+            assert_eq!(ids(&none), ["d00", "d05", "d10", "d15", "d20"]);
+            let one = page(&conn, &query(json!({"release": "1", "drift": ">=1"}))).unwrap();
+            assert_eq!(ids(&one), ["d04", "d08", "d12", "d16", "d24"]);
+            let calm = page(&conn, &query(json!({"drift": "<0.1", "online": false}))).unwrap();
+            assert_eq!(ids(&calm), ["d07"]);
+            assert_eq!(ids(&page(&conn, &query(json!({"state": "failed"}))).unwrap()), ["d03"]);
+            assert_eq!(
+                ids(&page(&conn, &query(json!({"q": "2"}))).unwrap()),
+                ["d02", "d12", "d20", "d21", "d22", "d23", "d24"]
+            );
+            assert_eq!(page(&conn, &query(json!({"q": "%"}))).unwrap()["total"], 0, "wildcards are literal");
+            assert!(page(&conn, &query(json!({"release": "two"}))).unwrap_err().contains("release number"));
+            assert!(page(&conn, &query(json!({"drift": "high"}))).unwrap_err().contains("one of none"));
+            assert_eq!(page(&conn, &query(json!({"limit": 100000}))).unwrap()["limit"], MAX_PAGE);
+            assert_eq!(ids(&page(&conn, &query(json!({"q": "D2"}))).unwrap()), ["d20", "d21", "d22", "d23", "d24"]);
+        }
     }
 
     #[test]
     fn groups_count_devices_by_release_state_and_drift_band() {
-        let conn = fleet();
-        let g = groups(&conn, None).unwrap();
-        assert_eq!(
-            g["release"],
-            json!([{"release": 1, "devices": 10, "online": 10}, {"release": 2, "devices": 10, "online": 9},
+        for database in db::testing::databases("fleet-groups") {
+            let conn = fleet(&database);
+            let g = groups(&conn, None).unwrap();
+            assert_eq!(
+                g["release"],
+                json!([{"release": 1, "devices": 10, "online": 10}, {"release": 2, "devices": 10, "online": 9},
                    {"release": null, "devices": 5, "online": 5}])
-        );
-        assert_eq!(
-            g["state"],
-            json!([{"state": "none", "devices": 24, "online": 23}, {"state": "failed", "devices": 1, "online": 1}])
-        );
-        assert_eq!(
-            g["drift"],
-            json!([{"band": "<0.1", "devices": 18, "online": 17}, {"band": ">=1", "devices": 7, "online": 7}])
-        );
-        assert_eq!(groups(&conn, Some("other")).unwrap()["release"], json!([]));
+            );
+            assert_eq!(
+                g["state"],
+                json!([{"state": "none", "devices": 24, "online": 23}, {"state": "failed", "devices": 1, "online": 1}])
+            );
+            assert_eq!(
+                g["drift"],
+                json!([{"band": "<0.1", "devices": 18, "online": 17}, {"band": ">=1", "devices": 7, "online": 7}])
+            );
+            assert_eq!(groups(&conn, Some("other")).unwrap()["release"], json!([]));
+        }
     }
 }

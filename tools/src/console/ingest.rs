@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use super::db::{self, Connection, OptionalExtension, Row, params};
 use outpost_updater::mqtt::report::{StateReport, UpdateState};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::db::event;
@@ -82,7 +82,7 @@ fn largest_drift(report: &StateReport) -> Option<f64> {
 
 /// Records a state: the device row (created on first sight), events for what changed, and
 /// the outcome for every live rollout that offered this device a release.
-pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()> {
+pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> db::Result<()> {
     let before: Option<(i64, Option<i64>, Option<String>)> = conn
         .query_row(
             "SELECT online, release_number, last_error FROM devices WHERE fleet = ?1 AND id = ?2",
@@ -153,7 +153,7 @@ pub fn record(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<
 
 /// Marks this device's rows in live rollouts: succeeded when it runs the rollout's release,
 /// failed when it reports refusing or failing the very offer the rollout made.
-fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()> {
+fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> db::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT rd.rollout_id, r.release_id, rd.status, rd.attempt FROM rollout_devices rd
          JOIN rollouts r ON r.id = rd.rollout_id
@@ -190,7 +190,7 @@ fn outcomes(conn: &Connection, s: &DeviceState, now: i64) -> rusqlite::Result<()
 }
 
 /// The device list as the API shows it.
-pub fn device_json(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+pub fn device_json(row: &Row) -> db::Result<Value> {
     let state: String = row.get("state")?;
     // Written by `record` from a parsed report; a row from an older console reads as empty.
     let state: StateReport = serde_json::from_str(&state).unwrap_or_default();

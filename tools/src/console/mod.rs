@@ -1,4 +1,5 @@
-//! `outpostctl console`: the fleet console. Devices' states come in over MQTT into SQLite;
+//! `outpostctl console`: the fleet console. Devices' states come in over MQTT into its database
+//! (SQLite, or PostgreSQL shared by several consoles: [`db`], [`lease`]);
 //! rollouts move from there (see [`rollout`]); offers go out as retained `desired` messages;
 //! chunk requests are answered by the blob server running inside; a JSON API and a web page
 //! show it all.
@@ -12,6 +13,8 @@ pub mod db;
 pub mod fleet;
 pub mod history;
 pub mod ingest;
+pub mod lease;
+pub mod objects;
 pub mod rollout;
 pub mod service;
 pub mod state;

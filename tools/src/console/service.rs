@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,18 +14,24 @@ use outpost_updater::offer::Offer;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event};
-use rusqlite::Connection;
 use tokio::sync::mpsc;
 
-use super::state::Console;
-use super::{api, catalog, db, ingest, rollout};
+use super::db::{self, Connection, Database};
+use super::state::{Console, LEASE_ELSEWHERE, LEASE_HELD};
+use super::{api, catalog, ingest, lease, objects, rollout};
 use crate::broker::BrokerArgs;
 
 #[derive(clap::Args)]
 pub struct ConsoleArgs {
-    /// Where the console keeps its database (console.db) and uploaded objects.
+    /// Where the console keeps its token and its copy of the uploaded objects (and, by default,
+    /// its database: DATA/console.db).
     #[arg(long, default_value = "console-data")]
     pub data: PathBuf,
+    /// The database: `sqlite:PATH` (default: sqlite:DATA/console.db), or `postgres://USER@HOST/NAME`
+    /// for a database several console instances share (docs/scale.md). From the environment, a
+    /// URL with a password stays off the command line.
+    #[arg(long, env = "OUTPOST_CONSOLE_DATABASE")]
+    pub database: Option<Database>,
     /// The HTTP address of the API and the web page (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -50,6 +57,10 @@ pub struct ConsoleArgs {
     /// Seconds between samples of the fleet's drift scores (the page's drift over time).
     #[arg(long, default_value_t = 60.0)]
     pub drift_sample_secs: f64,
+    /// Seconds the rollout lease lasts without renewal: with several consoles on one database,
+    /// how long after its holder dies another takes over stepping rollouts.
+    #[arg(long, default_value_t = 10.0)]
+    pub lease_secs: f64,
 }
 
 pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
@@ -64,7 +75,8 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
     let objects = a.data.join("objects");
     std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
     let token = token(&a)?;
-    let conn = db::open(&a.data.join("console.db")).context("opening the console database")?;
+    let database = a.database.clone().unwrap_or_else(|| Database::Sqlite(a.data.join("console.db")));
+    let conn = db::open(&database).with_context(|| format!("opening the console database {database}"))?;
     let fleets: Vec<String> = roots.fleets().map(str::to_owned).collect();
     let console = Arc::new(Console {
         db: Mutex::new(conn),
@@ -74,6 +86,8 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
         blob_stats: Arc::new(ServerStats::default()),
         bad_states: Default::default(),
         states_ready: Default::default(),
+        holder: a.client_id.clone(),
+        lease: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -95,7 +109,10 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
         tokio::spawn(record_states(console.clone(), prefix.clone(), states_rx));
         let every = Duration::from_millis(a.tick_ms.max(50));
         let sample_ms = (a.drift_sample_secs.clamp(0.1, 86_400.0) * 1000.0) as i64;
-        tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), every, sample_ms));
+        let lease_ms = (a.lease_secs.clamp(1.0, 3600.0) * 1000.0) as i64;
+        let steps = Steps { every, sample_ms, lease_ms, fleets: fleets.clone() };
+        tokio::spawn(drive_rollouts(console.clone(), client, prefix.clone(), steps));
+        tokio::spawn(sync_objects(console.clone()));
         let blobs = BlobServerConfig {
             broker: a.broker.config(&format!("{}-blobs", a.client_id))?,
             prefix,
@@ -109,7 +126,7 @@ pub fn run(a: ConsoleArgs) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "the blob server stopped");
             }
         });
-        tracing::info!(listen = %a.listen, data = %a.data.display(), "console ready");
+        tracing::info!(listen = %a.listen, data = %a.data.display(), %database, "console ready");
         axum::serve(listener, api::router(console))
             .with_graceful_shutdown(async {
                 tokio::select! {
@@ -162,12 +179,7 @@ async fn follow_states(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
                 tracing::info!("console connected to the broker");
-                for f in &fleets {
-                    let filter = format!("{prefix}/{f}/devices/+/state");
-                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                        tracing::warn!(error = %e, "subscribe not queued");
-                    }
-                }
+                subscribe_states(&client, &prefix, &fleets);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 check_suback(&ack);
@@ -191,12 +203,29 @@ async fn follow_states(
     }
 }
 
+/// Subscribes to every fleet's device states; the broker sends the retained ones (again, for a
+/// subscription it already has).
+fn subscribe_states(client: &AsyncClient, prefix: &str, fleets: &[String]) {
+    for f in fleets {
+        let filter = format!("{prefix}/{f}/devices/+/state");
+        if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, "subscribe not queued");
+        }
+    }
+}
+
 /// Writes states in batches, one transaction each (a thousand devices reporting at once is a
 /// few transactions, not a thousand fsyncs).
 async fn record_states(console: Arc<Console>, prefix: String, mut rx: mpsc::Receiver<(String, bytes::Bytes)>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 512).await > 0 {
-        let items = std::mem::take(&mut batch);
+        let mut items = std::mem::take(&mut batch);
+        // The console holding the rollout lease records states; the others serve what it wrote.
+        if console.lease.load(Ordering::SeqCst) == LEASE_ELSEWHERE {
+            continue;
+        }
+        // In one order, so that consoles sharing a database lock the same rows in the same order.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
         let c = console.clone();
         let prefix = prefix.clone();
         let done = tokio::task::spawn_blocking(move || {
@@ -280,49 +309,94 @@ impl OfferSender {
     }
 }
 
-/// Steps every live rollout on a timer, and samples the fleet's drift every `sample_ms`.
-/// Offers are queued to the MQTT client without waiting; one that cannot be queued leaves its
-/// device pending for the next step.
-async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, every: Duration, sample_ms: i64) {
+/// How the console steps rollouts.
+struct Steps {
+    every: Duration,
+    sample_ms: i64,
+    lease_ms: i64,
+    fleets: Vec<String>,
+}
+
+/// Steps every live rollout on a timer while this console holds the rollout lease, and samples
+/// the fleet's drift every `sample_ms`. Offers are queued to the MQTT client without waiting;
+/// one that cannot be queued leaves its device pending for the next step.
+async fn drive_rollouts(console: Arc<Console>, client: AsyncClient, prefix: String, steps: Steps) {
     // No step before the devices' retained states are in: a console that was down longer than
     // a deadline would otherwise time out devices that answered while it was away.
-    while !console.states_ready.load(std::sync::atomic::Ordering::SeqCst) {
+    while !console.states_ready.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Offers recorded as sent go out again: one queued just before a kill may never have left.
-    let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
-    let resent = tokio::task::spawn_blocking(move || {
-        let conn = c.db();
-        for o in rollout::store::outstanding(&conn)? {
-            sender.send(&conn, &o.fleet, &o.device, &o.release, o.attempt, o.candidate);
-        }
-        Ok::<_, rusqlite::Error>(())
-    })
-    .await;
-    if !matches!(resent, Ok(Ok(()))) {
-        tracing::error!("in-flight offers not sent again");
-    }
-    let mut timer = tokio::time::interval(every);
+    let mut timer = tokio::time::interval(steps.every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = false;
     loop {
         timer.tick().await;
         let (c, mut sender) = (console.clone(), OfferSender::new(&client, &prefix));
+        let (sample_ms, lease_ms) = (steps.sample_ms, steps.lease_ms);
         let done = tokio::task::spawn_blocking(move || {
             let now = db::now_ms();
             let mut conn = c.db();
             let tx = conn.transaction()?;
+            if !lease::hold(&tx, &c.holder, now, lease_ms)? {
+                return Ok(false);
+            }
+            if !held {
+                // Taking the lease (at start, or from a console that died): offers recorded as
+                // sent go out again, as one queued just before a kill may never have left.
+                for o in rollout::store::outstanding(&tx)? {
+                    sender.send(&tx, &o.fleet, &o.device, &o.release, o.attempt, o.candidate);
+                }
+            }
             rollout::store::tick(&tx, now, &mut |fleet, device, release, attempt, candidate| {
                 sender.send(&tx, fleet, device, release, attempt, candidate)
             })?;
             super::history::sample(&tx, now, sample_ms)?;
-            tx.commit()
+            tx.commit()?;
+            Ok::<_, db::Error>(true)
         })
         .await;
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "rollout step failed"),
-            Err(_) => tracing::error!("rollout step panicked"),
+        let now_held = match done {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "rollout step failed");
+                false
+            }
+            Err(_) => {
+                tracing::error!("rollout step panicked");
+                false
+            }
+        };
+        if now_held != held {
+            tracing::info!(
+                holder = console.holder,
+                "{}",
+                if now_held { "this console steps rollouts" } else { "another console steps rollouts" }
+            );
+        }
+        let before = console.lease.swap(if now_held { LEASE_HELD } else { LEASE_ELSEWHERE }, Ordering::SeqCst);
+        if now_held && before == LEASE_ELSEWHERE {
+            // The states this console let pass while another recorded them: the broker sends
+            // the retained ones again.
+            subscribe_states(&client, &prefix, &steps.fleets);
+        }
+        held = now_held;
+    }
+}
+
+/// Keeps the objects folder in step with the database (another console may have taken an
+/// upload), every second.
+async fn sync_objects(console: Arc<Console>) {
+    let mut timer = tokio::time::interval(Duration::from_secs(1));
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        let c = console.clone();
+        match tokio::task::spawn_blocking(move || objects::sync(&c.db(), &c.objects)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(objects = n, "objects copied from the database"),
+            Ok(Err(e)) => tracing::error!(error = %e, "objects not copied from the database"),
+            Err(_) => tracing::error!("copying objects panicked"),
         }
     }
 }

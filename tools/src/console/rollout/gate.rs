@@ -7,21 +7,13 @@
 //! A device's row moves `offered` → `shadowing` (its state names the candidate) → `promoting`
 //! (the gate passed) → `succeeded` (its state names the release as active), or to `failed`.
 
-use rusqlite::{Connection, params};
-
 use super::decide::{Live, Offer};
 use super::spec::Gate;
-use crate::console::db::event;
+use crate::console::db::{self, Connection, event, params};
 
 /// Moves a gated rollout's devices through the gate; returns why the rollout must pause when a
 /// device failed it. `offer` sends `(fleet, device, release, attempt, as a candidate)`.
-pub fn advance(
-    conn: &Connection,
-    r: &Live,
-    gate: Gate,
-    now: i64,
-    offer: &mut Offer<'_>,
-) -> rusqlite::Result<Option<String>> {
+pub fn advance(conn: &Connection, r: &Live, gate: Gate, now: i64, offer: &mut Offer<'_>) -> db::Result<Option<String>> {
     // Staged: the device's state names the candidate.
     let mut stmt = conn.prepare(
         "SELECT device_id FROM rollout_devices WHERE rollout_id = ?1 AND status = 'offered'
@@ -101,48 +93,50 @@ mod tests {
 
     #[test]
     fn a_device_activates_once_its_shadow_agrees_and_one_that_disagrees_pauses_the_rollout() {
-        let mut f = Fleet::new("pass-fail", 3);
-        let req = json!({"release": R2, "waves": "1,100%", "shadow_agreement": 0.95, "shadow_rows": 100});
-        let id = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap();
-        assert_eq!(f.show(id)["shadow_gate"], json!({"agreement": 0.95, "rows": 100}));
-        // Wave 1: one device, offered as a candidate.
-        assert_eq!(f.step(), [offer("d1", "ab12", true)]);
-        report(&mut f, "d1", R2, 40, 0.99);
-        assert!(f.step().is_empty(), "too few rows compared: wait");
-        assert_eq!(f.show(id)["counts"]["shadowing"], 1);
-        report(&mut f, "d1", R2, 120, 0.975);
-        assert_eq!(f.step(), [offer("d1", "ab12", false)], "the gate passed: offered for real");
-        assert_eq!(f.show(id)["counts"]["promoting"], 1);
-        f.state("d1", R2, json!({}));
-        assert!(f.step().is_empty(), "wave 1 done");
-        assert!(f.step().is_empty(), "wave 2 opened");
-        // Wave 2: the other two, as candidates; d3 disagrees too often.
-        let mut offers = f.step();
-        offers.sort();
-        assert_eq!(offers, [offer("d2", "ab12", true), offer("d3", "ab12", true)]);
-        report(&mut f, "d2", R2, 30, 0.99);
-        report(&mut f, "d3", R2, 150, 0.80);
-        assert_eq!(f.step(), [offer("d3", "aa11", false)], "d3 is offered its active release again");
-        let v = f.show(id);
-        assert_eq!(v["state"], "paused", "{v}");
-        assert_eq!(v["reason"], "shadow gate: device d3 agreed on 80.0% of 150 rows, below 95.0%", "{v}");
-        assert_eq!(v["failures"][0]["device"], "d3", "{v}");
-        // Paused: d2 passing its gate now waits for the operator.
-        report(&mut f, "d2", R2, 200, 0.99);
-        assert!(f.step().is_empty());
+        for mut f in Fleet::each("pass-fail", 3) {
+            let req = json!({"release": R2, "waves": "1,100%", "shadow_agreement": 0.95, "shadow_rows": 100});
+            let id = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap();
+            assert_eq!(f.show(id)["shadow_gate"], json!({"agreement": 0.95, "rows": 100}));
+            // Wave 1: one device, offered as a candidate.
+            assert_eq!(f.step(), [offer("d1", "ab12", true)]);
+            report(&mut f, "d1", R2, 40, 0.99);
+            assert!(f.step().is_empty(), "too few rows compared: wait");
+            assert_eq!(f.show(id)["counts"]["shadowing"], 1);
+            report(&mut f, "d1", R2, 120, 0.975);
+            assert_eq!(f.step(), [offer("d1", "ab12", false)], "the gate passed: offered for real");
+            assert_eq!(f.show(id)["counts"]["promoting"], 1);
+            f.state("d1", R2, json!({}));
+            assert!(f.step().is_empty(), "wave 1 done");
+            assert!(f.step().is_empty(), "wave 2 opened");
+            // Wave 2: the other two, as candidates; d3 disagrees too often.
+            let mut offers = f.step();
+            offers.sort();
+            assert_eq!(offers, [offer("d2", "ab12", true), offer("d3", "ab12", true)]);
+            report(&mut f, "d2", R2, 30, 0.99);
+            report(&mut f, "d3", R2, 150, 0.80);
+            assert_eq!(f.step(), [offer("d3", "aa11", false)], "d3 is offered its active release again");
+            let v = f.show(id);
+            assert_eq!(v["state"], "paused", "{v}");
+            assert_eq!(v["reason"], "shadow gate: device d3 agreed on 80.0% of 150 rows, below 95.0%", "{v}");
+            assert_eq!(v["failures"][0]["device"], "d3", "{v}");
+            // Paused: d2 passing its gate now waits for the operator.
+            report(&mut f, "d2", R2, 200, 0.99);
+            assert!(f.step().is_empty());
+        }
     }
 
     #[test]
     fn a_gate_needs_both_settings_in_range() {
-        let f = Fleet::new("settings", 0);
-        for (agreement, rows, why) in [
-            (json!(0.9), Value::Null, "needs both"),
-            (json!(1.5), json!(10), "shadow_agreement"),
-            (json!(0.9), json!(0), "shadow_rows"),
-        ] {
-            let req = json!({"release": R2, "shadow_agreement": agreement, "shadow_rows": rows});
-            let e = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap_err();
-            assert!(e.contains(why), "{e}");
+        for f in Fleet::each("settings", 0) {
+            for (agreement, rows, why) in [
+                (json!(0.9), Value::Null, "needs both"),
+                (json!(1.5), json!(10), "shadow_agreement"),
+                (json!(0.9), json!(0), "shadow_rows"),
+            ] {
+                let req = json!({"release": R2, "shadow_agreement": agreement, "shadow_rows": rows});
+                let e = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap_err();
+                assert!(e.contains(why), "{e}");
+            }
         }
     }
 }

@@ -8,11 +8,9 @@
 //! Escalation and p99 are compared only over report intervals with at least
 //! [`MIN_REQUESTS`] requests, on both sides: a quiet interval's p99 says little.
 
-use rusqlite::{Connection, params};
-
 use super::decide::{Live, Offer};
 use super::spec::SoakGate;
-use crate::console::db::event;
+use crate::console::db::{self, Connection, event, params};
 
 /// Requests a report interval needs before its escalation rate and p99 are compared.
 pub const MIN_REQUESTS: i64 = 20;
@@ -68,7 +66,7 @@ pub fn watch(
     gate: &SoakGate,
     now: i64,
     offer: &mut Offer<'_>,
-) -> rusqlite::Result<Option<String>> {
+) -> db::Result<Option<String>> {
     let mut stmt = conn.prepare(
         "SELECT rd.device_id, rd.previous_id, d.drift, d.requests, d.escalation_rate, d.p99_ms,
                 rd.base_escalation, rd.base_p99, p.number
@@ -134,68 +132,70 @@ mod tests {
 
     #[test]
     fn a_device_past_a_soak_bound_pauses_the_rollout_and_is_rolled_back() {
-        let mut f = Fleet::new("soak", 3);
-        for d in ["d1", "d2", "d3"] {
-            f.state(d, R1, stats(0.02, 1.0));
-        }
-        let req = json!({"release": R2, "waves": "1,100%", "soak_secs": 3, "drift_max": 1.0,
-                         "escalation_rise": 0.05, "rollback": true});
-        let id = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap();
-        let gate = json!({"drift_max": 1.0, "escalation_rise": 0.05, "p99_ratio": null, "rollback": true});
-        assert_eq!(f.show(id)["soak_gate"], gate);
-        assert_eq!(f.step(), [offer("d1", "ab12", false)]);
-        // d1 activates; within bounds through its wave's soak.
-        f.state("d1", R2, stats(0.06, 1.3));
-        let mut offers = Vec::new();
-        for _ in 0..10 {
-            offers = f.step();
-            if !offers.is_empty() {
-                break;
+        for mut f in Fleet::each("soak", 3) {
+            for d in ["d1", "d2", "d3"] {
+                f.state(d, R1, stats(0.02, 1.0));
             }
-        }
-        assert_eq!(offers, [offer("d2", "ab12", false), offer("d3", "ab12", false)], "wave 2 opened");
-        // d3's inputs shift: its drift score passes the bound, and it goes back to release 1.
-        f.state("d2", R2, stats(0.02, 1.0));
-        let drift = json!({"version": "2", "windows": 4, "alerts": 1, "threshold": 0.25,
+            let req = json!({"release": R2, "waves": "1,100%", "soak_secs": 3, "drift_max": 1.0,
+                         "escalation_rise": 0.05, "rollback": true});
+            let id = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap();
+            let gate = json!({"drift_max": 1.0, "escalation_rise": 0.05, "p99_ratio": null, "rollback": true});
+            assert_eq!(f.show(id)["soak_gate"], gate);
+            assert_eq!(f.step(), [offer("d1", "ab12", false)]);
+            // d1 activates; within bounds through its wave's soak.
+            f.state("d1", R2, stats(0.06, 1.3));
+            let mut offers = Vec::new();
+            for _ in 0..10 {
+                offers = f.step();
+                if !offers.is_empty() {
+                    break;
+                }
+            }
+            assert_eq!(offers, [offer("d2", "ab12", false), offer("d3", "ab12", false)], "wave 2 opened");
+            // d3's inputs shift: its drift score passes the bound, and it goes back to release 1.
+            f.state("d2", R2, stats(0.02, 1.0));
+            let drift = json!({"version": "2", "windows": 4, "alerts": 1, "threshold": 0.25,
                            "psi": {"class": 2.1, "confidence": 0.4, "input:input": 7.5}});
-        f.state("d3", R2, json!({"models": [{"name": "m", "versions": ["2"], "drift": [drift]}]}));
-        assert_eq!(f.step(), [offer("d3", "aa11", false)], "d3 is offered release 1");
-        let v = f.show(id);
-        let reason = "soak gate: device d3 drift score 7.500, over 1; rolled back to release 1";
-        assert_eq!((v["state"].as_str(), v["reason"].as_str()), (Some("paused"), Some(reason)), "{v:#}");
-        assert_eq!(v["counts"]["rolled_back"], 1, "{v:#}");
-        assert_eq!(v["failures"][0]["device"], "d3", "{v:#}");
-        // Its next state still names release 2 (the revert is on its way): it stays rolled back.
-        f.state("d3", R2, json!({}));
-        f.step();
-        assert_eq!(f.show(id)["counts"]["rolled_back"], 1);
-        f.state("d3", R1, json!({}));
-        // Resumed, d2's escalation rate rises 12 points over its 2% before the offer.
-        act(&f.conn, id, "resume", f.now).unwrap();
-        f.state("d2", R2, stats(0.14, 1.0));
-        assert_eq!(f.step(), [offer("d2", "aa11", false)]);
-        let v = f.show(id);
-        assert_eq!(
-            v["reason"],
-            "soak gate: device d2 escalation rate 14.0%, up from 2.0% (more than 5.0 points); rolled back to release 1",
-            "{v:#}"
-        );
-        assert_eq!(v["counts"]["succeeded"], 1, "d1 within bounds: {v:#}");
+            f.state("d3", R2, json!({"models": [{"name": "m", "versions": ["2"], "drift": [drift]}]}));
+            assert_eq!(f.step(), [offer("d3", "aa11", false)], "d3 is offered release 1");
+            let v = f.show(id);
+            let reason = "soak gate: device d3 drift score 7.500, over 1; rolled back to release 1";
+            assert_eq!((v["state"].as_str(), v["reason"].as_str()), (Some("paused"), Some(reason)), "{v:#}");
+            assert_eq!(v["counts"]["rolled_back"], 1, "{v:#}");
+            assert_eq!(v["failures"][0]["device"], "d3", "{v:#}");
+            // Its next state still names release 2 (the revert is on its way): it stays rolled back.
+            f.state("d3", R2, json!({}));
+            f.step();
+            assert_eq!(f.show(id)["counts"]["rolled_back"], 1);
+            f.state("d3", R1, json!({}));
+            // Resumed, d2's escalation rate rises 12 points over its 2% before the offer.
+            act(&f.conn, id, "resume", f.now).unwrap();
+            f.state("d2", R2, stats(0.14, 1.0));
+            assert_eq!(f.step(), [offer("d2", "aa11", false)]);
+            let v = f.show(id);
+            assert_eq!(
+                v["reason"],
+                "soak gate: device d2 escalation rate 14.0%, up from 2.0% (more than 5.0 points); rolled back to release 1",
+                "{v:#}"
+            );
+            assert_eq!(v["counts"]["succeeded"], 1, "d1 within bounds: {v:#}");
+        }
     }
 
     #[test]
     fn rollback_needs_a_bound_and_bounds_must_be_in_range() {
-        let f = Fleet::new("soak-settings", 0);
-        for (extra, why) in [
-            (json!({"rollback": true}), "rollback needs a soak bound"),
-            (json!({"drift_max": -1}), "drift_max"),
-            (json!({"escalation_rise": 2}), "escalation_rise"),
-            (json!({"p99_ratio": 0.5}), "p99_ratio"),
-        ] {
-            let mut req = json!({"release": R2});
-            req.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            let e = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap_err();
-            assert!(e.contains(why), "{e}");
+        for f in Fleet::each("soak-settings", 0) {
+            for (extra, why) in [
+                (json!({"rollback": true}), "rollback needs a soak bound"),
+                (json!({"drift_max": -1}), "drift_max"),
+                (json!({"escalation_rise": 2}), "escalation_rise"),
+                (json!({"p99_ratio": 0.5}), "p99_ratio"),
+            ] {
+                let mut req = json!({"release": R2});
+                req.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+                let e = start(&f.conn, &serde_json::from_value(req).unwrap(), f.now).unwrap_err();
+                assert!(e.contains(why), "{e}");
+            }
         }
     }
 

@@ -2,12 +2,11 @@
 //! [`tick`], which reads each live rollout and the counts the decision needs, asks
 //! [`decide`](super::decide::decide) what to do, and does it.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::console::db::{self, Connection, OptionalExtension, event, params};
 use serde_json::{Map, Value, json};
 
 use super::decide::{Counts, Decision, Live, decide};
 use super::spec::{Gate, SoakGate, StartRequest, Wave, parse_errors, parse_waves};
-use crate::console::db::event;
 
 /// Starts a rollout; older live rollouts of the same fleet and group are superseded.
 pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, String> {
@@ -36,7 +35,7 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
         }
     }
     let (release_id, fleet, group) = find_release(conn, req)?;
-    let db = |e: rusqlite::Error| e.to_string();
+    let db = |e: db::Error| e.to_string();
     let mut stmt = conn
         .prepare(
             "SELECT id FROM rollouts WHERE fleet = ?1 AND grp = ?2 AND state IN ('running', 'paused', 'completed')",
@@ -45,11 +44,12 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
     let older: Vec<i64> =
         stmt.query_map(params![fleet, group], |r| r.get(0)).map_err(db)?.collect::<Result<_, _>>().map_err(db)?;
     let waves_json = json!(waves.iter().map(Wave::label).collect::<Vec<_>>()).to_string();
-    conn.execute(
+    let id: i64 = conn.query_row(
         "INSERT INTO rollouts (release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, \
          rate_per_min, deadline_ms, state, created, updated, shadow_agreement, shadow_rows, drift_max, escalation_rise, \
          p99_ratio, rollback)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'running', ?12, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+         RETURNING id",
         params![
             release_id,
             fleet,
@@ -70,9 +70,9 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
             soak.and_then(|s| s.p99_ratio),
             soak.is_some_and(|s| s.rollback)
         ],
+        |r| r.get(0),
     )
     .map_err(db)?;
-    let id = conn.last_insert_rowid();
     for old in older {
         conn.execute(
             "UPDATE rollouts SET state = 'superseded', reason = ?2, updated = ?3 WHERE id = ?1",
@@ -94,7 +94,7 @@ pub fn start(conn: &Connection, req: &StartRequest, now: i64) -> Result<i64, Str
 }
 
 fn find_release(conn: &Connection, req: &StartRequest) -> Result<(String, String, String), String> {
-    let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+    let row = |r: &db::Row| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
     let found: Vec<(String, String, String)> = match (&req.release, req.number) {
         (Some(prefix), None) => {
             if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -125,7 +125,7 @@ fn find_release(conn: &Connection, req: &StartRequest) -> Result<(String, String
 
 /// An operator's action on a rollout.
 pub fn act(conn: &Connection, id: i64, action: &str, now: i64) -> Result<Value, String> {
-    let db = |e: rusqlite::Error| e.to_string();
+    let db = |e: db::Error| e.to_string();
     let state: String = conn
         .query_row("SELECT state FROM rollouts WHERE id = ?1", [id], |r| r.get(0))
         .optional()
@@ -174,7 +174,7 @@ pub use super::decide::Offer;
 /// Moves every live rollout one step: adopts newly selected devices, times out silent ones,
 /// pauses on the error threshold, offers the current wave (within the rate limit), and after
 /// a wave has succeeded and soaked, opens the next.
-pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
+pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> db::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT id, release_id, fleet, grp, labels, waves, success_pct, soak_ms, error_limit, error_is_pct, rate_per_min,
                 deadline_ms, state, wave, wave_done, resumed, shadow_agreement, shadow_rows, drift_max, escalation_rise,
@@ -182,7 +182,7 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
          FROM rollouts WHERE state IN ('running', 'paused', 'completed') ORDER BY id",
     )?;
     let live: Vec<Live> = stmt
-        .query_map([], |r| {
+        .query_map(params![], |r| {
             let labels: String = r.get(4)?;
             let waves: String = r.get(5)?;
             let waves: Vec<String> = serde_json::from_str(&waves).unwrap_or_default();
@@ -226,7 +226,7 @@ pub fn tick(conn: &Connection, now: i64, offer: &mut Offer<'_>) -> rusqlite::Res
 
 /// One live rollout's step: adopt newly selected devices, take states that show the release
 /// as successes, time out silent devices, then do what [`decide`] says.
-fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlite::Result<()> {
+fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> db::Result<()> {
     adopt(conn, r, now)?;
     // A device whose state already shows the release has it, whatever its row says (say the
     // console was killed between an offer and its record).
@@ -237,7 +237,7 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
         params![r.id, r.fleet, r.release_id, now, r.wave as i64],
     )?;
     time_out(conn, r, now)?;
-    let set_state = |to: &str, reason: &str| -> rusqlite::Result<()> {
+    let set_state = |to: &str, reason: &str| -> db::Result<()> {
         conn.execute(
             "UPDATE rollouts SET state = ?2, reason = ?3, updated = ?4 WHERE id = ?1",
             params![r.id, to, reason, now],
@@ -280,16 +280,16 @@ fn step(conn: &Connection, r: &Live, now: i64, offer: &mut Offer<'_>) -> rusqlit
 }
 
 /// The counts [`decide`] reads, for the rollout's current wave.
-fn counts(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<Counts> {
-    let n = |filter: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<u64> {
+fn counts(conn: &Connection, r: &Live, now: i64) -> db::Result<Counts> {
+    let n = |filter: &str, p: &[&dyn db::ToSql]| -> db::Result<u64> {
         let sql = format!("SELECT count(*) FROM rollout_devices WHERE rollout_id = ?1 AND {filter}");
-        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&r.id];
+        let mut all: Vec<&dyn db::ToSql> = vec![&r.id];
         all.extend_from_slice(p);
         conn.query_row(&sql, all.as_slice(), |x| x.get::<_, i64>(0)).map(|v| v as u64)
     };
     let wave = r.current_wave() as i64;
     Ok(Counts {
-        total: n("1", &[])?,
+        total: n("1 = 1", &[])?,
         offered: n("status != 'pending'", &[])?,
         new_failures: n("status IN ('failed', 'timed_out') AND finished > ?2", &[&r.resumed])?,
         in_flight: n("status IN ('offered', 'shadowing', 'promoting')", &[])?,
@@ -302,7 +302,7 @@ fn counts(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<Counts> {
 
 /// Adds devices the selector now matches (late joiners included); those that already run the
 /// release count as succeeded without an offer.
-fn adopt(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
+fn adopt(conn: &Connection, r: &Live, now: i64) -> db::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT d.id, d.labels, d.release_id FROM devices d
          WHERE d.fleet = ?1 AND d.grp = ?2
@@ -337,7 +337,7 @@ fn adopt(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn time_out(conn: &Connection, r: &Live, now: i64) -> rusqlite::Result<()> {
+fn time_out(conn: &Connection, r: &Live, now: i64) -> db::Result<()> {
     let mut stmt = conn.prepare(
         // A device shadowing a candidate has no deadline: its comparison waits for traffic.
         "SELECT device_id FROM rollout_devices
@@ -363,14 +363,14 @@ fn offer_some(
     budget: u64,
     now: i64,
     offer: &mut Offer<'_>,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     // Retried devices first (their wave is open already), then online devices, then by id: a
     // wave is not filled with devices that cannot answer.
     let mut stmt = conn.prepare(
         "SELECT rd.device_id, rd.attempt FROM rollout_devices rd
          LEFT JOIN devices d ON d.fleet = ?2 AND d.id = rd.device_id
          WHERE rd.rollout_id = ?1 AND rd.status = 'pending'
-         ORDER BY rd.wave IS NOT NULL DESC, coalesce(d.online, 0) DESC, rd.device_id LIMIT ?3",
+         ORDER BY (rd.wave IS NOT NULL) DESC, coalesce(d.online, 0) DESC, rd.device_id LIMIT ?3",
     )?;
     let picked: Vec<(String, u32)> = stmt
         .query_map(params![r.id, r.fleet, budget as i64], |x| Ok((x.get(0)?, x.get(1)?)))?
@@ -406,7 +406,7 @@ pub struct Outstanding {
 
 /// Offers recorded as sent in live rollouts. At start the console sends them again: one queued
 /// just before the console was killed may never have left.
-pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<Outstanding>> {
+pub fn outstanding(conn: &Connection) -> db::Result<Vec<Outstanding>> {
     let mut s = conn.prepare(
         // A rolled-back device's offer is its previous release.
         "SELECT r.fleet, rd.device_id, CASE rd.status WHEN 'rolled_back' THEN rd.previous_id ELSE r.release_id END,
@@ -415,7 +415,7 @@ pub fn outstanding(conn: &Connection) -> rusqlite::Result<Vec<Outstanding>> {
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
          WHERE rd.status IN ('offered', 'promoting', 'rolled_back') AND r.state IN ('running', 'paused', 'completed')",
     )?;
-    s.query_map([], |x| {
+    s.query_map(params![], |x| {
         Ok(Outstanding {
             fleet: x.get(0)?,
             device: x.get(1)?,
@@ -444,15 +444,17 @@ mod machine {
     const RELEASE: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12";
 
     impl Fleet {
-        fn new(name: &str, devices: usize) -> Fleet {
-            let dir = std::env::temp_dir().join(format!("outpost-rollout-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let conn = db::open(&dir.join("console.db")).unwrap();
+        /// The same fleet on each engine (db::testing::databases).
+        fn each(name: &str, devices: usize) -> Vec<Fleet> {
+            db::testing::databases(&format!("rollout-{name}")).iter().map(|d| Fleet::on(d, devices)).collect()
+        }
+
+        fn on(database: &db::Database, devices: usize) -> Fleet {
+            let conn = db::open(database).unwrap();
             conn.execute(
                 "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
-                 VALUES (?1, 'f', 'default', 2, '[]', x'00', 0, 0)",
-                [RELEASE],
+                 VALUES (?1, 'f', 'default', 2, '[]', ?2, 0, 0)",
+                params![RELEASE, vec![0u8]],
             )
             .unwrap();
             let mut f = Fleet { conn, now: 1_000_000, offers: Vec::new() };
@@ -509,82 +511,85 @@ mod machine {
 
     #[test]
     fn waves_open_one_after_another_after_success_and_soak() {
-        let mut f = Fleet::new("waves", 4);
-        let id = f.start(json!({"waves": "1,50%,100%", "soak_secs": 10}));
-        assert_eq!(f.step(1), ["d1"]);
-        assert!(f.step(1000).is_empty(), "wave 1 waits for its answer");
-        f.succeed("d1");
-        assert!(f.step(1).is_empty(), "the wave is done: the soak starts");
-        assert!(f.step(5_000).is_empty(), "still soaking");
-        assert!(f.step(5_000).is_empty(), "wave 2 opens");
-        assert_eq!(f.step(1), ["d2"]);
-        f.succeed("d2");
-        f.step(1);
-        f.step(10_000);
-        assert_eq!(f.step(1), ["d3", "d4"]);
-        f.succeed("d3");
-        f.succeed("d4");
-        f.step(1);
-        f.step(10_000);
-        let r = f.show(id);
-        assert_eq!(r["state"], "completed", "{r:#}");
-        assert_eq!(r["counts"]["succeeded"], 4);
-        // A device that joins later is offered the release.
-        f.report("d5", json!({}));
-        assert_eq!(f.step(1), ["d5"]);
+        for mut f in Fleet::each("waves", 4) {
+            let id = f.start(json!({"waves": "1,50%,100%", "soak_secs": 10}));
+            assert_eq!(f.step(1), ["d1"]);
+            assert!(f.step(1000).is_empty(), "wave 1 waits for its answer");
+            f.succeed("d1");
+            assert!(f.step(1).is_empty(), "the wave is done: the soak starts");
+            assert!(f.step(5_000).is_empty(), "still soaking");
+            assert!(f.step(5_000).is_empty(), "wave 2 opens");
+            assert_eq!(f.step(1), ["d2"]);
+            f.succeed("d2");
+            f.step(1);
+            f.step(10_000);
+            assert_eq!(f.step(1), ["d3", "d4"]);
+            f.succeed("d3");
+            f.succeed("d4");
+            f.step(1);
+            f.step(10_000);
+            let r = f.show(id);
+            assert_eq!(r["state"], "completed", "{r:#}");
+            assert_eq!(r["counts"]["succeeded"], 4);
+            // A device that joins later is offered the release.
+            f.report("d5", json!({}));
+            assert_eq!(f.step(1), ["d5"]);
+        }
     }
 
     #[test]
     fn a_wave_below_its_share_pauses_and_resume_takes_it_as_it_stands() {
-        let mut f = Fleet::new("share", 4);
-        let id = f.start(json!({"waves": "2,100%", "errors": "5"}));
-        assert_eq!(f.step(1), ["d1", "d2"]);
-        f.succeed("d1");
-        f.refuse("d2", 0);
-        f.step(1);
-        let r = f.show(id);
-        assert_eq!(r["state"], "paused");
-        assert_eq!(r["reason"], "wave 1: 50.0% succeeded, below 100%");
-        assert_eq!(r["failures"][0]["reason"], "health_check: no");
-        act(&f.conn, id, "resume", f.now).unwrap();
-        f.step(1);
-        assert_eq!(f.step(1), ["d3", "d4"], "wave 2 opened");
-        // Retry: d2 gets a second attempt (a new offer it considers afresh).
-        act(&f.conn, id, "retry", f.now).unwrap();
-        assert_eq!(f.step(1), ["d2"]);
-        assert_eq!(f.offers.last(), Some(&("d2".to_owned(), 1)));
-        // A stale report of the first attempt does not fail the second.
-        f.refuse("d2", 0);
-        assert_eq!(f.show(id)["counts"]["offered"], 3);
+        for mut f in Fleet::each("share", 4) {
+            let id = f.start(json!({"waves": "2,100%", "errors": "5"}));
+            assert_eq!(f.step(1), ["d1", "d2"]);
+            f.succeed("d1");
+            f.refuse("d2", 0);
+            f.step(1);
+            let r = f.show(id);
+            assert_eq!(r["state"], "paused");
+            assert_eq!(r["reason"], "wave 1: 50.0% succeeded, below 100%");
+            assert_eq!(r["failures"][0]["reason"], "health_check: no");
+            act(&f.conn, id, "resume", f.now).unwrap();
+            f.step(1);
+            assert_eq!(f.step(1), ["d3", "d4"], "wave 2 opened");
+            // Retry: d2 gets a second attempt (a new offer it considers afresh).
+            act(&f.conn, id, "retry", f.now).unwrap();
+            assert_eq!(f.step(1), ["d2"]);
+            assert_eq!(f.offers.last(), Some(&("d2".to_owned(), 1)));
+            // A stale report of the first attempt does not fail the second.
+            f.refuse("d2", 0);
+            assert_eq!(f.show(id)["counts"]["offered"], 3);
+        }
     }
 
     #[test]
     fn errors_pause_counting_only_failures_after_a_resume_and_silence_times_out() {
-        let mut f = Fleet::new("errors", 6);
-        let id = f.start(json!({"waves": "100%", "errors": "1", "success_pct": 0, "deadline_secs": 60}));
-        assert_eq!(f.step(1).len(), 6);
-        f.refuse("d1", 0);
-        f.step(1);
-        assert_eq!(f.show(id)["state"], "running", "one failure is within the threshold");
-        f.refuse("d2", 0);
-        f.step(1);
-        let r = f.show(id);
-        assert_eq!(r["reason"], "error threshold: 2 failed or timed out, over 1", "{r:#}");
-        f.now += 1;
-        act(&f.conn, id, "resume", f.now).unwrap();
-        f.now += 1;
-        f.succeed("d1"); // an acknowledged failure that recovers does not hide new ones
-        f.refuse("d3", 0);
-        f.step(1);
-        assert_eq!(f.show(id)["state"], "running", "one new failure since the resume");
-        // d4, d5, d6 never answer: timed out after the deadline, and the threshold trips.
-        f.step(60_000);
-        let r = f.show(id);
-        assert_eq!(r["counts"]["timed_out"], 3, "{r:#}");
-        assert_eq!(r["state"], "paused", "{r:#}");
-        assert!(r["reason"].as_str().unwrap().starts_with("error threshold: 4"), "{r:#}");
-        assert!(act(&f.conn, id, "pause", f.now).unwrap_err().contains("cannot pause"));
-        act(&f.conn, id, "abort", f.now).unwrap();
-        act(&f.conn, id, "retry", f.now).unwrap_err();
+        for mut f in Fleet::each("errors", 6) {
+            let id = f.start(json!({"waves": "100%", "errors": "1", "success_pct": 0, "deadline_secs": 60}));
+            assert_eq!(f.step(1).len(), 6);
+            f.refuse("d1", 0);
+            f.step(1);
+            assert_eq!(f.show(id)["state"], "running", "one failure is within the threshold");
+            f.refuse("d2", 0);
+            f.step(1);
+            let r = f.show(id);
+            assert_eq!(r["reason"], "error threshold: 2 failed or timed out, over 1", "{r:#}");
+            f.now += 1;
+            act(&f.conn, id, "resume", f.now).unwrap();
+            f.now += 1;
+            f.succeed("d1"); // an acknowledged failure that recovers does not hide new ones
+            f.refuse("d3", 0);
+            f.step(1);
+            assert_eq!(f.show(id)["state"], "running", "one new failure since the resume");
+            // d4, d5, d6 never answer: timed out after the deadline, and the threshold trips.
+            f.step(60_000);
+            let r = f.show(id);
+            assert_eq!(r["counts"]["timed_out"], 3, "{r:#}");
+            assert_eq!(r["state"], "paused", "{r:#}");
+            assert!(r["reason"].as_str().unwrap().starts_with("error threshold: 4"), "{r:#}");
+            assert!(act(&f.conn, id, "pause", f.now).unwrap_err().contains("cannot pause"));
+            act(&f.conn, id, "abort", f.now).unwrap();
+            act(&f.conn, id, "retry", f.now).unwrap_err();
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! A fleet driven by hand for the gates' tests: two releases on a fresh database, states
 //! recorded as devices would send them, steps one second apart, offers collected.
 
-use rusqlite::Connection;
+use crate::console::db::Connection;
 use serde_json::{Value, json};
 
 use super::store::tick;
@@ -18,16 +18,18 @@ pub struct Fleet {
 
 impl Fleet {
     /// `devices` devices `d1`.. running release 1.
-    pub fn new(name: &str, devices: usize) -> Fleet {
-        let dir = std::env::temp_dir().join(format!("outpost-gate-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let conn = db::open(&dir.join("console.db")).unwrap();
+    /// The same fleet on each engine (db::testing::databases).
+    pub fn each(name: &str, devices: usize) -> Vec<Fleet> {
+        db::testing::databases(&format!("gate-{name}")).iter().map(|d| Fleet::on(d, devices)).collect()
+    }
+
+    fn on(database: &db::Database, devices: usize) -> Fleet {
+        let conn = db::open(database).unwrap();
         for (id, n) in [(R1, 1), (R2, 2)] {
             conn.execute(
                 "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
-                 VALUES (?1, 'f', 'default', ?2, '[]', x'00', 0, 0)",
-                rusqlite::params![id, n],
+                 VALUES (?1, 'f', 'default', ?2, '[]', ?3, 0, 0)",
+                db::params![id, n, vec![0u8]],
             )
             .unwrap();
         }
@@ -38,7 +40,6 @@ impl Fleet {
         f
     }
 
-    /// A state of device `id` running `release` (R1 or R2), with `extra` fields.
     pub fn state(&mut self, id: &str, release: &str, extra: Value) {
         let number = if release == R1 { 1 } else { 2 };
         let mut doc = json!({"device": id, "fleet": "f", "group": "default", "online": true,

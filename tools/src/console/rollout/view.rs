@@ -1,12 +1,12 @@
 //! A rollout as the API shows it.
 
-use rusqlite::{Connection, OptionalExtension};
+use crate::console::db::{self, Connection, OptionalExtension};
 use serde_json::{Map, Value, json};
 
 use super::spec::Wave;
 
 /// A rollout as the API shows it: settings, per-wave progress and the failures with reasons.
-pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Value>> {
+pub fn show(conn: &Connection, id: i64) -> db::Result<Option<Value>> {
     let Some(mut v) = conn
         .query_row(
             "SELECT r.id, r.release_id, rel.number, r.fleet, r.grp, r.labels, r.waves, r.success_pct, r.soak_ms,
