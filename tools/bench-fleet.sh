@@ -83,7 +83,7 @@ until [[ $(online 2>/dev/null || echo 0) == "$N" ]]; do sleep 1; done
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
 # The database server's processes, in clock ticks (0 on SQLite: it runs inside the console).
-dbcpu() { ps -C postgres -o cputimes= 2>/dev/null | awk -v t="$(getconf CLK_TCK)" '{s += $1} END {print s * t + 0}'; }
+dbcpu() { { ps -C postgres -o cputimes= 2>/dev/null || true; } | awk -v t="$(getconf CLK_TCK)" '{s += $1} END {print s * t + 0}'; }
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; } # peak RSS, KiB
 rollout() { # NUMBER: starts it, waits for completion, prints seconds
   local id t0 b0 c0 d0
