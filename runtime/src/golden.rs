@@ -76,10 +76,15 @@ impl Golden {
         serde_json::from_slice(&text).map_err(|e| file_err(e.to_string()))
     }
 
+    /// The largest difference from the golden outputs a backend may give.
+    pub fn allowed_diff(&self) -> f64 {
+        self.tolerance.unwrap_or(DEFAULT_TOLERANCE)
+    }
+
     /// Runs the golden inputs through `session` and compares. Returns the largest difference seen.
     pub fn check(&self, path: &Path, session: &dyn Session) -> Result<f64, GoldenError> {
         let file_err = |reason: String| GoldenError::File { path: path.to_owned(), reason };
-        let tolerance = self.tolerance.unwrap_or(DEFAULT_TOLERANCE);
+        let tolerance = self.allowed_diff();
         let mut inputs = Vec::new();
         for spec in &session.signature().inputs {
             let g = self

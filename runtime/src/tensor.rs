@@ -127,6 +127,24 @@ impl Tensor {
         }
     }
 
+    /// The first `rows` rows (along the first dimension), `None` when it has fewer or no
+    /// dimension.
+    pub fn first_rows(&self, rows: usize) -> Option<Tensor> {
+        let all = *self.shape.first()?;
+        if rows > all {
+            return None;
+        }
+        let row_bytes = self.data.len().checked_div(all).unwrap_or(0);
+        let mut shape = self.shape.clone();
+        shape[0] = rows;
+        Some(Tensor {
+            name: self.name.clone(),
+            datatype: self.datatype,
+            shape,
+            data: self.data[..row_bytes * rows].to_vec(),
+        })
+    }
+
     /// Number of elements in `data`.
     pub fn len(&self) -> usize {
         self.datatype.size().map_or(0, |s| self.data.len() / s)
@@ -298,6 +316,15 @@ fn describe(v: &serde_json::Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn first_rows_takes_whole_rows() {
+        let t = Tensor::from_f32("x", vec![3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(t.first_rows(2).unwrap(), Tensor::from_f32("x", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]));
+        assert_eq!(t.first_rows(3).unwrap(), t);
+        assert_eq!(t.first_rows(4), None);
+        assert_eq!(Tensor::from_f32("s", vec![], &[1.0]).first_rows(1), None);
+    }
 
     #[test]
     fn json_round_trips_every_numeric_type() {

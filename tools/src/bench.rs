@@ -63,8 +63,9 @@ impl Summary {
 /// The table header matching [`Summary::row`].
 pub const HEADER: &str = "what                requests  errors       req/s    p50(us)    p95(us)    p99(us)";
 
-/// The first `batch` rows of the golden inputs beside `model`: the benchmark's input.
-pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
+/// The first `batch` rows (all without one) of the golden inputs beside `model`: the
+/// benchmark's input.
+pub fn golden_input(model: &Path, batch: Option<usize>) -> anyhow::Result<Vec<Tensor>> {
     let path = Golden::beside(model).with_context(|| format!("no golden file beside {}", model.display()))?;
     let golden = Golden::read(&path)?;
     golden
@@ -72,14 +73,13 @@ pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
         .iter()
         .map(|g| {
             let t = g.to_tensor().map_err(anyhow::Error::msg)?;
-            let rows = t.shape[0];
-            if batch == 0 || batch > rows {
-                bail!("--batch must be between 1 and {rows} (the golden inputs' batch)");
+            let Some(batch) = batch else { return Ok(t) };
+            match t.first_rows(batch) {
+                Some(rows) if batch > 0 => Ok(rows),
+                _ => {
+                    bail!("--batch must be between 1 and {} (the golden inputs' batch)", t.shape.first().unwrap_or(&0))
+                }
             }
-            let row_bytes = t.data.len() / rows;
-            let mut shape = t.shape.clone();
-            shape[0] = batch;
-            Ok(Tensor { data: t.data[..row_bytes * batch].to_vec(), shape, ..t })
         })
         .collect()
 }
@@ -88,6 +88,10 @@ pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
 pub fn floor(model: &Path, backend_name: &str, inputs: &[Tensor], duration: Duration) -> anyhow::Result<Summary> {
     let backend = backend::by_name(backend_name)?;
     let session = backend::load(backend.as_ref(), model, &Default::default())?;
+    // As the server does at load: plans for the golden inputs' shapes, where they are faster.
+    let golden =
+        Golden::read(&Golden::beside(model).with_context(|| format!("no golden file beside {}", model.display()))?)?;
+    session.specialise(&golden_input(model, None)?, golden.allowed_diff());
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
@@ -191,9 +195,9 @@ mod tests {
     #[test]
     fn golden_input_takes_the_first_rows() {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-cnn.onnx");
-        let t = golden_input(&model, 4).unwrap();
+        let t = golden_input(&model, Some(4)).unwrap();
         assert_eq!(t[0].shape, vec![4, 1, 8, 8]);
         assert_eq!(t[0].data.len(), 4 * 64 * 4);
-        assert!(golden_input(&model, 17).is_err());
+        assert!(golden_input(&model, Some(17)).is_err());
     }
 }

@@ -9,7 +9,7 @@ pub(crate) mod session;
 
 use std::path::Path;
 
-pub use self::session::{Backend, BackendError, PlanStats, ProviderChoice, Session, SessionOptions};
+pub use self::session::{Backend, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Specialised};
 use crate::onnx::ModelGraph;
 pub use crate::onnx::{Signature, TensorSpec};
 

@@ -55,6 +55,27 @@ pub struct PlanStats {
     pub evicted: u64,
     /// Time spent preparing plans for new shapes, in milliseconds.
     pub prepare_ms: u64,
+    /// The plan for every shape measured at load against plans for the warm-up input's shapes.
+    pub specialised: Vec<Specialised>,
+}
+
+/// A general plan (symbolic dimensions kept) against one for concrete shapes (the warm-up
+/// input's, and one row of it), each timed on that input at load; the concrete plan serves those
+/// shapes when it is faster by [`Specialised::MARGIN`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Specialised {
+    pub shapes: Vec<Vec<usize>>,
+    /// The fastest of a few calls of each plan on the warm-up input, in microseconds.
+    pub general_us: u64,
+    pub concrete_us: u64,
+    /// Whether the concrete plan was kept (it then counts among `plans`).
+    pub kept: bool,
+}
+
+impl Specialised {
+    /// How much faster the concrete plan must be to be kept: it holds its own copy of the
+    /// weights, so a tie is not worth the memory.
+    pub const MARGIN: f64 = 0.9;
 }
 
 /// Which execution provider a session runs on, and why the ones before it were skipped.
@@ -77,6 +98,15 @@ pub trait Session: Send + Sync {
     /// Plans per shape, for backends that prepare them.
     fn plans(&self) -> Option<PlanStats> {
         None
+    }
+    /// Called once at load with the warm-up input (the golden inputs): a backend whose general
+    /// plan may run slower than one for concrete shapes measures both on it (and on its first
+    /// row, the shape of a single request) and keeps the faster for those shapes, where the two
+    /// answer within `tolerance` of each other. Empty where there was nothing to compare; a
+    /// concrete plan that cannot be prepared or run is logged and left out (the general plan
+    /// serves those shapes, as before).
+    fn specialise(&self, _warm_up: &[Tensor], _tolerance: f64) -> Vec<Specialised> {
+        Vec::new()
     }
 }
 

@@ -10,7 +10,7 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_core::ops::konst::Const;
 
-use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats};
+use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats, Specialised};
 use crate::backend::tract::datum::datum_type;
 use crate::onnx::Signature;
 
@@ -47,11 +47,12 @@ struct PlanCache {
     prepared: u64,
     evicted: u64,
     prepare_ms: u64,
+    specialised: Vec<Specialised>,
 }
 
 #[derive(Clone)]
-struct CachedPlan {
-    plan: Arc<TypedRunnableModel>,
+pub(crate) struct CachedPlan {
+    pub(crate) plan: Arc<TypedRunnableModel>,
     bytes: u64,
 }
 
@@ -85,6 +86,23 @@ impl Plans {
         if let Some(plan) = self.lookup(shapes) {
             return Ok(plan);
         }
+        let entry = self.build(shapes)?;
+        let plan = entry.plan.clone();
+        self.insert(shapes, entry, declared);
+        Ok(plan)
+    }
+
+    /// Records a plan for concrete shapes measured against the plan for every shape, and holds
+    /// it as a declared plan when it was kept.
+    pub(crate) fn specialised(&self, specialised: Specialised, plan: CachedPlan) {
+        if specialised.kept {
+            self.insert(&specialised.shapes, plan, true);
+        }
+        self.cache().specialised.push(specialised);
+    }
+
+    /// Prepares a plan for `shapes`, counted and logged, not yet held.
+    pub(crate) fn build(&self, shapes: &[Vec<usize>]) -> Result<CachedPlan, BackendError> {
         let started = Instant::now();
         let plan = concrete_plan(&self.model, &self.signature, shapes).map_err(|e| {
             BackendError::Run(format!(
@@ -92,11 +110,16 @@ impl Plans {
             ))
         })?;
         let elapsed = started.elapsed();
-        let entry = CachedPlan { bytes: constant_bytes(&plan), plan: plan.clone() };
+        let entry = CachedPlan { bytes: constant_bytes(&plan), plan };
         tracing::info!(shapes = ?shapes, prepare_ms = elapsed.as_millis() as u64, plan_bytes = entry.bytes, "prepared a plan for new input shapes");
         let mut cache = self.cache();
         cache.prepared += 1;
         cache.prepare_ms += elapsed.as_millis() as u64;
+        Ok(entry)
+    }
+
+    fn insert(&self, shapes: &[Vec<usize>], entry: CachedPlan, declared: bool) {
+        let mut cache = self.cache();
         if declared {
             cache.declared.push((shapes.to_vec(), entry));
         } else {
@@ -106,7 +129,6 @@ impl Plans {
             }
             cache.recent.push((shapes.to_vec(), entry));
         }
-        Ok(plan)
     }
 
     pub(crate) fn stats(&self) -> PlanStats {
@@ -119,6 +141,7 @@ impl Plans {
             prepared: cache.prepared,
             evicted: cache.evicted,
             prepare_ms: cache.prepare_ms,
+            specialised: cache.specialised.clone(),
         }
     }
 }

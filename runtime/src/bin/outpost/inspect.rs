@@ -48,6 +48,16 @@ pub fn inspect(path: &Path, backend_name: &str) -> anyhow::Result<ExitCode> {
     match golden.check(&golden_path, session.as_ref()) {
         Ok(diff) => {
             println!("tried:   {} (golden inputs): outputs match, largest difference {diff:e}", shapes.join(", "));
+            let inputs: Vec<_> = golden.inputs.iter().filter_map(|t| t.to_tensor().ok()).collect();
+            for s in session.specialise(&inputs, golden.allowed_diff()) {
+                println!(
+                    "plans:   for shapes {:?}: {} µs against {} µs for every shape: {}",
+                    s.shapes,
+                    s.concrete_us,
+                    s.general_us,
+                    if s.kept { "served by its own plan, as at load" } else { "the plan for every shape serves them" }
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
