@@ -3,8 +3,10 @@
 # call (in-process), `GET /v2/health/live` (the HTTP floor: same server, same client, no body, no
 # model) and inference, at each client count, in rounds that alternate the servers.
 #   tools/bench-request-path.sh [SECONDS] [ROUNDS]      default: 3 s per level, 3 rounds
-# MODEL (default digits-edge, the sample MLP whose tract call is under 10 us) picks the model;
-# CONCURRENCY (default 1,8) the client counts. BEFORE=path/to/an/older/outpost serves the same
+# MODEL (default digits-edge, the sample MLP whose tract call is under 10 us; a real model as
+# e.g. real/magika) picks the model under models/;
+# CONCURRENCY (default 1,8) the client counts; BINARY=1 sends binary tensors instead of JSON.
+# BEFORE=path/to/an/older/outpost serves the same
 # model beside this build's, so a change to the path is an A/B in one run. Prints each level's
 # median p50 and req/s over the rounds, and the gap between inference and the live floor. Builds
 # the release binaries; read the gaps and ratios within one run, not the absolutes.
@@ -18,7 +20,10 @@ cd "$(dirname "$0")/.."
 seconds="${1:-3}"
 rounds="${2:-3}"
 model="${MODEL:-digits-edge}"
+model_name="${model##*/}"
 concurrency="${CONCURRENCY:-1,8}"
+body=()
+[[ -n ${BINARY:-} ]] && body=(--binary)
 cargo build --release --quiet -p outpost-runtime -p outpost-tools
 work=$(mktemp -d)
 pids=()
@@ -32,13 +37,13 @@ if [[ -n ${DRIFT:-} ]]; then
     cp "models/$model.onnx" "$work/$d/"
     [[ -f models/$model.golden.json ]] && cp "models/$model.golden.json" "$work/$d/"
   done
-  target/release/outpostctl profile "$work/drift/$model.onnx" >&2
-  servers=("plain:target/release/outpost:--model $work/plain/$model.onnx"
-    "drift:target/release/outpost:--model $work/drift/$model.onnx")
+  target/release/outpostctl profile "$work/drift/$model_name.onnx" >&2
+  servers=("plain:target/release/outpost:--model $work/plain/$model_name.onnx"
+    "drift:target/release/outpost:--model $work/drift/$model_name.onnx")
 fi
 if [[ -n ${SHADOW:-} ]]; then
   m="$PWD/models/$model.onnx"
-  printf '[[models]]\nname = "%s"\npath = "%s"\n' "$model" "$m" >"$work/plain.toml"
+  printf '[[models]]\nname = "%s"\npath = "%s"\n' "$model_name" "$m" >"$work/plain.toml"
   cp "$work/plain.toml" "$work/shadow.toml"
   printf '[models.shadow]\npath = "%s"\nshare = %s\nmax_per_second = 1000000\n' "$m" "$SHADOW" >>"$work/shadow.toml"
   servers=("plain:target/release/outpost:--config $work/plain.toml"
@@ -63,7 +68,7 @@ for _ in $(seq 100); do
 done
 for r in $(seq "$rounds"); do
   while read -r name addr; do
-    target/release/outpostctl bench --addr "$addr" --model "$model" --concurrency "$concurrency" \
+    target/release/outpostctl bench --addr "$addr" --model "$model_name" --model-file "models/$model.onnx" "${body[@]}" --concurrency "$concurrency" \
       --duration "$seconds" --backend tract |
       awk -v n="$name" '/^(backend|live|http)/ { print n, $0 }' >>"$work/rows"
   done <"$work/servers"
