@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::backend::Session;
+pub use crate::tensor::max_abs_diff;
 use crate::tensor::{DataType, Tensor};
 
 /// Tolerance when the golden file states none: max absolute difference.
@@ -115,18 +116,6 @@ impl Golden {
         }
         Ok(worst)
     }
-}
-
-/// Largest absolute difference between two tensors; infinite when shapes differ or a value is NaN.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    if a.shape != b.shape {
-        return f64::INFINITY;
-    }
-    a.to_f64()
-        .iter()
-        .zip(b.to_f64())
-        .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
-        .fold(0.0, f64::max)
 }
 
 #[cfg(test)]

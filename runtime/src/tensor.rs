@@ -312,6 +312,18 @@ fn describe(v: &serde_json::Value) -> String {
     }
 }
 
+/// Largest absolute difference between two tensors; infinite when shapes differ or a value is NaN.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.shape != b.shape {
+        return f64::INFINITY;
+    }
+    a.to_f64()
+        .iter()
+        .zip(b.to_f64())
+        .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

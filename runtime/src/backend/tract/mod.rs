@@ -16,10 +16,10 @@ use tract_onnx::prelude::{
 use self::datum::{datum_type, from_datum_type};
 use self::plans::Plans;
 use super::session::{Backend, BackendError, OTHER_BACKEND, PlanStats, Session, SessionOptions, Specialised};
-use crate::golden::max_abs_diff;
+
 use crate::onnx::ModelGraph;
 use crate::onnx::Signature;
-use crate::tensor::{DataType, Tensor};
+use crate::tensor::{DataType, Tensor, max_abs_diff};
 
 /// The tract backend.
 pub struct Tract;
