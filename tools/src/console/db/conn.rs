@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::pg;
 use super::value::{Error, FromSql, Params, Result, Value};
 
-pub(super) enum Engine {
+pub(crate) enum Engine {
     Sqlite(rusqlite::Connection),
     Postgres(Box<pg::Pg>),
 }
@@ -26,7 +26,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(engine: Engine) -> Connection {
+    pub(crate) fn new(engine: Engine) -> Connection {
         Connection { engine: RefCell::new(engine), in_transaction: Default::default() }
     }
 
