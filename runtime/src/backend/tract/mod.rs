@@ -16,7 +16,6 @@ use tract_onnx::prelude::{
 use self::datum::{datum_type, from_datum_type};
 use self::plans::Plans;
 use super::session::{Backend, BackendError, OTHER_BACKEND, PlanStats, Session, SessionOptions, Specialised};
-
 use crate::onnx::ModelGraph;
 use crate::onnx::Signature;
 use crate::tensor::{DataType, Tensor, max_abs_diff};
@@ -179,7 +178,7 @@ impl Session for TractSession {
     /// measurably faster.
     fn specialise(&self, warm_up: &[Tensor], tolerance: f64) -> Vec<Specialised> {
         let Some(general) = &self.symbolic else { return Vec::new() };
-        if !self.signature.inputs.iter().any(|s| s.shape.iter().any(|&d| d < 0)) {
+        if warm_up.is_empty() || !self.signature.inputs.iter().any(|s| s.shape.iter().any(|&d| d < 0)) {
             return Vec::new();
         }
         let mut done = Vec::new();
