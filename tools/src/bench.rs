@@ -63,22 +63,25 @@ impl Summary {
 /// The table header matching [`Summary::row`].
 pub const HEADER: &str = "what                requests  errors       req/s    p50(us)    p95(us)    p99(us)";
 
-/// The first `batch` rows (all without one) of the golden inputs beside `model`: the
-/// benchmark's input.
-pub fn golden_input(model: &Path, batch: Option<usize>) -> anyhow::Result<Vec<Tensor>> {
+/// The golden file beside `model`.
+fn golden_of(model: &Path) -> anyhow::Result<Golden> {
     let path = Golden::beside(model).with_context(|| format!("no golden file beside {}", model.display()))?;
-    let golden = Golden::read(&path)?;
-    golden
-        .inputs
-        .iter()
-        .map(|g| {
-            let t = g.to_tensor().map_err(anyhow::Error::msg)?;
-            let Some(batch) = batch else { return Ok(t) };
-            match t.first_rows(batch) {
-                Some(rows) if batch > 0 => Ok(rows),
-                _ => {
-                    bail!("--batch must be between 1 and {} (the golden inputs' batch)", t.shape.first().unwrap_or(&0))
-                }
+    Ok(Golden::read(&path)?)
+}
+
+/// The golden inputs, whole.
+fn golden_tensors(golden: &Golden) -> anyhow::Result<Vec<Tensor>> {
+    golden.inputs.iter().map(|g| g.to_tensor().map_err(anyhow::Error::msg)).collect()
+}
+
+/// The first `batch` rows of the golden inputs beside `model`: the benchmark's input.
+pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
+    golden_tensors(&golden_of(model)?)?
+        .into_iter()
+        .map(|t| match t.first_rows(batch) {
+            Some(rows) if batch > 0 => Ok(rows),
+            _ => {
+                bail!("--batch must be between 1 and {} (the golden inputs' batch)", t.shape.first().unwrap_or(&0))
             }
         })
         .collect()
@@ -89,9 +92,8 @@ pub fn floor(model: &Path, backend_name: &str, inputs: &[Tensor], duration: Dura
     let backend = backend::by_name(backend_name)?;
     let session = backend::load(backend.as_ref(), model, &Default::default())?;
     // As the server does at load: plans for the golden inputs' shapes, where they are faster.
-    let golden =
-        Golden::read(&Golden::beside(model).with_context(|| format!("no golden file beside {}", model.display()))?)?;
-    session.specialise(&golden_input(model, None)?, golden.allowed_diff());
+    let golden = golden_of(model)?;
+    session.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
@@ -195,9 +197,9 @@ mod tests {
     #[test]
     fn golden_input_takes_the_first_rows() {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-cnn.onnx");
-        let t = golden_input(&model, Some(4)).unwrap();
+        let t = golden_input(&model, 4).unwrap();
         assert_eq!(t[0].shape, vec![4, 1, 8, 8]);
         assert_eq!(t[0].data.len(), 4 * 64 * 4);
-        assert!(golden_input(&model, Some(17)).is_err());
+        assert!(golden_input(&model, 17).is_err());
     }
 }

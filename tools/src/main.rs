@@ -186,7 +186,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let model_file = args.model_file.clone().unwrap_or_else(|| PathBuf::from(format!("models/{}.onnx", args.model)));
-    let inputs = bench::golden_input(&model_file, Some(args.batch))?;
+    let inputs = bench::golden_input(&model_file, args.batch)?;
     let body = if args.binary { v2client::binary_request(&inputs) } else { v2client::json_request(&inputs) };
     let duration = Duration::from_secs_f64(args.duration);
     let path = format!("/v2/models/{}/infer", args.model);
