@@ -3,8 +3,9 @@
 //! serves it; the others are dropped. What was decided, and on what figures, shows in the model's
 //! metadata (`parameters.backend_choice`) and in `/metrics` (`outpost_model_backend_info`).
 //!
-//! The input is the golden inputs where they ship, else the first declared shape, else (no
-//! symbolic dimension) an all-zero input: the same inputs the warm-up runs. Each backend runs it
+//! The input is the golden inputs where they ship, else the first declared shape, else a
+//! synthetic input (every dimension fixed, or one row where only the batch is symbolic): the
+//! same inputs the warm-up runs (`crate::warm_up`). Each backend runs it
 //! [`RUNS`] times or for [`BUDGET`], whichever comes first, after one run to warm it, and the
 //! median counts. A model with none of those inputs cannot be measured; the rule then is ONNX
 //! Runtime where the build has it and it serves the model (the reference the golden files come

@@ -45,6 +45,7 @@ pub mod systemd;
 pub mod tensor;
 pub mod threads;
 pub mod v2;
+mod warm_up;
 
 pub use app::App;
 pub use error::Error;

@@ -22,12 +22,12 @@ use crate::config::ModelSpec;
 use crate::drift::{Drift, Profile};
 use crate::escalation::Escalator;
 use crate::executor::{self, Executor, ExecutorInfo, NotRun};
-use crate::golden::Golden;
 use crate::onnx::ModelGraph;
 use crate::repository::{self, Fingerprint, VersionFiles};
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
 use crate::threads::ThreadChoice;
+use crate::warm_up::{Warm, warm_up};
 
 /// Where a model or version is in its life, as the repository index shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -414,65 +414,6 @@ fn prepare_on(
     })
 }
 
-/// A session after its warm-up, and the input it ran.
-struct Warm {
-    session: Arc<dyn Session>,
-    golden_diff: Option<f64>,
-    probe: Option<Vec<Tensor>>,
-}
-
-/// Warm-up: the golden inputs where they ship; every declared shape; else, for a model with no
-/// symbolic dimension, one all-zero input. A synthetic input for symbolic dimensions (a 1x1
-/// image, a sequence of one) is not one every model accepts, so it is never run: such a model is
-/// warmed by its golden file or declared shapes, or by its first request.
-fn warm_up(
-    spec: &ModelSpec,
-    files: &VersionFiles,
-    shapes: &[Vec<Vec<usize>>],
-    session: Arc<dyn Session>,
-) -> Result<Warm, crate::error::Error> {
-    let mut probe = None;
-    let golden_diff = match &files.golden {
-        Some(path) => {
-            let golden = Golden::read(path)?;
-            probe = golden.inputs.iter().map(|t| t.to_tensor().ok()).collect();
-            let diff = golden.check(path, session.as_ref())?;
-            let specialised = session.specialise(probe.as_deref().unwrap_or_default(), golden.allowed_diff());
-            for s in &specialised {
-                tracing::info!(
-                    model = %spec.name, version = %files.version, shapes = ?s.shapes, general_us = s.general_us,
-                    concrete_us = s.concrete_us, kept = s.kept,
-                    "a plan for concrete shapes, measured against the plan for every shape"
-                );
-            }
-            // What now serves the golden shapes passes the same check.
-            Some(if specialised.iter().any(|s| s.kept) { golden.check(path, session.as_ref())? } else { diff })
-        }
-        None => None,
-    };
-    for set in shapes {
-        let input = zeros(session.as_ref(), set);
-        session.run(&input)?;
-        probe.get_or_insert(input);
-    }
-    let fixed: Option<Vec<Vec<usize>>> =
-        session.signature().inputs.iter().map(|s| s.shape.iter().map(|&d| usize::try_from(d).ok()).collect()).collect();
-    match fixed {
-        _ if probe.is_some() => {}
-        Some(set) => {
-            let input = zeros(session.as_ref(), &set);
-            session.run(&input)?;
-            probe = Some(input);
-        }
-        None => tracing::info!(
-            model = %spec.name,
-            "no golden file or declared shapes, and the inputs have symbolic dimensions: no warm-up run \
-             (the first request at each shape pays for it)"
-        ),
-    }
-    Ok(Warm { session, golden_diff, probe })
-}
-
 /// The thread count for a backend with a pool when configuration names none (see
 /// [`crate::threads`]): the warm session has the default pool; a one-thread session is measured
 /// on the warm-up input, and replaces it where the call is short. Only on the CPU: an
@@ -508,20 +449,6 @@ fn choose_threads(
     // The session that serves passes the same warm-up and golden check as every other.
     let _loading = crate::choice::loading();
     Ok((warm_up(spec, files, &options.shapes, one)?, Some(choice)))
-}
-
-/// An all-zero input at the given input shapes (signature order).
-fn zeros(session: &dyn Session, shapes: &[Vec<usize>]) -> Vec<Tensor> {
-    session
-        .signature()
-        .inputs
-        .iter()
-        .zip(shapes)
-        .map(|(spec, shape)| {
-            let bytes = Tensor::shape_elements(shape).unwrap_or(0) * spec.datatype.size().unwrap_or(0);
-            Tensor { name: spec.name.clone(), datatype: spec.datatype, shape: shape.clone(), data: vec![0; bytes] }
-        })
-        .collect()
 }
 
 impl ServedVersion {
