@@ -34,7 +34,7 @@ pub(crate) struct Warm {
 /// shape on the synthetic row: its outputs must agree within this share of the largest output
 /// magnitude (at least 1). Float plans that differ only in summation order agree to about 1e-6;
 /// one 8-bit quantization step is 4e-3 of its range and is not kept.
-pub(crate) const UNCHECKED_TOLERANCE: f64 = 1e-3;
+const UNCHECKED_TOLERANCE: f64 = 1e-3;
 
 pub(crate) fn warm_up(
     spec: &ModelSpec,
@@ -127,7 +127,7 @@ fn log_specialised(spec: &ModelSpec, files: &VersionFiles, specialised: &[Specia
 /// inputs hold a fixed pseudo-random sequence in [0, 1) (an all-zero input would make a
 /// dynamically quantized model's scale zero, a path no real input takes), every other type
 /// zeros (a valid index, token or flag for any model).
-pub(crate) fn synthetic(inputs: &[TensorSpec], shapes: &[Vec<usize>]) -> Vec<Tensor> {
+fn synthetic(inputs: &[TensorSpec], shapes: &[Vec<usize>]) -> Vec<Tensor> {
     inputs
         .iter()
         .zip(shapes)
@@ -158,7 +158,6 @@ pub(crate) fn synthetic(inputs: &[TensorSpec], shapes: &[Vec<usize>]) -> Vec<Ten
 mod tests {
     use super::*;
     use crate::backend::{self, SessionOptions};
-    use crate::onnx::ModelGraph;
     use std::path::{Path, PathBuf};
 
     fn models() -> PathBuf {
@@ -194,7 +193,6 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("cnn.onnx");
         std::fs::copy(models().join("digits-cnn.onnx"), &model).unwrap();
-        let graph = ModelGraph::read(&model).unwrap();
         let session: Arc<dyn Session> =
             backend::load(&*backend::by_name("tract").unwrap(), &model, &SessionOptions::default()).unwrap().into();
         let mut config = crate::config::Config::default();
@@ -209,8 +207,7 @@ mod tests {
         assert_eq!(stats.specialised[0].shapes, vec![vec![1, 1, 8, 8]]);
         assert_eq!(warm.golden_diff, None);
         // Whichever plan serves one row, it answers as the plan for every shape does.
-        let general =
-            backend::load(&*backend::by_name("tract").unwrap(), &graph.path, &SessionOptions::default()).unwrap();
+        let general = backend::load(&*backend::by_name("tract").unwrap(), &model, &SessionOptions::default()).unwrap();
         let expected = general.run(&probe).unwrap();
         let answer = warm.session.run(&probe).unwrap();
         assert!(crate::tensor::max_abs_diff(&answer[0], &expected[0]) <= UNCHECKED_TOLERANCE);
