@@ -12,6 +12,7 @@ use tract_onnx::tract_core::ops::konst::Const;
 
 use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats, Specialised};
 use crate::backend::tract::datum::datum_type;
+use crate::backend::tract::quantize_linear;
 use crate::onnx::Signature;
 
 /// A plan for one set of concrete input shapes.
@@ -24,7 +25,15 @@ fn concrete_plan(
     for (i, (spec, dims)) in signature.inputs.iter().zip(shapes).enumerate() {
         model.set_input_fact(i, InferenceFact::dt_shape(datum_type(spec.datatype), dims.as_slice()))?;
     }
-    model.into_optimized()?.into_runnable()
+    optimised_plan(model)
+}
+
+/// tract's optimised plan for `model`, with Outpost's operators where tract's own are slow (see
+/// [`quantize_linear`]).
+pub(crate) fn optimised_plan(model: InferenceModel) -> TractResult<Arc<TypedRunnableModel>> {
+    let mut model = model.into_optimized()?;
+    quantize_linear::vectorise(&mut model)?;
+    model.into_runnable()
 }
 
 /// Plans per concrete input shapes: the declared ones, kept for the session's life, and up to

@@ -135,9 +135,12 @@ pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
 /// Rounds half to even, for |v| < 2²²: adding 1.5 × 2²³ leaves no fraction bits, so the FPU's
 /// default rounding (to nearest, ties to even) does the rounding, and subtracting it back is exact.
 fn round_half_even(v: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0;
-    (v + SHIFT) - SHIFT
+    (v + ROUNDING_SHIFT) - ROUNDING_SHIFT
 }
+
+/// 1.5 × 2²³: a float this size has no fraction bits, and adding an integer below 2²² in magnitude
+/// changes only its low mantissa bits.
+pub(crate) const ROUNDING_SHIFT: f32 = 12_582_912.0;
 
 #[cfg(test)]
 mod tests {
