@@ -12,6 +12,8 @@
 # the release binaries; read the gaps and ratios within one run, not the absolutes.
 # DRIFT=1 instead serves the model twice from this build, `plain` and `drift` (the same model
 # with a reference profile beside it, from `outpostctl profile`): what drift's counting costs.
+# The profile's reference rows are the digits' held-out split, or DATA (a CSV in the form
+# `outpostctl profile --data` reads, e.g. models/real/magika-files.csv for real/magika).
 # SHADOW=SHARE (e.g. 0.1 or 1) serves it as `plain` and as `shadow`, the same model with itself
 # as its shadow candidate at that share (no rate bound): what sampling and the candidate's runs
 # cost the requests it answers.
@@ -37,7 +39,7 @@ if [[ -n ${DRIFT:-} ]]; then
     cp "models/$model.onnx" "$work/$d/"
     [[ -f models/$model.golden.json ]] && cp "models/$model.golden.json" "$work/$d/"
   done
-  target/release/outpostctl profile "$work/drift/$model_name.onnx" >&2
+  target/release/outpostctl profile ${DATA:+--data "$DATA"} "$work/drift/$model_name.onnx" >&2
   servers=("plain:target/release/outpost:--model $work/plain/$model_name.onnx"
     "drift:target/release/outpost:--model $work/drift/$model_name.onnx")
 fi
