@@ -58,8 +58,10 @@ pub(crate) fn vectorise(model: &mut TypedModel) -> TractResult<()> {
     for (quantizer, grid, reshapes, dq, scale) in round_trips {
         let name = &model.node(dq).name;
         let mut patch = TypedModelPatch::default();
-        // Read now: an earlier round trip may have replaced what the quantizer reads.
-        let mut wire = patch.tap_model(model, model.node(quantizer).inputs[0])?;
+        // Read now: an earlier round trip may have replaced what the quantizer reads. (The
+        // quantizer itself is removed only once its last reader is replaced.)
+        let input = *model.node(quantizer).inputs.first().context("a quantizer removed before its readers")?;
+        let mut wire = patch.tap_model(model, input)?;
         wire = patch.wire_node(format!("{name}.round_trip"), RoundTrip { grid, scale }, &[wire])?[0];
         for id in reshapes {
             let reshape = model.node(id);
@@ -123,9 +125,8 @@ impl Grid {
 #[inline(always)]
 fn shifted(x: f32, inverse_scale: f32, (lowest, highest): (f32, f32)) -> f32 {
     let v = x * inverse_scale;
+    let v = if v.is_nan() { 0.0 } else { v };
     // Comparisons rather than `f32::max` and `min`, which spend instructions on NaN, gone here.
-    #[allow(clippy::eq_op)]
-    let v = if v == v { v } else { 0.0 };
     let v = if v > lowest { v } else { lowest };
     let v = if v < highest { v } else { highest };
     v + ROUNDING_SHIFT
