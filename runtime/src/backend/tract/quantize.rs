@@ -72,9 +72,7 @@ impl Op for QuantizeU8 {
         "OutpostDynamicQuantizeLinearU8".into()
     }
 
-    fn as_typed(&self) -> Option<&dyn TypedOp> {
-        Some(self)
-    }
+    op_as_typed_op!();
 }
 
 impl EvalOp for QuantizeU8 {
@@ -86,19 +84,11 @@ impl EvalOp for QuantizeU8 {
         Ok(tvec!(y.into_tvalue(), tensor0(scale).into_tvalue(), tensor0(zero).into_tvalue()))
     }
 
-    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
-    }
+    op_out_of_plan!();
 }
 
 impl TypedOp for QuantizeU8 {
-    fn as_op(&self) -> &dyn Op {
-        self
-    }
-
-    fn as_op_mut(&mut self) -> &mut dyn Op {
-        self
-    }
+    as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let y = u8::fact(inputs[0].shape.clone());
