@@ -85,34 +85,46 @@ async fn each_version_says_where_its_calls_run_and_answers_from_there() {
     }
 }
 
-/// ONNX Runtime's intra-op threads: the call measured at load on one thread where the
-/// configuration names no count, and the rule's pick serves (shown in metadata); a
-/// configured count as configured; tract, which runs one thread, shows none. Each answers.
+/// The intra-op threads, on both backends: the call measured at load on one thread where the
+/// configuration names no count (and on the pool where it is long), and the rule's pick serves
+/// (shown in metadata); a configured count as configured. Each answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_intra_op_thread_count_is_measured_unless_configured_and_shown() {
     let server = Server::start(
         "[[models]]\nname = \"measured\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"ort\"\n\
          [[models]]\nname = \"configured\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"ort\"\nintra_op_threads = 3\n\
-         [[models]]\nname = \"tract\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"tract\"\n",
+         [[models]]\nname = \"tract\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"tract\"\n\
+         [[models]]\nname = \"tract-configured\"\npath = \"models/digits-cnn.onnx\"\nbackend = \"tract\"\nintra_op_threads = 2\n",
     )
     .await;
     let mut conn = server.conn().await;
-    let measured = intra_op_threads(&mut conn, "measured").await;
     let pool = outpost_runtime::threads::available();
-    if pool == 1 {
-        assert_eq!((measured["threads"].as_u64(), measured["by"].as_str()), (Some(1), Some("one cpu")), "{measured}");
-    } else {
+    for name in ["measured", "tract"] {
+        let measured = intra_op_threads(&mut conn, name).await;
+        if pool == 1 {
+            assert_eq!(
+                (measured["threads"].as_u64(), measured["by"].as_str()),
+                (Some(1), Some("one cpu")),
+                "{measured}"
+            );
+            continue;
+        }
         assert_eq!(measured["by"], "measured", "{measured}");
         let one_us = measured["one_thread_p50_us"].as_f64().unwrap();
         assert!(one_us > 0.0, "{measured}");
-        let expected = outpost_runtime::threads::ThreadChoice::measured(pool, one_us).threads;
+        // The pool is timed on tract only, and only for a call long enough to try it.
+        let pool_us = measured.get("pool_p50_us").and_then(|p| p.as_f64());
+        let timed = name == "tract" && one_us >= outpost_runtime::threads::POOL_MIN_CALL_US;
+        assert_eq!(pool_us.is_some(), timed, "{measured}");
+        let expected = outpost_runtime::threads::ThreadChoice::measured(pool, one_us, pool_us).threads;
         assert_eq!(measured["threads"].as_u64(), Some(expected as u64), "{measured}");
     }
-    let configured = intra_op_threads(&mut conn, "configured").await;
-    assert_eq!((configured["threads"].as_u64(), configured["by"].as_str()), (Some(3), Some("configured")));
-    assert!(configured.get("one_thread_p50_us").is_none(), "{configured}");
-    assert!(intra_op_threads(&mut conn, "tract").await.is_null());
-    for name in ["measured", "configured", "tract"] {
+    for (name, threads) in [("configured", 3), ("tract-configured", 2)] {
+        let configured = intra_op_threads(&mut conn, name).await;
+        assert_eq!((configured["threads"].as_u64(), configured["by"].as_str()), (Some(threads), Some("configured")));
+        assert!(configured.get("one_thread_p50_us").is_none(), "{configured}");
+    }
+    for name in ["measured", "configured", "tract", "tract-configured"] {
         outpost_tests::check_golden_as(&mut conn, name, std::path::Path::new("models/digits-cnn.onnx")).await;
     }
 }

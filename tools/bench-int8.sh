@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quantized models on each backend, side by side in one run: the raw backend call (in-process, on
-# the model's golden input, one thread) of every sample and real model that has an INT8 form,
-# with its float original beside it.
+# the model's golden input, called from one thread, each call on the backend's pool of every CPU)
+# of every sample and real model that has an INT8 form, with its float original beside it.
+# THREADS=N runs each call of both backends on N threads instead (THREADS=1: no pool).
 #   tools/bench-int8.sh [SECONDS] [MODEL ...]     default: 3 s per backend, every INT8 model
 # BEFORE=path/to/an/older/outpostctl adds that build's tract figure on the same files (an A/B of
 # a tract change in one run). Builds the release `outpostctl` with ONNX Runtime (the PyPI
@@ -24,7 +25,7 @@ tools/fetch-real-models.sh >/dev/null
 cargo build --release --quiet -p outpost-tools --features outpost-runtime/ort
 floor() { # OUTPOSTCTL BACKEND MODEL -> p50 in microseconds
   # Builds without --floor-only (an older BEFORE) go on to an HTTP level that fails at once.
-  local only=(--floor-only)
+  local only=(--floor-only ${THREADS:+--intra-op-threads "$THREADS"})
   "$1" bench --help | grep -q -- --floor-only || only=(--addr 127.0.0.1:9 --concurrency 1)
   { "$1" bench --model x --model-file "models/$3.onnx" --backend "$2" "${only[@]}" --duration "$seconds" 2>/dev/null || true; } |
     awk '/^backend/ { print $(NF-2) }'

@@ -415,9 +415,11 @@ fn prepare_on(
 }
 
 /// The thread count for a backend with a pool when configuration names none (see
-/// [`crate::threads`]): the warm session has the default pool; a one-thread session is measured
-/// on the warm-up input, and replaces it where the call is short. Only on the CPU: an
-/// accelerator's provider does the work itself, and some (TensorRT) take minutes to build.
+/// [`crate::threads`]): the warm session has the default pool; a one-thread session (the same
+/// prepared model where the backend can share it, else a new one) is measured on the warm-up
+/// input, and a long call on the pool too where the pool may lose; the one-thread session
+/// replaces the warm one unless the pool is chosen. Only on the CPU: an accelerator's provider does the work itself, and some
+/// (TensorRT) take minutes to build.
 fn choose_threads(
     backend: &dyn backend::Backend,
     spec: &ModelSpec,
@@ -432,16 +434,21 @@ fn choose_threads(
         let choice = if pool > 1 { None } else { Some(ThreadChoice::one_cpu()) };
         return Ok((warm, choice));
     };
-    let single = SessionOptions { intra_op_threads: Some(1), ..options.clone() };
-    let one: Arc<dyn Session> = {
-        let _loading = crate::choice::loading();
-        backend.prepare(graph, &single)?.into()
+    let one: Arc<dyn Session> = match warm.session.on_threads(1) {
+        Some(shared) => shared.into(),
+        None => {
+            let _loading = crate::choice::loading();
+            backend.prepare(graph, &SessionOptions { intra_op_threads: Some(1), ..options.clone() })?.into()
+        }
     };
     let one_us = crate::choice::median_us(one.as_ref(), probe).unwrap_or(f64::INFINITY);
-    let choice = ThreadChoice::measured(pool, one_us);
+    let pool_us = (backend.pool_may_lose() && one_us >= crate::threads::POOL_MIN_CALL_US)
+        .then(|| crate::choice::median_us(warm.session.as_ref(), probe))
+        .flatten();
+    let choice = ThreadChoice::measured(pool, one_us, pool_us);
     tracing::info!(
         model = %spec.name, version = %files.version, backend = backend.name(), threads = choice.threads,
-        one_thread_p50_us = one_us, "intra-op threads: the call measured on one thread"
+        one_thread_p50_us = one_us, pool_p50_us = ?pool_us, "intra-op threads: the call measured on one thread and the pool"
     );
     if choice.threads == pool {
         return Ok((warm, Some(choice)));

@@ -87,10 +87,19 @@ pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
         .collect()
 }
 
-/// The raw backend call on `inputs`, back to back on one thread, for `duration`.
-pub fn floor(model: &Path, backend_name: &str, inputs: &[Tensor], duration: Duration) -> anyhow::Result<Summary> {
+/// The raw backend call on `inputs`, back to back from one thread, for `duration`; each call
+/// on `threads` (default: the backend's pool).
+pub fn floor(
+    model: &Path,
+    backend_name: &str,
+    inputs: &[Tensor],
+    threads: Option<usize>,
+    duration: Duration,
+) -> anyhow::Result<Summary> {
+    anyhow::ensure!(threads != Some(0), "--intra-op-threads must be at least 1");
     let backend = backend::by_name(backend_name)?;
-    let session = backend::load(backend.as_ref(), model, &Default::default())?;
+    let options = backend::SessionOptions { intra_op_threads: threads, ..Default::default() };
+    let session = backend::load(backend.as_ref(), model, &options)?;
     // As the server does at load: plans for the golden inputs' shapes, where they are faster.
     let golden = golden_of(model)?;
     session.specialise(&golden_tensors(&golden)?, golden.allowed_diff());

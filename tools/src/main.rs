@@ -128,6 +128,10 @@ struct BenchArgs {
     /// Measure the backend floor only (no server needed).
     #[arg(long)]
     floor_only: bool,
+    /// Threads inside one call of the floor (default: the backend's pool, every CPU this
+    /// process may use; the server measures one against the pool at load).
+    #[arg(long)]
+    intra_op_threads: Option<usize>,
     /// Bearer token, when the server wants one.
     #[arg(long, env = "OUTPOST_TOKEN")]
     token: Option<String>,
@@ -201,7 +205,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("{}", bench::HEADER);
     for backend in &args.backend {
-        let floor = bench::floor(&model_file, backend, &inputs, duration)
+        let floor = bench::floor(&model_file, backend, &inputs, args.intra_op_threads, duration)
             .with_context(|| format!("measuring the backend floor on {backend}"))?;
         println!("{}", floor.row(&format!("backend ({backend})")));
     }

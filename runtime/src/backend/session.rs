@@ -108,6 +108,12 @@ pub trait Session: Send + Sync {
     fn specialise(&self, _warm_up: &[Tensor], _tolerance: f64) -> Vec<Specialised> {
         Vec::new()
     }
+    /// The same prepared model run on `threads` threads per call, sharing what this session
+    /// prepared; `None` where the thread count is fixed when a session is prepared (ONNX
+    /// Runtime), so that a new session must be prepared for it.
+    fn on_threads(&self, _threads: usize) -> Option<Box<dyn Session>> {
+        None
+    }
 }
 
 /// A way to run ONNX models.
@@ -120,6 +126,14 @@ pub trait Backend: Send + Sync {
     fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError>;
     /// Whether one inference may run on several threads (`SessionOptions::intra_op_threads`).
     fn has_thread_pool(&self) -> bool {
+        false
+    }
+    /// Whether a long call can run slower on the pool than on one thread, so that the pool is
+    /// timed against one thread at load before it serves ([`crate::threads`]): tract splits
+    /// each large operator across its pool, and on a network of many small ones the handovers
+    /// can cost more than the other cores give. ONNX Runtime's pool is not timed (a long call
+    /// gained on it in every measurement, and its timing did not hold still; docs/backends.md).
+    fn pool_may_lose(&self) -> bool {
         false
     }
 }

@@ -2,6 +2,7 @@
 
 mod datum;
 mod plans;
+mod pool;
 mod quantize;
 mod quantize_linear;
 mod rewrite;
@@ -16,6 +17,7 @@ use tract_onnx::prelude::{
 
 use self::datum::{datum_type, from_datum_type};
 use self::plans::Plans;
+use self::pool::Pool;
 use super::session::{Backend, BackendError, OTHER_BACKEND, PlanStats, Session, SessionOptions, Specialised};
 use crate::onnx::ModelGraph;
 use crate::onnx::Signature;
@@ -67,6 +69,14 @@ impl Backend for Tract {
         Ok(())
     }
 
+    fn has_thread_pool(&self) -> bool {
+        true
+    }
+
+    fn pool_may_lose(&self) -> bool {
+        true
+    }
+
     fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError> {
         let err = |e: TractError| BackendError::Prepare {
             path: graph.path.clone(),
@@ -96,7 +106,11 @@ impl Backend for Tract {
                 None
             }
         };
-        let plans = Plans::new(model, graph.signature.clone(), options.plan_cache.max(1));
+        let pool =
+            Pool::new(options.intra_op_threads.unwrap_or_else(crate::threads::available)).map_err(|message| {
+                BackendError::Prepare { path: graph.path.clone(), backend: "tract", message, hint: "" }
+            })?;
+        let plans = Arc::new(Plans::new(model, graph.signature.clone(), options.plan_cache.max(1)));
         // Declared shapes are prepared now, and kept.
         for shapes in &options.shapes {
             plans.prepare(shapes, true).map_err(|e| match e {
@@ -109,7 +123,7 @@ impl Backend for Tract {
                 other => other,
             })?;
         }
-        Ok(Box::new(TractSession { symbolic, plans, signature: graph.signature.clone() }))
+        Ok(Box::new(TractSession { symbolic, plans, signature: graph.signature.clone(), pool }))
     }
 }
 
@@ -148,9 +162,11 @@ struct TractSession {
     /// The plan for every shape, when tract could analyse the symbolic dimensions.
     symbolic: Option<Arc<TypedRunnableModel>>,
     /// Plans for concrete shapes: the declared ones, and (without a symbolic plan) every shape
-    /// seen, within the cache's bound.
-    plans: Plans,
+    /// seen, within the cache's bound. Shared with the same model's sessions on other threads.
+    plans: Arc<Plans>,
     signature: Signature,
+    /// The threads one call runs on.
+    pool: Pool,
 }
 
 impl Session for TractSession {
@@ -165,7 +181,8 @@ impl Session for TractSession {
             (None, Some(plan)) => plan.clone(),
             (None, None) => self.plans.prepare(&shapes, false)?,
         };
-        let outputs = plan.run(tract_values(inputs)?).map_err(run_err)?;
+        let values = tract_values(inputs)?;
+        let outputs = self.pool.run(|| plan.run(values)).map_err(run_err)?;
         outputs.into_iter().zip(&self.signature.outputs).map(|(v, spec)| to_tensor(&spec.name, v)).collect()
     }
 
@@ -197,6 +214,17 @@ impl Session for TractSession {
         }
         done
     }
+
+    fn on_threads(&self, threads: usize) -> Option<Box<dyn Session>> {
+        let pool =
+            Pool::new(threads).map_err(|e| tracing::warn!(threads, error = %e, "no session on other threads")).ok()?;
+        Some(Box::new(TractSession {
+            symbolic: self.symbolic.clone(),
+            plans: self.plans.clone(),
+            signature: self.signature.clone(),
+            pool,
+        }))
+    }
 }
 
 impl TractSession {
@@ -213,7 +241,7 @@ impl TractSession {
         let run = |plan: &Arc<TypedRunnableModel>| -> Result<(u64, Vec<Tensor>), BackendError> {
             let values = tract_values(input)?;
             let started = Instant::now();
-            let outputs = plan.run(values).map_err(run_err)?;
+            let outputs = self.pool.run(|| plan.run(values)).map_err(run_err)?;
             let us = started.elapsed().as_micros() as u64;
             let outputs = outputs.into_iter().zip(&self.signature.outputs).map(|(v, o)| to_tensor(&o.name, v));
             Ok((us, outputs.collect::<Result<_, _>>()?))
@@ -297,8 +325,9 @@ mod tests {
         let plan = symbolic_plan(&model, &graph.signature).unwrap();
         let session = TractSession {
             symbolic: Some(plan),
-            plans: Plans::new(model, graph.signature.clone(), 1),
+            plans: Plans::new(model, graph.signature.clone(), 1).into(),
             signature: graph.signature.clone(),
+            pool: Pool::new(1).unwrap(),
         };
         let err = golden_check(&graph, &session).unwrap_err();
         assert!(matches!(err, GoldenError::Mismatch { .. }), "{err}");
