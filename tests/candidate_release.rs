@@ -66,7 +66,7 @@ fn shadow(addr: std::net::SocketAddr) -> Value {
 /// A provisioned device store in a fresh folder named for `name`: the folder, the fleet's keys,
 /// the daemon's address, its state directory and its config.
 struct Provisioned {
-    dir: std::path::PathBuf,
+    dir: outpost_tests::Scratch,
     fleet: Fleet,
     addr: std::net::SocketAddr,
     state: std::path::PathBuf,
@@ -74,9 +74,7 @@ struct Provisioned {
 }
 
 fn provisioned(name: &str) -> Provisioned {
-    let dir = std::env::temp_dir().join(format!("outpost-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch(name);
     let fleet = Fleet::new();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let state = dir.join("state");
@@ -232,9 +230,7 @@ fn publish(broker: &Broker, publisher: &Path, release: &str, candidate: bool) ->
 
 #[test]
 fn over_mqtt_a_candidate_offer_is_staged_reported_promoted_and_dropped() {
-    let dir = std::env::temp_dir().join(format!("outpost-candidate-mqtt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("candidate-mqtt");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let broker = Broker::start(&dir.join("broker"));

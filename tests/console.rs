@@ -4,20 +4,14 @@
 //! real agent and updater, and the `outpostctl` client commands. The web page is checked in
 //! headless Chromium.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use outpost_tests::console::{Console, Sim, TOKEN, ids};
 use outpost_tests::mqtt::{Broker, FLEET, ctl, publisher, wait_for};
+use outpost_tests::scratch;
 use outpost_tests::{postgres, repo_root};
 use serde_json::Value;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("outpost-console-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn count(r: &Value, status: &str) -> u64 {
     r["counts"][status].as_u64().unwrap_or(0)
@@ -45,7 +39,7 @@ fn a_four_wave_rollout_on_postgresql() {
 }
 
 fn four_waves(name: &str, console_args: &[&str]) {
-    let dir = scratch(name);
+    let dir = scratch(&format!("console-{name}"));
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let root = pubdir.join("root-1.json");
@@ -167,7 +161,7 @@ fn failures_resume_retry_abort_and_rollback_on_postgresql() {
 }
 
 fn failures(name: &str, console_args: &[&str]) {
-    let dir = scratch(name);
+    let dir = scratch(&format!("console-{name}"));
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     rollback_release(&pubdir);
@@ -293,7 +287,7 @@ fn check_page(dir: &Path, console: &Console, rollout: u64) {
 /// is larger than the console's other bodies may be; the console takes it, as devices would.
 #[test]
 fn a_release_of_a_200_mb_model_uploads() {
-    let dir = scratch("large");
+    let dir = scratch("console-large");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let broker = Broker::start(&dir.join("broker"));
@@ -365,7 +359,7 @@ fn objects(console: &Console) -> std::collections::BTreeSet<String> {
 /// it expires, and the rollout completes on both brokers with each device offered once.
 #[test]
 fn two_consoles_on_postgresql_and_a_bridged_broker_survive_a_console_kill() {
-    let dir = scratch("takeover");
+    let dir = scratch("console-takeover");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let root = pubdir.join("root-1.json");

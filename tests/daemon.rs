@@ -1,26 +1,18 @@
 //! The `outpost` binary as an operator runs it: graceful SIGTERM, refusing bad models and bad
 //! configuration at start, and the local CLI.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use outpost_runtime::golden::{Golden, max_abs_diff};
 use outpost_runtime::tensor::Tensor;
+use outpost_tests::scratch;
 use outpost_tests::{Daemon, models_dir, outpost};
 use outpost_tools::http::Conn;
 use outpost_tools::v2client;
 
-/// A fresh folder for one test's files.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("outpost-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
-    let dir = scratch("sigterm");
+    let dir = scratch("test-sigterm");
     let config = dir.join("outpost.toml");
     let model = models_dir().join("digits-central.onnx");
     std::fs::write(&config, format!("[[models]]\nname = \"central\"\npath = {:?}\nworkers = 1\n", model)).unwrap();
@@ -72,7 +64,7 @@ fn a_quantized_softmax_is_served_on_tract_and_inspect_says_what_it_was_tried_wit
     assert!(stdout.contains("shapes:  one plan serves every input shape"), "{stdout}");
     assert!(stdout.contains("tried:   `input` [16, 64] (golden inputs): outputs match"), "{stdout}");
     // Without a golden file beside it, it is served as well (no refusal by pattern any more).
-    let dir = scratch("qsoftmax");
+    let dir = scratch("test-qsoftmax");
     let model = dir.join("qsoftmax.onnx");
     std::fs::copy(models_dir().join("hazards/digits-edge-qsoftmax.onnx"), &model).unwrap();
     let out = outpost(&["inspect", model.to_str().unwrap()]);
@@ -82,7 +74,7 @@ fn a_quantized_softmax_is_served_on_tract_and_inspect_says_what_it_was_tried_wit
 
 #[test]
 fn a_model_that_disagrees_with_its_golden_outputs_is_refused() {
-    let dir = scratch("golden");
+    let dir = scratch("test-golden");
     let model = dir.join("edge.onnx");
     std::fs::copy(models_dir().join("digits-edge.onnx"), &model).unwrap();
     let mut golden: serde_json::Value =
@@ -104,7 +96,7 @@ fn a_model_that_disagrees_with_its_golden_outputs_is_refused() {
 
 #[test]
 fn bad_configuration_exits_64_naming_the_key() {
-    let dir = scratch("config");
+    let dir = scratch("test-config");
     let config = dir.join("outpost.toml");
     std::fs::write(&config, "[[models]]\nname = \"m\"\npath = \"m.onnx\"\nqueue_bound = 0\n").unwrap();
     let out = outpost(&["serve", "--config", config.to_str().unwrap()]);
@@ -139,7 +131,7 @@ fn inspect_lists_the_operators_and_infer_runs_one_request() {
 
     let golden = Golden::read(&models_dir().join("digits-cnn-dynamic.golden.json")).unwrap();
     let inputs: Vec<_> = golden.inputs.iter().map(|g| g.to_tensor().unwrap()).collect();
-    let dir = scratch("infer");
+    let dir = scratch("test-infer");
     let request = dir.join("request.json");
     std::fs::write(&request, v2client::json_request(&inputs).bytes).unwrap();
     let out = outpost(&["infer", "models/digits-cnn-dynamic.onnx", "--input", request.to_str().unwrap()]);

@@ -105,8 +105,7 @@ fn the_arm64_ort_package_serves_under_qemu_on_tract_alone_then_with_onnx_runtime
 /// package), it serves twice: with no ONNX Runtime the loader can find, then with `ort_library`
 /// in a folder on the loader's search path, as a box would have it in /usr/local/lib.
 fn install_serve_remove(package: &str, arch: &str, runner: &[&str], ort_library: Option<PathBuf>) {
-    let root = std::env::temp_dir().join(format!("{package}-deb-{arch}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = outpost_tests::scratch(&format!("deb-{package}-{arch}"));
     for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
@@ -180,7 +179,6 @@ fn install_serve_remove(package: &str, arch: &str, runner: &[&str], ort_library:
     assert_eq!(files(&root), vec!["etc/outpost/outpost.toml".to_string()]);
     dpkg(&root, &["--purge", package]);
     assert_eq!(files(&root), Vec::<String>::new(), "purge leaves nothing");
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// The command that runs `bin` (under `runner`) with `dir` as the loader's library path (the

@@ -8,6 +8,7 @@ use std::process::Command;
 use outpost_runtime::app::App;
 use outpost_runtime::config::Config;
 use outpost_tests::mqtt::outpostctl;
+use outpost_tests::scratch;
 use outpost_tests::{Server, repo_root};
 use outpost_tools::http::Conn;
 use serde_json::{Value, json};
@@ -16,13 +17,6 @@ use serde_json::{Value, json};
 const REFERENCE_ROWS: usize = 210;
 /// The live window: the 150 rows the reference did not see.
 const WINDOW: usize = 150;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("outpost-drift-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// `digits-edge` copied to `dir/digits.onnx` with its golden file.
 fn model_in(dir: &Path) -> PathBuf {
@@ -51,7 +45,7 @@ async fn drift(conn: &mut Conn) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn held_out_digits_score_low_and_inverted_digits_pass_the_threshold() {
-    let dir = scratch("shift");
+    let dir = scratch("drift-shift");
     let model = model_in(&dir);
     let out = Command::new(outpostctl())
         .args(["profile", model.to_str().unwrap(), "--limit", &REFERENCE_ROWS.to_string()])
@@ -108,7 +102,7 @@ async fn held_out_digits_score_low_and_inverted_digits_pass_the_threshold() {
 
 #[tokio::test]
 async fn a_profile_that_does_not_fit_its_model_is_refused_at_load_naming_it() {
-    let dir = scratch("bad");
+    let dir = scratch("drift-bad");
     let model = model_in(&dir);
     let config = |dir: &Path| -> Config {
         toml::from_str(&format!("[[models]]\nname = \"digits\"\npath = {:?}\n", dir.join("digits.onnx"))).unwrap()
@@ -146,7 +140,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_the_metrics_and_promtool_passes_them() {
-    let dir = scratch("prometheus");
+    let dir = scratch("drift-prometheus");
     let model = model_in(&dir);
     let profile =
         outpost_tools::profile::build(&model, &repo_root().join("models/digits-test.csv"), Some(100), "tract").unwrap();

@@ -75,9 +75,7 @@ async fn answers(conn: &mut Conn) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_or_read_only_state_disk_refuses_the_update_and_serving_goes_on() {
-    let dir = std::env::temp_dir().join(format!("outpost-faults-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("faults");
     let state = dir.join("state");
     if std::env::var_os("OUTPOST_NO_MOUNT").is_some() {
         eprintln!("skipped: OUTPOST_NO_MOUNT is set");

@@ -2,7 +2,7 @@
 //! a broken new version never replaces the one serving, and several versions serve at once.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,9 +14,8 @@ use outpost_tests::{Daemon, Server, add_repository_version, models_dir};
 use outpost_tools::v2client;
 
 /// A fresh repository folder with one model folder, `digits`.
-fn repository(test: &str) -> PathBuf {
-    let repo = std::env::temp_dir().join(format!("outpost-repo-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&repo);
+fn repository(test: &str) -> outpost_tests::Scratch {
+    let repo = outpost_tests::scratch(&format!("repo-{test}"));
     std::fs::create_dir_all(repo.join("digits")).unwrap();
     repo
 }

@@ -4,20 +4,14 @@
 //! change nothing, and a device with no broker at all.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use outpost_tests::mqtt::{BlobServer, Broker, Device, FLEET, ctl, publisher, wait_for};
 use outpost_tests::releases::trusted_state;
+use outpost_tests::scratch;
 use serde_json::Value;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("outpost-mqtt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn publish(broker: &Broker, publisher: &Path, release: &str, devices: &str) -> String {
     let mut args = vec!["publish".to_string(), release.into(), "--devices".into(), devices.into()];
@@ -36,7 +30,7 @@ fn full_bytes(publisher: &Path, release: &str) -> u64 {
 
 #[test]
 fn a_published_release_arrives_whole_then_as_a_delta_and_the_console_sees_it() {
-    let dir = scratch("e2e");
+    let dir = scratch("mqtt-e2e");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let broker = Broker::start(&dir.join("broker"));
@@ -123,7 +117,7 @@ fn post_golden_row_to(addr: std::net::SocketAddr) -> (u16, String) {
 
 #[test]
 fn downloads_resume_after_a_broker_restart_and_after_a_device_kill() {
-    let dir = scratch("resume");
+    let dir = scratch("mqtt-resume");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let mut broker = Broker::start(&dir.join("broker"));
@@ -206,7 +200,7 @@ fn downloads_resume_after_a_broker_restart_and_after_a_device_kill() {
 
 #[test]
 fn refusals_over_mqtt_change_nothing_and_are_reported() {
-    let dir = scratch("refusals");
+    let dir = scratch("mqtt-refusals");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     // A copy of release 3 whose served files are corrupted (the blob server's disk rotted).
@@ -368,7 +362,7 @@ fn refusals_over_mqtt_change_nothing_and_are_reported() {
 
 #[test]
 fn without_a_broker_the_device_serves_and_retries_with_capped_backoff() {
-    let dir = scratch("offline");
+    let dir = scratch("mqtt-offline");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let port = outpost_tests::free_port();
@@ -398,7 +392,7 @@ fn without_a_broker_the_device_serves_and_retries_with_capped_backoff() {
 
 #[test]
 fn over_tls_the_device_trusts_only_its_configured_ca() {
-    let dir = scratch("tls");
+    let dir = scratch("mqtt-tls");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let certs = dir.join("certs");
@@ -432,7 +426,7 @@ fn over_tls_the_device_trusts_only_its_configured_ca() {
 
 #[test]
 fn simulated_devices_take_a_release_and_report_injected_failures() {
-    let dir = scratch("simulate");
+    let dir = scratch("mqtt-simulate");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let ids: Vec<String> = (1..=20).map(|n| format!("sim-{n:04}")).collect();
@@ -549,7 +543,7 @@ fn simulate_until(
 /// crashing the device again, and again.
 #[test]
 fn a_release_that_crashes_the_device_while_staging_is_refused_not_retried() {
-    let dir = scratch("crash-apply");
+    let dir = scratch("mqtt-crash-apply");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     let ids = ["pan-0001".to_string(), "abo-0001".to_string()];

@@ -123,9 +123,7 @@ fn start(console: &Console, args: &[&str]) -> u64 {
 
 #[test]
 fn a_gated_rollout_promotes_an_agreeing_candidate_and_pauses_on_a_disagreeing_one() {
-    let dir = std::env::temp_dir().join(format!("outpost-quality-gate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("quality-gate");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     release(&pubdir, 5, "digits-central", "");
@@ -225,9 +223,7 @@ fn a_gated_rollout_promotes_an_agreeing_candidate_and_pauses_on_a_disagreeing_on
 /// release 1, which it still holds, and serves it.
 #[test]
 fn shifted_inputs_after_activation_pause_the_rollout_and_roll_the_device_back() {
-    let dir = std::env::temp_dir().join(format!("outpost-soak-gate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("soak-gate");
     let pubdir = dir.join("publisher");
     publisher(&pubdir);
     // The profile: the first 200 held-out digits; the traffic is the rest.

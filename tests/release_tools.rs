@@ -44,9 +44,7 @@ fn spec(dir: &Path, number: u64, model: &str) -> String {
 
 #[test]
 fn an_operator_makes_signs_and_applies_releases_with_the_commands() {
-    let dir = std::env::temp_dir().join(format!("outpost-release-tools-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("release-tools");
     let ctl = outpostctl();
     ok(&ctl, &["keys", "gen", "root"], &dir);
     ok(&ctl, &["keys", "gen", "release"], &dir);

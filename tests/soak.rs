@@ -109,8 +109,7 @@ fn outpost(args: &[&str], config: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_holds_up_under_mixed_traffic_swaps_and_an_update() {
     let secs: u64 = std::env::var("OUTPOST_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let dir = std::env::temp_dir().join(format!("outpost-soak-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = outpost_tests::scratch("soak");
     std::fs::create_dir_all(dir.join("repo")).unwrap();
     let repo = dir.join("repo");
     add_repository_version(&repo, 1, "digits-edge");

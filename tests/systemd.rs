@@ -20,9 +20,7 @@ fn ready(addr: &str) -> bool {
 
 #[test]
 fn the_daemon_speaks_sd_notify() {
-    let dir = std::env::temp_dir().join(format!("outpost-notify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("notify");
     let path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -70,8 +68,7 @@ fn the_daemon_speaks_sd_notify() {
 fn the_unit_file_verifies_cleanly() {
     // verify resolves ExecStart: check a copy that points at the binary just built.
     let unit = std::fs::read_to_string(repo_root().join("cross/systemd/outpost.service")).unwrap();
-    let dir = std::env::temp_dir().join(format!("outpost-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("unit");
     let copy = dir.join("outpost.service");
     std::fs::write(&copy, unit.replace("/usr/bin/outpost", outpost_bin().to_str().unwrap())).unwrap();
     let out = Command::new("systemd-analyze")

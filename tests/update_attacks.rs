@@ -119,9 +119,7 @@ fn re_sign_root(payload: &Value, signers: &[&SecretKey]) -> Envelope {
 
 #[test]
 fn every_attack_is_refused_and_changes_nothing() {
-    let dir = std::env::temp_dir().join(format!("outpost-attacks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("attacks");
     let fleet = Fleet::new();
     let addr = format!("127.0.0.1:{}", free_port());
     let state = dir.join("state");

@@ -126,9 +126,7 @@ fn scenarios(dir: &Path) -> Vec<Scenario> {
 
 #[test]
 fn a_kill_at_any_step_leaves_the_old_or_the_new_release_whole() {
-    let dir = std::env::temp_dir().join(format!("outpost-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("crash");
     let state = dir.join("state");
     // Port 1: no daemon answers, and none is needed: the killed process held the store.
     let config = store_config(&state, "127.0.0.1:1");
@@ -165,9 +163,7 @@ fn a_kill_at_any_step_leaves_the_old_or_the_new_release_whole() {
 
 #[test]
 fn a_damaged_active_release_falls_back_to_the_previous_at_start() {
-    let dir = std::env::temp_dir().join(format!("outpost-damage-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = outpost_tests::scratch("damage");
     let s = scenarios(&dir).into_iter().next().unwrap();
     let state = dir.join("state");
     copy_dir(&s.template, &state);
