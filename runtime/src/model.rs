@@ -418,8 +418,8 @@ fn prepare_on(
 /// [`crate::threads`]): the warm session has the default pool; a one-thread session (the same
 /// prepared model where the backend can share it, else a new one) is measured on the warm-up
 /// input, and a long call on the pool too where the pool may lose; the one-thread session
-/// replaces the warm one unless the pool is chosen. Only on the CPU: an accelerator's provider does the work itself, and some
-/// (TensorRT) take minutes to build.
+/// replaces the warm one unless the pool is chosen. Only on the CPU: an accelerator's provider
+/// does the work itself, and some (TensorRT) take minutes to build.
 fn choose_threads(
     backend: &dyn backend::Backend,
     spec: &ModelSpec,

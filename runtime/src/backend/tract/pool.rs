@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::multithread::{Executor, multithread_tract_scope};
 
 /// A session's threads: none beyond the caller's, or a pool of its own.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Pool {
     executor: Executor,
 }
