@@ -114,10 +114,8 @@ mod tests {
     fn objects_go_through_the_database_to_another_consoles_folder() {
         for database in db::testing::databases("objects") {
             let mut conn = db::open(&database).unwrap();
-            let dir =
-                std::env::temp_dir().join(format!("outpost-objects-{}-{}", conn.is_postgres(), std::process::id()));
+            let dir = database.folder().join(format!("objects-{}", conn.is_postgres()));
             let (a, b) = (dir.join("a"), dir.join("b"));
-            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&a).unwrap();
             std::fs::create_dir_all(&b).unwrap();
             // Three pieces, the last short; and an empty object.

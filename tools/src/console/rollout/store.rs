@@ -439,6 +439,8 @@ mod machine {
         conn: Connection,
         now: i64,
         offers: Vec<(String, u32)>,
+        /// Last, so that the connection closes before the database's folder goes.
+        _database: db::testing::TestDatabase,
     }
 
     const RELEASE: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12";
@@ -446,18 +448,18 @@ mod machine {
     impl Fleet {
         /// The same fleet on each engine (db::testing::databases).
         fn each(name: &str, devices: usize) -> Vec<Fleet> {
-            db::testing::databases(&format!("rollout-{name}")).iter().map(|d| Fleet::on(d, devices)).collect()
+            db::testing::databases(&format!("rollout-{name}")).into_iter().map(|d| Fleet::on(d, devices)).collect()
         }
 
-        fn on(database: &db::Database, devices: usize) -> Fleet {
-            let conn = db::open(database).unwrap();
+        fn on(database: db::testing::TestDatabase, devices: usize) -> Fleet {
+            let conn = db::open(&database).unwrap();
             conn.execute(
                 "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
                  VALUES (?1, 'f', 'default', 2, '[]', ?2, 0, 0)",
                 params![RELEASE, vec![0u8]],
             )
             .unwrap();
-            let mut f = Fleet { conn, now: 1_000_000, offers: Vec::new() };
+            let mut f = Fleet { conn, now: 1_000_000, offers: Vec::new(), _database: database };
             for n in 1..=devices {
                 f.report(&format!("d{n}"), json!({}));
             }

@@ -14,17 +14,19 @@ pub const R2: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab
 pub struct Fleet {
     pub conn: Connection,
     pub now: i64,
+    /// Last, so that the connection closes before the database's folder goes.
+    _database: db::testing::TestDatabase,
 }
 
 impl Fleet {
     /// `devices` devices `d1`.. running release 1.
     /// The same fleet on each engine (db::testing::databases).
     pub fn each(name: &str, devices: usize) -> Vec<Fleet> {
-        db::testing::databases(&format!("gate-{name}")).iter().map(|d| Fleet::on(d, devices)).collect()
+        db::testing::databases(&format!("gate-{name}")).into_iter().map(|d| Fleet::on(d, devices)).collect()
     }
 
-    fn on(database: &db::Database, devices: usize) -> Fleet {
-        let conn = db::open(database).unwrap();
+    fn on(database: db::testing::TestDatabase, devices: usize) -> Fleet {
+        let conn = db::open(&database).unwrap();
         for (id, n) in [(R1, 1), (R2, 2)] {
             conn.execute(
                 "INSERT INTO releases (id, fleet, grp, number, models, offer, bytes, uploaded)
@@ -33,7 +35,7 @@ impl Fleet {
             )
             .unwrap();
         }
-        let mut f = Fleet { conn, now: 1_000_000 };
+        let mut f = Fleet { conn, now: 1_000_000, _database: database };
         for n in 1..=devices {
             f.state(&format!("d{n}"), R1, json!({}));
         }
