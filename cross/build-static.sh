@@ -7,10 +7,14 @@
 # compile that C with zig (cross/zig-env.sh installs zig and cargo-zigbuild when missing). Every target needs `rustup target add TARGET`,
 # which the script also runs. OUTPOST_STATIC_PROFILE picks another cargo profile than the shipped
 # `small` (the test command builds `static-test`: the same code, linked much faster); the binary is
-# then target/TARGET/PROFILE/outpost.
+# then target/TARGET/PROFILE/outpost. OUTPOST_FEATURES replaces the runtime's default features:
+# OUTPOST_FEATURES=tract builds without tract's thread pool, 4.8 MB smaller and one thread per
+# call (docs/benchmarks.md, "The size-tuned profile").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${OUTPOST_STATIC_PROFILE:-small}"
+features=()
+[[ -z ${OUTPOST_FEATURES:-} ]] || features=(--no-default-features --features "$OUTPOST_FEATURES")
 case "${1:-x86_64}" in
   x86_64) target=x86_64-unknown-linux-musl ;;
   aarch64) target=aarch64-unknown-linux-musl ;;
@@ -38,9 +42,9 @@ if [[ $target == x86_64-* ]]; then
   # entries, read (so resident) at every start; packed as RELR (musl >= 1.2.4, as Rust bundles)
   # they take a few KB.
   export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs"
-  cargo build --profile "$profile" --quiet -p outpost-runtime --target "$target"
+  cargo build --profile "$profile" --quiet -p outpost-runtime "${features[@]}" --target "$target"
 else
   source cross/zig-env.sh
-  cargo zigbuild "${build_std[@]}" --profile "$profile" --quiet -p outpost-runtime --target "$target"
+  cargo zigbuild "${build_std[@]}" --profile "$profile" --quiet -p outpost-runtime "${features[@]}" --target "$target"
 fi
 echo "target/$target/$profile/outpost"

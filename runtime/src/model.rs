@@ -398,6 +398,13 @@ fn prepare_on(
         warm_up(spec, files, &shapes, backend.prepare(graph, &options)?.into())?
     };
     let (warm, threads) = match spec.intra_op_threads {
+        Some(n) if n > 1 && !backend.has_thread_pool() => {
+            tracing::warn!(
+                model = %spec.name, backend = backend.name(), intra_op_threads = n,
+                "this build runs each call of this backend on one thread; intra_op_threads is ignored"
+            );
+            (warm, None)
+        }
         _ if !backend.has_thread_pool() => (warm, None),
         Some(n) => (warm, Some(ThreadChoice::configured(n))),
         None => choose_threads(backend, spec, files, graph, &options, warm)?,

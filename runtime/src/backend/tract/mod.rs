@@ -70,11 +70,11 @@ impl Backend for Tract {
     }
 
     fn has_thread_pool(&self) -> bool {
-        true
+        pool::BUILT
     }
 
     fn pool_may_lose(&self) -> bool {
-        true
+        pool::BUILT
     }
 
     fn prepare(&self, graph: &ModelGraph, options: &SessionOptions) -> Result<Box<dyn Session>, BackendError> {
