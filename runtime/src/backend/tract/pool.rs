@@ -70,7 +70,8 @@ mod caller {
     }
 }
 
-#[cfg(all(test, feature = "tract-pool"))]
+#[cfg(test)]
+#[cfg(feature = "tract-pool")]
 mod tests {
     use tract_onnx::prelude::multithread::Executor;
 
