@@ -15,27 +15,40 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     let dir = scratch("test-sigterm");
     let config = dir.join("outpost.toml");
     let model = models_dir().join("digits-central.onnx");
-    std::fs::write(&config, format!("[[models]]\nname = \"central\"\npath = {:?}\nworkers = 1\n", model)).unwrap();
+    // One worker on one thread: the requests queue behind each other.
+    std::fs::write(
+        &config,
+        format!("[[models]]\nname = \"central\"\npath = {:?}\nworkers = 1\nintra_op_threads = 1\n", model),
+    )
+    .unwrap();
     let mut daemon = Daemon::serve(&["--config", config.to_str().unwrap()]);
 
-    // Six requests of 16,384 rows queue up well over a second of work on one worker, so most
-    // are still queued or running when SIGTERM arrives.
+    // Enough requests of 16,384 rows to queue well over a second of work on the worker, however
+    // fast this machine runs one: timed first on a request of the same size.
     let rows = 16384;
     let body = v2client::binary_request(&[Tensor::from_f32("input", vec![rows, 64], &vec![2.0; rows * 64])]);
+    let mut conn = Conn::connect(daemon.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let one = conn.send(hyper::Method::POST, "/v2/models/central/infer", &body.headers, body.bytes.clone()).await;
+    let took = started.elapsed();
+    assert_eq!(one.unwrap().status, 200, "a request before SIGTERM is answered");
+    let requests = (Duration::from_millis(1500).as_secs_f64() / took.as_secs_f64()).ceil() as usize;
+    // At most nine: each holds 8 MiB of the default 80 MiB in-flight budget (a tenth gets 503).
+    let requests = requests.clamp(6, 9);
     let mut in_flight = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..requests {
         let mut conn = Conn::connect(daemon.addr).await.unwrap();
         let (headers, bytes) = (body.headers.clone(), body.bytes.clone());
         in_flight.push(tokio::spawn(async move {
             conn.send(hyper::Method::POST, "/v2/models/central/infer", &headers, bytes).await
         }));
     }
-    // Time for the six bodies (4 MiB each) to reach the server on a busy machine: a connection
+    // Time for the bodies (4 MiB each) to reach the server on a busy machine: a connection
     // whose request has not been read yet is closed at SIGTERM, as it should be.
     tokio::time::sleep(Duration::from_millis(400)).await;
     daemon.terminate();
     let unfinished = in_flight.iter().filter(|t| !t.is_finished()).count();
-    assert!(unfinished > 0, "the requests should still be in flight at SIGTERM");
+    assert!(unfinished > 0, "{requests} requests of {took:?} each should still be in flight at SIGTERM");
 
     for r in in_flight {
         let r = r.await.unwrap().expect("an in-flight request is answered, not cut");
