@@ -448,14 +448,11 @@ fn choose_threads(
             backend.prepare(graph, &SessionOptions { intra_op_threads: Some(1), ..options.clone() })?.into()
         }
     };
-    let one_us = crate::choice::median_us(one.as_ref(), probe).unwrap_or(f64::INFINITY);
-    let pool_us = (backend.pool_may_lose() && one_us >= crate::threads::POOL_MIN_CALL_US)
-        .then(|| crate::choice::median_us(warm.session.as_ref(), probe))
-        .flatten();
-    let choice = ThreadChoice::measured(pool, one_us, pool_us);
+    let choice = crate::threads::measure(warm.session.as_ref(), one.as_ref(), backend.pool_may_lose(), probe);
     tracing::info!(
         model = %spec.name, version = %files.version, backend = backend.name(), threads = choice.threads,
-        one_thread_p50_us = one_us, pool_p50_us = ?pool_us, "intra-op threads: the call measured on one thread and the pool"
+        one_thread_p50_us = choice.one_thread_p50_us, pool_p50_us = ?choice.pool_p50_us,
+        "intra-op threads: the call measured on one thread and the pool"
     );
     if choice.threads == pool {
         return Ok((warm, Some(choice)));

@@ -10,6 +10,7 @@ use hyper::http::Method;
 use outpost_runtime::backend;
 use outpost_runtime::golden::Golden;
 use outpost_runtime::tensor::Tensor;
+use outpost_runtime::threads;
 
 use crate::http::Conn;
 use crate::v2client;
@@ -87,15 +88,16 @@ pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
         .collect()
 }
 
-/// The raw backend call on `inputs`, back to back from one thread, for `duration`; each call
-/// on `threads` (default: the backend's pool).
+/// The raw backend call on `inputs`, back to back from one thread, for `duration`, with the
+/// threads it gets when served: `threads` where given, else those the server's rule picks at
+/// load on the same input ([`threads::measure`]). Returns the threads with the summary.
 pub fn floor(
     model: &Path,
     backend_name: &str,
     inputs: &[Tensor],
     threads: Option<usize>,
     duration: Duration,
-) -> anyhow::Result<Summary> {
+) -> anyhow::Result<(Summary, usize)> {
     anyhow::ensure!(threads != Some(0), "--intra-op-threads must be at least 1");
     let backend = backend::by_name(backend_name)?;
     let options = backend::SessionOptions { intra_op_threads: threads, ..Default::default() };
@@ -103,6 +105,10 @@ pub fn floor(
     // As the server does at load: plans for the golden inputs' shapes, where they are faster.
     let golden = golden_of(model)?;
     session.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
+    let (session, threads) = match threads {
+        Some(n) => (session, n),
+        None => served_threads(backend.as_ref(), model, session, inputs)?,
+    };
     let mut latencies = Vec::new();
     let started = Instant::now();
     while started.elapsed() < duration {
@@ -110,7 +116,33 @@ pub fn floor(
         session.run(inputs)?;
         latencies.push(t.elapsed());
     }
-    Ok(Summary::of(latencies, 0, started.elapsed()))
+    Ok((Summary::of(latencies, 0, started.elapsed()), threads))
+}
+
+/// The session on the threads the server would serve `pooled`'s model with (a short call on a
+/// backend with a pool runs on one thread), and their count.
+fn served_threads(
+    backend: &dyn backend::Backend,
+    model: &Path,
+    pooled: Box<dyn backend::Session>,
+    inputs: &[Tensor],
+) -> anyhow::Result<(Box<dyn backend::Session>, usize)> {
+    let pool = threads::available();
+    if !backend.has_thread_pool() || pool < 2 {
+        return Ok((pooled, if backend.has_thread_pool() { pool } else { 1 }));
+    }
+    let one = match pooled.on_threads(1) {
+        Some(one) => one,
+        None => {
+            let options = backend::SessionOptions { intra_op_threads: Some(1), ..Default::default() };
+            let one = backend::load(backend, model, &options)?;
+            let golden = golden_of(model)?;
+            one.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
+            one
+        }
+    };
+    let choice = threads::measure(pooled.as_ref(), one.as_ref(), backend.pool_may_lose(), inputs);
+    Ok(if choice.threads == 1 { (one, 1) } else { (pooled, choice.threads) })
 }
 
 /// `concurrency` keep-alive clients sending the same request back to back for `duration`.

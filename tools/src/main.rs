@@ -205,9 +205,10 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("{}", bench::HEADER);
     for backend in &args.backend {
-        let floor = bench::floor(&model_file, backend, &inputs, args.intra_op_threads, duration)
+        let (floor, threads) = bench::floor(&model_file, backend, &inputs, args.intra_op_threads, duration)
             .with_context(|| format!("measuring the backend floor on {backend}"))?;
         println!("{}", floor.row(&format!("backend ({backend})")));
+        println!("  (the {backend} call on {threads} thread{})", if threads == 1 { "" } else { "s" });
     }
     if args.floor_only {
         return Ok(());
