@@ -16,8 +16,9 @@
 //! runs at most one call beyond its `workers`: the inline one.
 //!
 //! `executor = "auto"` (the default) allows inline calls when the backend call is short
-//! ([`INLINE_MAX_US`] on the warm-up input), the version does not batch (a batch is gathered by a
-//! worker), and no input has a symbolic dimension past the first (a longer sequence or a larger
+//! ([`INLINE_MAX_US`] on the warm-up input), the version does not wait to gather a batch (a batch
+//! is gathered by a worker; with `max_queue_delay_us = 0` the worker takes only what is already
+//! queued, and a lone request finds nothing), and no input has a symbolic dimension past the first (a longer sequence or a larger
 //! image than the warm-up's would make the call longer than measured). The bound weighs what the
 //! hand-off costs against holding an HTTP thread for the call: the two wake-ups cost 40-50 µs on
 //! 2 vCPUs (a 57 µs CNN answered a lone client at 247 µs p50 through the queue, 201 µs inline,
@@ -66,7 +67,9 @@ pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>,
         ExecutorChoice::Inline => return info("inline", "configured", call_us),
         ExecutorChoice::Auto => {}
     }
-    if spec.batching.is_some() {
+    // A batch waits for its rows; with no wait (`max_queue_delay_us = 0`, take what is queued) a
+    // lone request has nothing to wait for, and runs inline like any other.
+    if spec.batching.as_ref().is_some_and(|b| !b.max_queue_delay.is_zero()) {
         return info("threads", "batching", call_us);
     }
     if session.signature().inputs.iter().any(|s| s.shape.iter().skip(1).any(|&d| d < 0)) {
@@ -284,6 +287,8 @@ mod tests {
         assert!(here.call_us.is_some_and(|us| us <= INLINE_MAX_US), "{here:?}");
         assert_eq!(decided("", &fast, Some(INLINE_MAX_US * 2.0)).kind, "threads");
         assert_eq!(decided("[batching]\nmax_batch_size = 8", &fast, Some(3.0)).by, "batching");
+        let no_wait = decided("[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0", &fast, Some(3.0));
+        assert_eq!((no_wait.kind, no_wait.by), ("inline", "measured"));
         assert_eq!(decided("", &Timed::new(0, &[1, -1]), Some(3.0)).by, "symbolic");
         assert_eq!(
             decide(&spec(""), fast.as_ref(), None, None),
