@@ -68,6 +68,21 @@ pub(crate) fn loading() -> RwLockReadGuard<'static, ()> {
     MEASURING.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The choice for a backend whose calls run on `pooled` (the default pool) or `one` (the same
+/// model on one thread), measured on `probe`: the one-thread call always, the pool's only where
+/// the one-thread call is long enough to try it and the pool may lose there (`pool_may_lose`).
+pub fn threads(
+    pooled: &dyn Session,
+    one: &dyn Session,
+    pool_may_lose: bool,
+    probe: &[Tensor],
+) -> crate::threads::ThreadChoice {
+    let one_us = median_us(one, probe).unwrap_or(f64::INFINITY);
+    let pool_us =
+        (pool_may_lose && one_us >= crate::threads::POOL_MIN_CALL_US).then(|| median_us(pooled, probe)).flatten();
+    crate::threads::ThreadChoice::measured(crate::threads::available(), one_us, pool_us)
+}
+
 /// The median of up to [`RUNS`] timed runs within [`BUDGET`], after one untimed; `None` when a
 /// run fails. It runs alone: no other measurement, and no model preparing or warming up.
 pub(crate) fn median_us(session: &dyn Session, input: &[Tensor]) -> Option<f64> {

@@ -448,7 +448,7 @@ fn choose_threads(
             backend.prepare(graph, &SessionOptions { intra_op_threads: Some(1), ..options.clone() })?.into()
         }
     };
-    let choice = crate::threads::measure(warm.session.as_ref(), one.as_ref(), backend.pool_may_lose(), probe);
+    let choice = crate::choice::threads(warm.session.as_ref(), one.as_ref(), backend.pool_may_lose(), probe);
     tracing::info!(
         model = %spec.name, version = %files.version, backend = backend.name(), threads = choice.threads,
         one_thread_p50_us = choice.one_thread_p50_us, pool_p50_us = ?choice.pool_p50_us,

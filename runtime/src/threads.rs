@@ -21,9 +21,6 @@
 
 use serde::Serialize;
 
-use crate::backend::Session;
-use crate::tensor::Tensor;
-
 /// The shortest one-thread call the pool serves, in microseconds.
 pub const POOL_MIN_CALL_US: f64 = 1000.0;
 
@@ -62,16 +59,6 @@ impl ThreadChoice {
         let threads = if one_us >= POOL_MIN_CALL_US && gains { pool } else { 1 };
         ThreadChoice { threads, by: "measured", one_thread_p50_us: Some(one_us), pool_p50_us: pool_us }
     }
-}
-
-/// The choice for a backend whose calls run on `pooled` (the default pool) or `one` (the same
-/// model on one thread), measured on `probe`: the one-thread call always, the pool's only where
-/// the one-thread call is long enough to try it and the pool may lose there (`pool_may_lose`).
-pub fn measure(pooled: &dyn Session, one: &dyn Session, pool_may_lose: bool, probe: &[Tensor]) -> ThreadChoice {
-    let one_us = crate::choice::median_us(one, probe).unwrap_or(f64::INFINITY);
-    let pool_us =
-        (pool_may_lose && one_us >= POOL_MIN_CALL_US).then(|| crate::choice::median_us(pooled, probe)).flatten();
-    ThreadChoice::measured(available(), one_us, pool_us)
 }
 
 /// The CPUs this process may use (its affinity mask and cgroup quota), the pool's default size.

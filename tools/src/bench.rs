@@ -10,7 +10,7 @@ use hyper::http::Method;
 use outpost_runtime::backend;
 use outpost_runtime::golden::Golden;
 use outpost_runtime::tensor::Tensor;
-use outpost_runtime::threads;
+use outpost_runtime::{choice, threads};
 
 use crate::http::Conn;
 use crate::v2client;
@@ -90,7 +90,7 @@ pub fn golden_input(model: &Path, batch: usize) -> anyhow::Result<Vec<Tensor>> {
 
 /// The raw backend call on `inputs`, back to back from one thread, for `duration`, with the
 /// threads it gets when served: `threads` where given, else those the server's rule picks at
-/// load on the same input ([`threads::measure`]). Returns the threads with the summary.
+/// load on the same input ([`choice::threads`]). Returns the threads with the summary.
 pub fn floor(
     model: &Path,
     backend_name: &str,
@@ -141,7 +141,7 @@ fn served_threads(
             one
         }
     };
-    let choice = threads::measure(pooled.as_ref(), one.as_ref(), backend.pool_may_lose(), inputs);
+    let choice = choice::threads(pooled.as_ref(), one.as_ref(), backend.pool_may_lose(), inputs);
     Ok(if choice.threads == 1 { (one, 1) } else { (pooled, choice.threads) })
 }
 
