@@ -18,13 +18,13 @@
 //! `executor = "auto"` (the default) allows inline calls when the backend call is short
 //! ([`INLINE_MAX_US`] on the warm-up input), the version does not wait to gather a batch (a batch
 //! is gathered by a worker; with `max_queue_delay_us = 0` the worker takes only what is already
-//! queued, and a lone request finds nothing), and no input has a symbolic dimension past the first (a longer sequence or a larger
-//! image than the warm-up's would make the call longer than measured). The bound weighs what the
-//! hand-off costs against holding an HTTP thread for the call: the two wake-ups cost 40-50 µs on
-//! 2 vCPUs (a 57 µs CNN answered a lone client at 247 µs p50 through the queue, 201 µs inline,
-//! docs/benchmarks.md), a fifth or more of a call up to 200 µs; past that the gain is small and
-//! an HTTP thread would be held for longer than a request's parse. `executor = "threads"` never
-//! runs inline; `executor = "inline"` always may.
+//! queued, and a lone request finds nothing), and no input has a symbolic dimension past the
+//! first (a longer sequence or a larger image than the warm-up's would make the call longer than
+//! measured). The bound weighs what the hand-off costs against holding an HTTP thread for the
+//! call: the two wake-ups cost 40-50 µs on 2 vCPUs (a 57 µs CNN answered a lone client at 247 µs
+//! p50 through the queue, 201 µs inline, docs/benchmarks.md), a fifth or more of a call up to
+//! 200 µs; past that the gain is small and an HTTP thread would be held for longer than a
+//! request's parse. `executor = "threads"` never runs inline; `executor = "inline"` always may.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
