@@ -52,6 +52,12 @@ clippy_driver=$(rustup which clippy-driver 2>/dev/null || command -v clippy-driv
 linted=(env RUSTC_WORKSPACE_WRAPPER="$clippy_driver" CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__")
 "${linted[@]}" cargo build --workspace --all-targets --quiet
 
+# The runtime without tract's thread pool (`OUTPOST_FEATURES=tract cross/build-static.sh`, the
+# smaller static build docs/benchmarks.md describes): type-checked and linted, so that the
+# configuration the default build never compiles still does.
+stage "the runtime without tract's thread pool (cargo check, linted)"
+"${linted[@]}" cargo check -p outpost-runtime --no-default-features --features tract --bins --quiet
+
 # The static builds under test use the `static-test` profile: the shipped `small` profile's code,
 # without its single-unit whole-program LTO (three of those links took most of the run).
 export OUTPOST_STATIC_PROFILE="${OUTPOST_STATIC_PROFILE:-static-test}"
