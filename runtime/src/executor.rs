@@ -56,12 +56,17 @@ pub struct ExecutorInfo {
     /// The median backend call on the warm-up input, in microseconds, where it was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call_us: Option<f64>,
+    /// The most rows (first dimension) a request may have to run inline: the warm-up input's,
+    /// which the call was timed on, where `auto` decided on a timed call. A larger batch would
+    /// hold the HTTP thread for longer than measured, so it goes to the workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline_rows: Option<usize>,
 }
 
 /// Decides where `spec`'s version runs. `call_us` is the backend call's median on the warm-up
 /// input when the backend choice measured it already; otherwise it is measured here on `probe`.
 pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>, call_us: Option<f64>) -> ExecutorInfo {
-    let info = |kind, by, call_us| ExecutorInfo { kind, by, call_us };
+    let info = |kind, by, call_us| ExecutorInfo { kind, by, call_us, inline_rows: None };
     match spec.executor {
         ExecutorChoice::Threads => return info("threads", "configured", call_us),
         ExecutorChoice::Inline => return info("inline", "configured", call_us),
@@ -78,8 +83,11 @@ pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>,
     let Some(call_us) = call_us.or_else(|| probe.and_then(|p| time_call(session, p))) else {
         return info("threads", "unmeasured", None);
     };
-    let kind = if call_us <= INLINE_MAX_US { "inline" } else { "threads" };
-    info(kind, "measured", Some(call_us))
+    if call_us > INLINE_MAX_US {
+        return info("threads", "measured", Some(call_us));
+    }
+    let inline_rows = probe.and_then(|p| p.iter().filter_map(|t| t.shape.first().copied()).max());
+    ExecutorInfo { inline_rows, ..info("inline", "measured", Some(call_us)) }
 }
 
 /// A first timed call longer than this settles it: the version runs on threads, and is not timed
@@ -121,6 +129,8 @@ pub struct Executor {
     queue: Sender<Job>,
     /// Where an inline call runs: the session and its statistics; `None` for threads only.
     inline: Option<(Arc<dyn Session>, Arc<ModelStats>)>,
+    /// The most rows an inline call may have (`usize::MAX`: no bound).
+    inline_rows: usize,
     workers: u64,
     /// Requests of this version between the executor's entry and their reply.
     in_flight: AtomicUsize,
@@ -157,6 +167,7 @@ impl Executor {
         Executor {
             queue: tx,
             inline,
+            inline_rows: info.inline_rows.unwrap_or(usize::MAX),
             workers: spec.workers as u64,
             in_flight: AtomicUsize::new(0),
             last_arrival_us: AtomicU64::new(0),
@@ -173,6 +184,7 @@ impl Executor {
         if let Some((session, stats)) = &self.inline
             && alone
             && idle
+            && inputs.iter().all(|t| t.shape.first().is_none_or(|&rows| rows <= self.inline_rows))
             // At least: a reload of the same version shares its statistics with the old one's
             // workers until they exit.
             && stats.sleeping.load(Relaxed) >= self.workers
@@ -280,7 +292,10 @@ mod tests {
         let fast = Timed::new(0, &[-1, 4]);
         let probe = input();
         let decided = |extra: &str, session: &Timed, measured| decide(&spec(extra), session, Some(&probe), measured);
-        assert_eq!(decided("", &fast, Some(3.0)), ExecutorInfo { kind: "inline", by: "measured", call_us: Some(3.0) });
+        assert_eq!(
+            decided("", &fast, Some(3.0)),
+            ExecutorInfo { kind: "inline", by: "measured", call_us: Some(3.0), inline_rows: Some(1) }
+        );
         // Measured here when the backend choice did not.
         let here = decided("", &fast, None);
         assert_eq!((here.kind, here.by), ("inline", "measured"));
@@ -292,7 +307,7 @@ mod tests {
         assert_eq!(decided("", &Timed::new(0, &[1, -1]), Some(3.0)).by, "symbolic");
         assert_eq!(
             decide(&spec(""), fast.as_ref(), None, None),
-            ExecutorInfo { kind: "threads", by: "unmeasured", call_us: None }
+            ExecutorInfo { kind: "threads", by: "unmeasured", call_us: None, inline_rows: None }
         );
         // Configured wins over every rule.
         assert_eq!(decided("executor = \"threads\"", &fast, Some(3.0)).kind, "threads");
@@ -309,12 +324,15 @@ mod tests {
     }
 
     #[test]
-    fn inline_cannot_batch() {
+    fn inline_cannot_batch_with_a_wait() {
         let config: ModelConfig =
             toml::from_str("name = \"m\"\npath = \"m.onnx\"\nexecutor = \"inline\"\n[batching]\nmax_batch_size = 8\n")
                 .unwrap();
         let err = config.validate(&|k| k.to_string()).unwrap_err().to_string();
         assert!(err.contains("executor") && err.contains("cannot batch"), "{err}");
+        // Without a wait a lone request has nothing to gather.
+        let spec = spec("executor = \"inline\"\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0");
+        assert_eq!(spec.executor, ExecutorChoice::Inline);
     }
 
     /// A lone call (the worker asleep) runs on the caller's thread; one that finds another in
@@ -324,7 +342,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
         let session = Timed::new(0, &[-1, 4]);
         let stats = Arc::new(ModelStats::default());
-        let info = ExecutorInfo { kind: "inline", by: "configured", call_us: None };
+        let info = ExecutorInfo { kind: "inline", by: "configured", call_us: None, inline_rows: None };
         let executor = Arc::new(Executor::start(
             &spec("workers = 1\nqueue_bound = 1"),
             "w",
@@ -380,12 +398,36 @@ mod tests {
         until(&|| stats.workers.load(Relaxed) == 0);
     }
 
+    /// A call timed on one row runs inline for one row; a lone request of more rows goes to the
+    /// workers.
+    #[test]
+    fn a_batch_larger_than_the_timed_one_goes_to_the_workers() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let session = Timed::new(0, &[-1, 4]);
+        let stats = Arc::new(ModelStats::default());
+        let info = decide(&spec("workers = 1"), session.as_ref(), Some(&input()), Some(3.0));
+        assert_eq!((info.kind, info.inline_rows), ("inline", Some(1)));
+        let executor = Executor::start(&spec("workers = 1"), "w", session.clone(), stats.clone(), &info);
+        let lone = |rows: usize| {
+            std::thread::sleep(IDLE_GAP * 2);
+            while stats.sleeping.load(Relaxed) != 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let inputs = vec![Tensor::from_f32("x", vec![rows, 4], &vec![0.0; rows * 4])];
+            runtime.block_on(executor.infer(inputs, true)).unwrap().unwrap();
+            session.threads()
+        };
+        let caller = std::thread::current().name().unwrap().to_owned();
+        assert_eq!(lone(1), [caller]);
+        assert_eq!(lone(8), ["w-0"], "eight rows where one was timed");
+    }
+
     #[test]
     fn a_threads_version_never_runs_inline() {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let session = Timed::new(0, &[-1, 4]);
         let stats = Arc::new(ModelStats::default());
-        let info = ExecutorInfo { kind: "threads", by: "configured", call_us: None };
+        let info = ExecutorInfo { kind: "threads", by: "configured", call_us: None, inline_rows: None };
         let executor = Executor::start(&spec("workers = 1"), "w", session.clone(), stats, &info);
         runtime.block_on(executor.infer(input(), true)).unwrap().unwrap();
         assert_eq!(session.threads(), ["w-0"]);

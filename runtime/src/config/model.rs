@@ -254,10 +254,12 @@ impl ModelConfig {
         if !(1..=256).contains(&workers) {
             return Err(invalid(key("workers"), "must be between 1 and 256"));
         }
-        if m.executor == ExecutorChoice::Inline && m.batching.is_some() {
+        let waits = |b: &BatchingConfig| b.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US) > 0;
+        if m.executor == ExecutorChoice::Inline && m.batching.as_ref().is_some_and(waits) {
             return Err(invalid(
                 key("executor"),
-                "\"inline\" cannot batch: a batch is gathered by a worker thread (executor = \"threads\" or \"auto\")",
+                "\"inline\" cannot batch with a wait: a batch is gathered by a worker thread \
+                 (max_queue_delay_us = 0, or executor = \"threads\" or \"auto\")",
             ));
         }
         if m.intra_op_threads == Some(0) {
