@@ -74,7 +74,7 @@ pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>,
     }
     // A batch waits for its rows; with no wait (`max_queue_delay_us = 0`, take what is queued) a
     // lone request has nothing to wait for, and runs inline like any other.
-    if spec.batching.as_ref().is_some_and(|b| !b.max_queue_delay.is_zero()) {
+    if spec.batching.as_ref().is_some_and(crate::config::Batching::waits) {
         return info("threads", "batching", call_us);
     }
     if session.signature().inputs.iter().any(|s| s.shape.iter().skip(1).any(|&d| d < 0)) {

@@ -104,10 +104,14 @@ pub fn floor(
     let session = backend::load(backend.as_ref(), model, &options)?;
     // As the server does at load: plans for the golden inputs' shapes, where they are faster.
     let golden = golden_of(model)?;
-    session.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
+    let specialise = |session: &dyn backend::Session| -> anyhow::Result<()> {
+        session.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
+        Ok(())
+    };
+    specialise(session.as_ref())?;
     let (session, threads) = match threads {
         Some(n) => (session, n),
-        None => served_threads(backend.as_ref(), model, session, inputs)?,
+        None => served_threads(backend.as_ref(), model, session, inputs, &specialise)?,
     };
     let mut latencies = Vec::new();
     let started = Instant::now();
@@ -120,24 +124,24 @@ pub fn floor(
 }
 
 /// The session on the threads the server would serve `pooled`'s model with (a short call on a
-/// backend with a pool runs on one thread), and their count.
+/// backend with a pool runs on one thread), and their count. A one-thread session loaded here
+/// gets the same plans as `pooled` (`specialise`).
 fn served_threads(
     backend: &dyn backend::Backend,
     model: &Path,
     pooled: Box<dyn backend::Session>,
     inputs: &[Tensor],
+    specialise: &dyn Fn(&dyn backend::Session) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Box<dyn backend::Session>, usize)> {
-    let pool = threads::available();
-    if !backend.has_thread_pool() || pool < 2 {
-        return Ok((pooled, if backend.has_thread_pool() { pool } else { 1 }));
+    if !backend.has_thread_pool() || threads::available() < 2 {
+        return Ok((pooled, 1));
     }
     let one = match pooled.on_threads(1) {
         Some(one) => one,
         None => {
             let options = backend::SessionOptions { intra_op_threads: Some(1), ..Default::default() };
             let one = backend::load(backend, model, &options)?;
-            let golden = golden_of(model)?;
-            one.specialise(&golden_tensors(&golden)?, golden.allowed_diff());
+            specialise(one.as_ref())?;
             one
         }
     };

@@ -166,6 +166,14 @@ pub struct Batching {
     pub preferred_batch_sizes: Vec<usize>,
 }
 
+impl Batching {
+    /// Whether a batch waits for rows to join it (`max_queue_delay_us` above 0); without a wait
+    /// the worker takes only what is already queued.
+    pub fn waits(&self) -> bool {
+        !self.max_queue_delay.is_zero()
+    }
+}
+
 /// A validated model entry.
 #[derive(Clone, Debug)]
 pub struct ModelSpec {
@@ -254,14 +262,6 @@ impl ModelConfig {
         if !(1..=256).contains(&workers) {
             return Err(invalid(key("workers"), "must be between 1 and 256"));
         }
-        let waits = |b: &BatchingConfig| b.max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US) > 0;
-        if m.executor == ExecutorChoice::Inline && m.batching.as_ref().is_some_and(waits) {
-            return Err(invalid(
-                key("executor"),
-                "\"inline\" cannot batch with a wait: a batch is gathered by a worker thread \
-                 (max_queue_delay_us = 0, or executor = \"threads\" or \"auto\")",
-            ));
-        }
         if m.intra_op_threads == Some(0) {
             return Err(invalid(key("intra_op_threads"), "must be at least 1"));
         }
@@ -342,6 +342,13 @@ impl ModelConfig {
                 })
             }
         };
+        if m.executor == ExecutorChoice::Inline && batching.as_ref().is_some_and(Batching::waits) {
+            return Err(invalid(
+                key("executor"),
+                "\"inline\" cannot batch with a wait: a batch is gathered by a worker thread \
+                 (max_queue_delay_us = 0, or executor = \"threads\" or \"auto\")",
+            ));
+        }
         let escalation = match &m.escalation {
             None => None,
             Some(e) => Some(e.validate(&key)?),
