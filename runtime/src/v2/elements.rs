@@ -40,18 +40,47 @@ impl fmt::Display for DataError {
 /// is reported even when an element is also wrong. Encoding stops at `expected` elements (the
 /// rest are only counted), so the output never grows past what the shape holds.
 pub fn decode(data: &RawValue, datatype: DataType, expected: usize) -> Result<Vec<u8>, DataError> {
-    if !data.get().trim_start().starts_with('[') {
-        return Err(DataError::NotAnArray);
-    }
-    let mut sink = Sink { datatype, expected, out: Vec::new(), count: 0, error: None };
     let mut de = serde_json::Deserializer::from_str(data.get());
-    Level(&mut sink).deserialize(&mut de).map_err(|e| DataError::Json(e.to_string()))?;
-    if sink.count != expected {
-        return Err(DataError::Count { expected, found: sink.count });
-    }
-    match sink.error {
-        Some(e) => Err(DataError::Element(e)),
-        None => Ok(sink.out),
+    Data { datatype, expected, capacity: data.get().len() / 2 + 1 }
+        .deserialize(&mut de)
+        .map_err(|e| DataError::Json(e.to_string()))?
+}
+
+/// [`decode`] as a seed, for a parser that reaches `data` already knowing its datatype and
+/// shape: the elements are encoded as the request is read, in the same pass. The parser's own
+/// error is a malformed document; the inner result is what [`decode`] says of the array.
+pub struct Data {
+    pub datatype: DataType,
+    pub expected: usize,
+    /// The most elements the text can hold, an upper bound to reserve for (each element takes at
+    /// least two bytes of JSON): the shape alone is only the client's claim.
+    pub capacity: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Data {
+    type Value = Result<Vec<u8>, DataError>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let size = self.datatype.size().unwrap_or(1);
+        let reserve = self.expected.min(self.capacity).saturating_mul(size);
+        let mut sink = Sink {
+            datatype: self.datatype,
+            expected: self.expected,
+            out: Vec::with_capacity(reserve),
+            count: 0,
+            error: None,
+            not_an_array: false,
+        };
+        Level { sink: &mut sink, top: true }.deserialize(deserializer)?;
+        Ok(if sink.not_an_array {
+            Err(DataError::NotAnArray)
+        } else if sink.count != self.expected {
+            Err(DataError::Count { expected: self.expected, found: sink.count })
+        } else if let Some(e) = sink.error {
+            Err(DataError::Element(e))
+        } else {
+            Ok(sink.out)
+        })
     }
 }
 
@@ -62,6 +91,8 @@ struct Sink {
     count: usize,
     /// The first bad element; later ones are only counted.
     error: Option<ElementError>,
+    /// `data` itself was not an array.
+    not_an_array: bool,
 }
 
 impl Sink {
@@ -76,8 +107,21 @@ impl Sink {
     }
 }
 
-/// One array level (or one element of it).
-struct Level<'s>(&'s mut Sink);
+/// One array level (or one element of it); `top` for `data` itself, which must be an array.
+struct Level<'s> {
+    sink: &'s mut Sink,
+    top: bool,
+}
+
+impl Level<'_> {
+    fn element(self, v: Value) {
+        if self.top {
+            self.sink.not_an_array = true;
+        } else {
+            self.sink.push(v);
+        }
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for Level<'_> {
     type Value = ();
@@ -95,43 +139,43 @@ impl<'de> Visitor<'de> for Level<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Level(self.0))?.is_some() {}
+        while seq.next_element_seed(Level { sink: &mut *self.sink, top: false })?.is_some() {}
         Ok(())
     }
 
     fn visit_bool<E>(self, v: bool) -> Result<(), E> {
-        self.0.push(Value::Bool(v));
+        self.element(Value::Bool(v));
         Ok(())
     }
 
     fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.0.push(Value::from(v));
+        self.element(Value::from(v));
         Ok(())
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.0.push(Value::from(v));
+        self.element(Value::from(v));
         Ok(())
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        self.0.push(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        self.element(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
         Ok(())
     }
 
     fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        self.0.push(Value::String(String::new()));
+        self.element(Value::String(String::new()));
         Ok(())
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
-        self.0.push(Value::Null);
+        self.element(Value::Null);
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        self.0.push(Value::Object(serde_json::Map::new()));
+        self.element(Value::Object(serde_json::Map::new()));
         Ok(())
     }
 }
@@ -174,8 +218,9 @@ mod tests {
         let text = format!("[{}]", vec!["1"; 1_000_000].join(","));
         let err = decode(&raw(&text), DataType::Fp64, 2).unwrap_err();
         assert_eq!(err.to_string(), "holds 1000000 elements but the shape holds 2");
-        let mut sink = Sink { datatype: DataType::Fp64, expected: 2, out: Vec::new(), count: 0, error: None };
-        Level(&mut sink).deserialize(&mut serde_json::Deserializer::from_str(&text)).unwrap();
+        let mut sink =
+            Sink { datatype: DataType::Fp64, expected: 2, out: Vec::new(), count: 0, error: None, not_an_array: false };
+        Level { sink: &mut sink, top: true }.deserialize(&mut serde_json::Deserializer::from_str(&text)).unwrap();
         assert_eq!((sink.count, sink.out.len()), (1_000_000, 16));
     }
 }

@@ -3,6 +3,7 @@
 //! expected, and nothing is allocated on the strength of a size the client merely claims.
 
 use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -41,18 +42,85 @@ struct RawRequest<'a> {
     outputs: Option<Vec<RawOutput>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
     parameters: Map<String, Value>,
-    /// Left as text until the datatype and shape are known, then decoded straight into the
-    /// tensor's bytes ([`elements::decode`]).
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
+    data: Option<RawData<'a>>,
+}
+
+/// An input's JSON `data`: decoded as it was read, where `datatype` and `shape` came before it
+/// (as clients write them), or else left as text until they are known.
+enum RawData<'a> {
+    Decoded(Result<Vec<u8>, DataError>),
+    Text(&'a RawValue),
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum InputField {
+    Name,
+    Shape,
+    Datatype,
+    Parameters,
+    Data,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawInput<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const FIELDS: &[&str] = &["name", "shape", "datatype", "parameters", "data"];
+        deserializer.deserialize_struct("RawInput", FIELDS, InputVisitor(std::marker::PhantomData))
+    }
+}
+
+struct InputVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
+    type Value = RawInput<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an input tensor")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawInput<'a>, A::Error> {
+        let (mut name, mut shape, mut datatype, mut parameters, mut data) = (None, None, None, None, None);
+        fn once<T, E: serde::de::Error>(slot: &mut Option<T>, field: &'static str, value: T) -> Result<(), E> {
+            match slot.replace(value) {
+                Some(_) => Err(E::duplicate_field(field)),
+                None => Ok(()),
+            }
+        }
+        while let Some(field) = map.next_key::<InputField>()? {
+            match field {
+                InputField::Name => once(&mut name, "name", map.next_value::<String>()?)?,
+                InputField::Shape => once(&mut shape, "shape", map.next_value::<Vec<i64>>()?)?,
+                InputField::Datatype => once(&mut datatype, "datatype", map.next_value::<String>()?)?,
+                InputField::Parameters => once(&mut parameters, "parameters", map.next_value::<Map<String, Value>>()?)?,
+                InputField::Data => {
+                    if data.is_some() {
+                        return Err(serde::de::Error::duplicate_field("data"));
+                    }
+                    let known = datatype.as_deref().and_then(DataType::parse).filter(|&d| d != DataType::Bytes);
+                    let elements = shape.as_deref().and_then(elements_of);
+                    data = Some(match (known, elements) {
+                        // Not reserved for: the text's length is not known here.
+                        (Some(datatype), Some(expected)) => {
+                            RawData::Decoded(map.next_value_seed(elements::Data { datatype, expected, capacity: 0 })?)
+                        }
+                        _ => RawData::Text(map.next_value::<&RawValue>()?),
+                    });
+                }
+            }
+        }
+        Ok(RawInput {
+            name: name.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+            shape: shape.ok_or_else(|| serde::de::Error::missing_field("shape"))?,
+            datatype: datatype.ok_or_else(|| serde::de::Error::missing_field("datatype"))?,
+            parameters: parameters.unwrap_or_default(),
+            data,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -104,7 +172,11 @@ pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, Bad
                 return Err(BadRequest(format!("{field}: has both `data` and a `binary_data_size` parameter")));
             }
             (None, None) => return Err(BadRequest(format!("{field}: has no `data`"))),
-            (Some(value), None) => elements::decode(value, datatype, elements).map_err(|e| match e {
+            (Some(data), None) => match data {
+                RawData::Decoded(decoded) => decoded,
+                RawData::Text(text) => elements::decode(text, datatype, elements),
+            }
+            .map_err(|e| match e {
                 DataError::Count { expected, found } => BadRequest(format!(
                     "{field}: shape {:?} holds {expected} elements but `data` has {found}",
                     input.shape
@@ -158,6 +230,12 @@ pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, Bad
         }
     };
     Ok(InferRequest { id: raw.id, parameters: raw.parameters, inputs, outputs, binary_output })
+}
+
+/// The elements a shape as the client wrote it holds, if every dimension is non-negative and the
+/// product fits ([`Tensor::shape_elements`] of the same shape checked).
+fn elements_of(shape: &[i64]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
 fn flag(params: &Map<String, Value>, key: &str, field: &str) -> Result<Option<bool>, BadRequest> {
@@ -306,6 +384,51 @@ mod tests {
         assert!(
             err(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":1}]}"#).contains("must be an array")
         );
+    }
+
+    #[test]
+    fn data_before_or_after_its_datatype_and_shape_reads_the_same() {
+        // After: decoded in the same pass as the request. Before: kept as text, decoded once the
+        // datatype and shape are known. Both give the same tensor and the same errors.
+        let after =
+            |data: &str| format!(r#"{{"inputs":[{{"name":"x","shape":[2,2],"datatype":"INT8","data":{data}}}]}}"#);
+        let before =
+            |data: &str| format!(r#"{{"inputs":[{{"data":{data},"name":"x","datatype":"INT8","shape":[2,2]}}]}}"#);
+        let between =
+            |data: &str| format!(r#"{{"inputs":[{{"name":"x","datatype":"INT8","data":{data},"shape":[2,2]}}]}}"#);
+        let good = "[[1,-2],[3,4]]";
+        let want = parse(after(good).as_bytes(), None).unwrap();
+        assert_eq!(want.inputs[0].to_f64(), vec![1.0, -2.0, 3.0, 4.0]);
+        for body in [before(good), between(good)] {
+            assert_eq!(parse(body.as_bytes(), None).unwrap(), want);
+        }
+        let decoded = |body: &str| {
+            let raw: RawRequest = serde_json::from_str(body).unwrap();
+            matches!(raw.inputs[0].data, Some(RawData::Decoded(_)))
+        };
+        assert_eq!([decoded(&after(good)), decoded(&before(good)), decoded(&between(good))], [true, false, false]);
+        for (data, message) in [
+            ("[1,2,3]", "holds 4 elements but `data` has 3"),
+            ("[1,2,3,300]", "element 3: 300 is out of range for INT8"),
+            ("[1,2,3,\"4\"]", "element 3: expected an integer, got a string"),
+            ("{\"a\":[1,2,3,4]}", "`data` must be an array"),
+            ("7", "`data` must be an array"),
+        ] {
+            for body in [after(data), before(data), between(data)] {
+                let e = err(&body);
+                assert!(e.starts_with("input `x`: ") && e.contains(message), "{body}: {e}");
+            }
+        }
+        assert!(err(&after("[1,2,3,4]").replace("}]}", r#","data":[1,2,3,4]}]}"#)).contains("duplicate field `data`"));
+        assert!(err(&after("[1,2,3,4]").replace("}]}", r#","name":"y"}]}"#)).contains("duplicate field `name`"));
+        assert!(err(r#"{"inputs":[{"name":"x","datatype":"INT8","data":[1]}]}"#).contains("missing field `shape`"));
+        assert!(
+            err(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[1],"dtype":1}]}"#)
+                .contains("unknown field `dtype`")
+        );
+        // A datatype or shape the request refuses: the data is kept as text and the refusal named.
+        assert!(err(&after("[1,2,3,4]").replace("INT8", "FP33")).contains("unknown datatype `FP33`"));
+        assert!(err(&after("[1,2,3,4]").replace("[2,2]", "[-2,-2]")).contains("negative dimension"));
     }
 
     #[test]
