@@ -105,6 +105,22 @@ impl Sink {
         }
         self.count += 1;
     }
+
+    /// A number for a FP32 or FP64 tensor, encoded as [`encode_one`] does but without building a
+    /// JSON value first: the common case, per element. False where it is not that case (another
+    /// datatype, past the shape, after a bad element, or out of FP32's range), for [`Sink::push`].
+    fn float(&mut self, f: f64) -> bool {
+        if self.count >= self.expected || self.error.is_some() {
+            return false;
+        }
+        match self.datatype {
+            DataType::Fp32 if !(f as f32).is_infinite() => self.out.extend((f as f32).to_le_bytes()),
+            DataType::Fp64 => self.out.extend(f.to_le_bytes()),
+            _ => return false,
+        }
+        self.count += 1;
+        true
+    }
 }
 
 /// One array level (or one element of it); `top` for `data` itself, which must be an array.
@@ -119,6 +135,13 @@ impl Level<'_> {
             self.sink.not_an_array = true;
         } else {
             self.sink.push(v);
+        }
+    }
+
+    /// A number: straight to a float tensor's bytes where it can be, else as [`Level::element`].
+    fn number(self, f: f64, v: impl FnOnce() -> Value) {
+        if self.top || !self.sink.float(f) {
+            self.element(v());
         }
     }
 }
@@ -149,17 +172,17 @@ impl<'de> Visitor<'de> for Level<'_> {
     }
 
     fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.element(Value::from(v));
+        self.number(v as f64, || Value::from(v));
         Ok(())
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.element(Value::from(v));
+        self.number(v as f64, || Value::from(v));
         Ok(())
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        self.element(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        self.number(v, || serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
         Ok(())
     }
 
@@ -210,6 +233,25 @@ mod tests {
         assert_eq!(e("[1, null]", DataType::Fp32, 2), "element 1: expected a number, got null");
         assert_eq!(e("[1, 1.5]", DataType::Int32, 2), "element 1: expected an integer, got 1.5");
         assert_eq!(e("[1, 300]", DataType::Int8, 2), "element 1: 300 is out of range for INT8");
+    }
+
+    #[test]
+    fn floats_encode_as_json_values_do() {
+        // FP32 and FP64 elements skip the JSON value (Sink::float); the bytes and errors are
+        // those of encode_one, which the other datatypes still go through.
+        let text = "[0, -1, 18446744073709551615, -9223372036854775808, 0.1, -2.5e-40, 3.4028234e38, 1e-300, 0.14552277326583862]";
+        let values: Vec<Value> = serde_json::from_str(text).unwrap();
+        for dt in [DataType::Fp32, DataType::Fp64, DataType::Fp16] {
+            assert_eq!(
+                decode(&raw(text), dt, values.len()).ok(),
+                crate::tensor::Tensor::encode_json(dt, &values).ok(),
+                "{dt}"
+            );
+        }
+        let e = |text: &str, dt| decode(&raw(text), dt, 2).unwrap_err().to_string();
+        assert_eq!(e("[1, 1e39]", DataType::Fp32), "element 1: 1e+39 is out of range for FP32");
+        assert_eq!(e("[1e39, null]", DataType::Fp32), "element 0: 1e+39 is out of range for FP32");
+        assert_eq!(decode(&raw("[1, 1e39]"), DataType::Fp64, 2).unwrap(), [1f64, 1e39].map(f64::to_le_bytes).concat());
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! Parsing V2 JSON request bodies, in-process: the part of a JSON request's path that grows with
+//! the input. `cargo bench -p outpost-runtime --bench v2_parse [BODY.json ...]`.
+//!
+//! With no arguments it parses bodies shaped like the peer harness's (one FP32 input of 64
+//! elements, as the digits MLP takes, and of 784, as the LeNet CNN takes; numbers written at
+//! full f64 precision, as Python's json module writes float32 values), each with `data` last (as
+//! clients write it) and first. Prints the best of five rounds, in µs per body.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use outpost_runtime::v2::request::parse;
+
+fn body(elements: usize, data_first: bool) -> Vec<u8> {
+    // A fixed sequence in [0, 1), so every run parses the same text.
+    let mut x = 0.37f64;
+    let data: Vec<String> = (0..elements)
+        .map(|_| {
+            x = 3.99 * x * (1.0 - x);
+            (x as f32 as f64).to_string()
+        })
+        .collect();
+    let data = data.join(", ");
+    let text = if data_first {
+        format!(r#"{{"inputs": [{{"data": [{data}], "name": "input", "shape": [1, {elements}], "datatype": "FP32"}}]}}"#)
+    } else {
+        format!(r#"{{"inputs": [{{"name": "input", "shape": [1, {elements}], "datatype": "FP32", "data": [{data}]}}]}}"#)
+    };
+    text.into_bytes()
+}
+
+fn time(label: &str, body: &[u8]) {
+    parse(body, None).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let per_round = (2_000_000 / body.len().max(1)).clamp(100, 100_000);
+    let best = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..per_round {
+                black_box(parse(black_box(body), None).ok());
+            }
+            start.elapsed().as_secs_f64() * 1e6 / per_round as f64
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!("{label:<40} {:>8} bytes {best:>9.2} µs", body.len());
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else is a body file.
+    let files: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if files.is_empty() {
+        for elements in [64, 784] {
+            time(&format!("FP32 [1, {elements}], data last"), &body(elements, false));
+            time(&format!("FP32 [1, {elements}], data first"), &body(elements, true));
+        }
+    }
+    for file in files {
+        let body = std::fs::read(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        time(&file, &body);
+    }
+}
