@@ -22,9 +22,13 @@ fn body(elements: usize, data_first: bool) -> Vec<u8> {
         .collect();
     let data = data.join(", ");
     let text = if data_first {
-        format!(r#"{{"inputs": [{{"data": [{data}], "name": "input", "shape": [1, {elements}], "datatype": "FP32"}}]}}"#)
+        format!(
+            r#"{{"inputs": [{{"data": [{data}], "name": "input", "shape": [1, {elements}], "datatype": "FP32"}}]}}"#
+        )
     } else {
-        format!(r#"{{"inputs": [{{"name": "input", "shape": [1, {elements}], "datatype": "FP32", "data": [{data}]}}]}}"#)
+        format!(
+            r#"{{"inputs": [{{"name": "input", "shape": [1, {elements}], "datatype": "FP32", "data": [{data}]}}]}}"#
+        )
     };
     text.into_bytes()
 }

@@ -1,6 +1,7 @@
 //! The tract backend: pure Rust, CPU everywhere, the one the static binary carries.
 
 mod datum;
+mod max_pool;
 mod plans;
 mod pool;
 mod quantize;

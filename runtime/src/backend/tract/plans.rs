@@ -12,7 +12,7 @@ use tract_onnx::tract_core::ops::konst::Const;
 
 use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats, Specialised};
 use crate::backend::tract::datum::datum_type;
-use crate::backend::tract::quantize_linear;
+use crate::backend::tract::{max_pool, quantize_linear};
 use crate::onnx::Signature;
 
 /// A plan for one set of concrete input shapes.
@@ -29,10 +29,11 @@ fn concrete_plan(
 }
 
 /// tract's optimised plan for `model`, with Outpost's operators where tract's own are slow (see
-/// [`quantize_linear`]).
+/// [`quantize_linear`] and [`max_pool`]).
 pub(crate) fn optimised_plan(model: InferenceModel) -> TractResult<Arc<TypedRunnableModel>> {
     let mut model = model.into_optimized()?;
     quantize_linear::vectorise(&mut model)?;
+    max_pool::replace(&mut model)?;
     model.into_runnable()
 }
 
