@@ -12,7 +12,8 @@ use tract_onnx::tract_core::ops::konst::Const;
 
 use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats, Specialised};
 use crate::backend::tract::datum::datum_type;
-use crate::backend::tract::{max_pool, quantize_linear};
+use crate::backend::tract::max_pool;
+use crate::backend::tract::quantize_linear;
 use crate::onnx::Signature;
 
 /// A plan for one set of concrete input shapes.
