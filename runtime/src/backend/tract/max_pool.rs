@@ -5,12 +5,14 @@
 //! (its vectorised path is for stride 1 only): on the peer harness's LeNet-style CNN, two such
 //! pools took a quarter of the 56 µs call (perf, docs/benchmarks.md). [`replace`] swaps tract's
 //! operator in the finished plan for [`MaxPool`], which reduces the window's rows into one row,
-//! element by element (the compiler vectorises it), then each window's columns.
+//! element by element (the compiler vectorises it), then each window's columns; a large input's
+//! images are split over the call's tract pool, as tract splits them.
 //!
 //! The values are tract's own: the largest of the window's values, NaN never chosen (a window of
 //! NaN alone gives `f32::MIN`, as tract's does). Where tract's order of comparison and this one
 //! differ, only the sign of a zero may: −0 and +0 compare equal.
 
+use tract_onnx::prelude::multithread::par_chunks_mut;
 use tract_onnx::tract_core::ops::cnn::{MaxPool as TractMaxPool, OptMaxPool, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
@@ -101,9 +103,21 @@ impl MaxPool {
     }
 }
 
-/// Every image of `xs` (`h` × `w`, one after another) pooled into `ys`. `row` holds one output
-/// row's window rows, reduced.
-fn pool(op: &MaxPool, xs: &[f32], (h, w): (usize, usize), ys: &mut [f32]) {
+/// Every image of `xs` (`h` × `w`, one after another) pooled into `ys`, the images split over
+/// the tract pool the call runs on, as tract's own operator splits them (one thread below
+/// tract's size threshold, or without a pool). Each image is pooled alone, so the values do not
+/// depend on the split.
+fn pool(op: &MaxPool, xs: &[f32], (h, w): (usize, usize), ys: &mut [f32]) -> TractResult<()> {
+    let (oh, ow) = op.output_hw(h, w);
+    par_chunks_mut(ys, oh * ow, xs.len(), |first, out| {
+        let images = out.len() / (oh * ow);
+        pool_images(op, &xs[first * h * w..][..images * h * w], (h, w), out);
+        Ok(())
+    })
+}
+
+/// [`pool`] on the calling thread. `row` holds one output row's window rows, reduced.
+fn pool_images(op: &MaxPool, xs: &[f32], (h, w): (usize, usize), ys: &mut [f32]) {
     let ([kh, kw], [sh, sw]) = (op.kernel, op.strides);
     let (oh, ow) = op.output_hw(h, w);
     let mut row = vec![0f32; w];
@@ -148,7 +162,7 @@ impl EvalOp for MaxPool {
         let hw = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let input = inputs[0].try_as_plain_ram()?;
         let mut output = y.try_as_plain_ram_mut()?;
-        pool(self, input.as_slice::<f32>()?, hw, output.as_slice_mut::<f32>()?);
+        pool(self, input.as_slice::<f32>()?, hw, output.as_slice_mut::<f32>()?)?;
         Ok(tvec!(y.into_tvalue()))
     }
 
@@ -170,6 +184,7 @@ mod tests {
     use tract_onnx::tract_core::ops::cnn::{MaxPool as TractMaxPool, PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::nn::DataFormat;
 
+    use super::super::pool::Pool;
     use super::{MaxPool, replace};
 
     /// A plan of one tract `MaxPool` on `[n, c, h, w]`, and what it gives on `input`: tract's own
@@ -244,6 +259,29 @@ mod tests {
                 assert!(t == o || t.to_bits() == o.to_bits(), "{shape:?} {kernel:?} {strides:?} at {i}: {t} vs {o}");
             }
         }
+    }
+
+    #[test]
+    fn a_large_input_split_over_the_pool_pools_as_on_one_thread() {
+        // 131,072 elements: past tract's threshold for splitting an element-wise operator, so
+        // with the pool (the default build) the images are pooled on two threads.
+        let shape = [2, 16, 64, 64];
+        let input = values(shape.iter().product());
+        let (tract, ours, replaced) = both(shape, [2, 2], [2, 2], PaddingSpec::Valid, &input);
+        assert!(replaced);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let y = model.wire_node("pool", MaxPool { kernel: [2, 2], strides: [2, 2] }, &[x]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let plan = model.into_runnable().unwrap();
+        let pool = Pool::new(2).unwrap();
+        let split = pool.run(|| {
+            let x = Tensor::from_shape(&shape, &input).unwrap();
+            plan.run(tvec!(x.into_tvalue())).unwrap().remove(0).into_tensor()
+        });
+        assert_eq!(floats(&split), floats(&ours));
+        let equal = floats(&tract).iter().zip(floats(&split)).all(|(t, o)| *t == o || t.to_bits() == o.to_bits());
+        assert!(equal);
     }
 
     #[test]
