@@ -33,7 +33,11 @@ pub(crate) fn replace(model: &mut TypedModel) -> TractResult<()> {
         if indices.is_some() || input.datum_type != f32::datum_type() {
             continue;
         }
-        if let Some(op) = MaxPool::for_spec(spec, shape) {
+        // The same output as tract's operator, or left alone.
+        let output = model.outlet_fact(OutletId::new(node.id, 0))?.shape.as_concrete();
+        if let Some(op) = MaxPool::for_spec(spec, shape)
+            && op.output_shape(shape).ok().as_deref() == output
+        {
             found.push((node.id, op));
         }
     }
