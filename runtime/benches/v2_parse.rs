@@ -4,11 +4,14 @@
 //! With no arguments it parses bodies shaped like the peer harness's (one FP32 input of 64
 //! elements, as the digits MLP takes, and of 784, as the LeNet CNN takes; numbers written at
 //! full f64 precision, as Python's json module writes float32 values), each with `data` last (as
-//! clients write it) and first. Prints the best of five rounds, in µs per body.
+//! clients write it) and first, then the check every request's float input gets once parsed (no
+//! NaN or infinity, `Tensor::first_non_finite`) on an image-sized FP32 input ([1, 3, 224, 224], as
+//! the orientation classifier takes). Prints the best of five rounds, in µs per body or input.
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use outpost_runtime::tensor::Tensor;
 use outpost_runtime::v2::request::parse;
 
 fn body(elements: usize, data_first: bool) -> Vec<u8> {
@@ -35,17 +38,31 @@ fn body(elements: usize, data_first: bool) -> Vec<u8> {
 
 fn time(label: &str, body: &[u8]) {
     parse(body, None).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let per_round = (2_000_000 / body.len().max(1)).clamp(100, 100_000);
-    let best = (0..5)
+    let best = best_of_five(body.len(), || black_box(parse(black_box(body), None).ok()).is_some());
+    println!("{label:<40} {:>8} bytes {best:>9.2} µs", body.len());
+}
+
+/// The fastest of five rounds of `f`, in µs per call; a round has more calls for smaller `bytes`.
+fn best_of_five(bytes: usize, mut f: impl FnMut() -> bool) -> f64 {
+    let per_round = (2_000_000 / bytes.max(1)).clamp(100, 100_000);
+    (0..5)
         .map(|_| {
             let start = Instant::now();
             for _ in 0..per_round {
-                black_box(parse(black_box(body), None).ok());
+                black_box(f());
             }
             start.elapsed().as_secs_f64() * 1e6 / per_round as f64
         })
-        .fold(f64::INFINITY, f64::min);
-    println!("{label:<40} {:>8} bytes {best:>9.2} µs", body.len());
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn time_finite_check() {
+    let shape = vec![1, 3, 224, 224];
+    let values: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| (i % 255) as f32 / 127.5 - 1.0).collect();
+    let input = Tensor::from_f32("image", shape, &values);
+    assert_eq!(input.first_non_finite(), None);
+    let best = best_of_five(input.data.len(), || black_box(&input).first_non_finite().is_none());
+    println!("{:<40} {:>8} bytes {best:>9.2} µs", "no NaN or infinity, FP32 [1, 3, 224, 224]", input.data.len());
 }
 
 fn main() {
@@ -56,6 +73,7 @@ fn main() {
             time(&format!("FP32 [1, {elements}], data last"), &body(elements, false));
             time(&format!("FP32 [1, {elements}], data first"), &body(elements, true));
         }
+        time_finite_check();
     }
     for file in files {
         let body = std::fs::read(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
