@@ -199,7 +199,18 @@ impl Tensor {
         }
     }
 
-    /// The elements as JSON values, in row-major order (the V2 JSON `data` field).
+    /// The elements as the V2 JSON `data` field, for serde: written straight from the bytes, with
+    /// no JSON value per element (a response's large float output is written in a fifth of the
+    /// time). FP32 elements are written in their shortest decimal form, so 0.1f32 prints as 0.1,
+    /// not 0.10000000149; NaN and infinities, which JSON cannot carry, as null.
+    pub fn json_data(&self) -> JsonData<'_> {
+        JsonData(self)
+    }
+
+    /// The elements as JSON values, in row-major order, for a document built as a JSON value (a
+    /// request to the central, `outpost inspect`). They print as [`Tensor::json_data`] writes
+    /// them; a float is taken through its shortest decimal form, as a JSON value built from an
+    /// f32 would print it in full (0.10000000149).
     pub fn to_json(&self) -> Vec<serde_json::Value> {
         use serde_json::Value;
         let d = &self.data;
@@ -211,7 +222,6 @@ impl Tensor {
             DataType::Int64 => {
                 d.chunks_exact(8).map(|c| Value::from(i64::from_le_bytes(c.try_into().unwrap()))).collect()
             }
-            // f32 through its shortest decimal form, so 0.1f32 prints as 0.1, not 0.10000000149.
             DataType::Fp32 => {
                 d.chunks_exact(4).map(|c| float_json(f32::from_le_bytes(c.try_into().unwrap()).to_string())).collect()
             }
@@ -327,6 +337,45 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A tensor's elements as the V2 JSON `data` array ([`Tensor::json_data`]).
+pub struct JsonData<'a>(&'a Tensor);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let t = self.0;
+        let mut seq = serializer.serialize_seq(Some(t.len()))?;
+        macro_rules! each {
+            ($t:ty, $n:expr, $as:ty) => {
+                for c in t.data.chunks_exact($n) {
+                    seq.serialize_element(&(<$t>::from_le_bytes(c.try_into().expect("element bytes")) as $as))?;
+                }
+            };
+        }
+        match t.datatype {
+            DataType::Bool => t.data.iter().try_for_each(|&b| seq.serialize_element(&(b != 0)))?,
+            DataType::Uint8 => each!(u8, 1, u64),
+            DataType::Int8 => each!(i8, 1, i64),
+            DataType::Uint16 => each!(u16, 2, u64),
+            DataType::Int16 => each!(i16, 2, i64),
+            DataType::Uint32 => each!(u32, 4, u64),
+            DataType::Int32 => each!(i32, 4, i64),
+            DataType::Uint64 => each!(u64, 8, u64),
+            DataType::Int64 => each!(i64, 8, i64),
+            DataType::Fp16 => {
+                for c in t.data.chunks_exact(2) {
+                    seq.serialize_element(&half::f16::from_le_bytes([c[0], c[1]]).to_f64())?;
+                }
+            }
+            // serde_json writes an f32 in its shortest form and a non-finite float as null.
+            DataType::Fp32 => each!(f32, 4, f32),
+            DataType::Fp64 => each!(f64, 8, f64),
+            DataType::Bytes => {}
+        }
+        seq.end()
+    }
+}
+
 /// Index of the first `N`-byte element of `data` that fails `ok`. Each block is tested whole, with
 /// no early exit (a loop the compiler vectorises), and searched only when it holds a failure.
 fn first_failing<const N: usize>(data: &[u8], ok: impl Fn([u8; N]) -> bool) -> Option<usize> {
@@ -389,6 +438,49 @@ mod tests {
     fn fp32_prints_shortest_form() {
         let t = Tensor::from_f32("p", vec![2], &[0.1, 1.0]);
         assert_eq!(serde_json::to_string(&t.to_json()).unwrap(), "[0.1,1.0]");
+    }
+
+    /// The texts are what the elements printed as before `json_data`, when every response was built
+    /// from `to_json`; the two must go on writing the same.
+    #[test]
+    fn json_data_writes_each_type_as_json_numbers() {
+        let f32s = [0.1, 1.0, -0.0, f32::NAN, f32::INFINITY, 1e-45, 1e20, f32::MAX, 16_777_216.0, -2.5e-7];
+        let cases: Vec<(Tensor, &str)> = vec![
+            (
+                Tensor::from_f32("p", vec![10], &f32s),
+                "[0.1,1.0,-0.0,null,null,1e-45,1e+20,3.4028235e+38,16777216.0,-2.5e-7]",
+            ),
+            (
+                bytes_of(DataType::Fp64, [0.1f64, f64::NEG_INFINITY, 1e300].iter().flat_map(|v| v.to_le_bytes())),
+                "[0.1,null,1e+300]",
+            ),
+            (
+                bytes_of(
+                    DataType::Fp16,
+                    [0.1f32, 65504.0, f32::NAN].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+                ),
+                "[0.0999755859375,65504.0,null]",
+            ),
+            (bytes_of(DataType::Bool, [0u8, 1, 2]), "[false,true,true]"),
+            (bytes_of(DataType::Uint8, [0u8, 255]), "[0,255]"),
+            (bytes_of(DataType::Int8, [0x80u8, 0x7f]), "[-128,127]"),
+            (bytes_of(DataType::Int16, i16::MIN.to_le_bytes()), "[-32768]"),
+            (bytes_of(DataType::Uint16, u16::MAX.to_le_bytes()), "[65535]"),
+            (bytes_of(DataType::Int32, i32::MIN.to_le_bytes()), "[-2147483648]"),
+            (bytes_of(DataType::Uint32, u32::MAX.to_le_bytes()), "[4294967295]"),
+            (bytes_of(DataType::Int64, i64::MIN.to_le_bytes()), "[-9223372036854775808]"),
+            (bytes_of(DataType::Uint64, u64::MAX.to_le_bytes()), "[18446744073709551615]"),
+            (bytes_of(DataType::Bytes, *b"abc"), "[]"),
+        ];
+        for (t, want) in cases {
+            assert_eq!(serde_json::to_string(&t.json_data()).unwrap(), want, "{:?}", t.datatype);
+            assert_eq!(serde_json::to_string(&t.to_json()).unwrap(), want, "{:?}", t.datatype);
+        }
+    }
+
+    fn bytes_of(datatype: DataType, data: impl IntoIterator<Item = u8>) -> Tensor {
+        let data: Vec<u8> = data.into_iter().collect();
+        Tensor { name: "p".into(), datatype, shape: vec![data.len() / datatype.size().unwrap_or(data.len())], data }
     }
 
     #[test]

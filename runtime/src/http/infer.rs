@@ -14,7 +14,8 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::app::App;
@@ -24,7 +25,7 @@ use crate::executor::NotRun;
 use crate::model::{ModelSlot, ServedVersion};
 use crate::shadow::Shadow;
 use crate::stats::RequestOutcome;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, JsonData, Tensor};
 use crate::v2::HEADER_LENGTH;
 use crate::v2::request::{self, InferRequest, OutputRequest};
 
@@ -191,6 +192,32 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<byte
     })
 }
 
+/// A V2 response, written straight to bytes (fields in the order a JSON object's keys sort in,
+/// as the response had when it was built as a JSON value).
+#[derive(Serialize)]
+struct ResponseDoc<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    model_name: &'a str,
+    model_version: &'a str,
+    outputs: Vec<OutputDoc<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+}
+
+/// One output of a V2 response: its elements in `data`, or their size in `parameters` where
+/// they follow the JSON as binary.
+#[derive(Serialize)]
+struct OutputDoc<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+    datatype: DataType,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    shape: &'a [usize],
+}
+
 /// Builds the V2 response: JSON, or JSON followed by binary outputs.
 fn encode(
     model: &str,
@@ -215,30 +242,20 @@ fn encode(
         }
     };
     let mut binary = Vec::new();
-    let outputs: Vec<Value> = selected
-        .into_iter()
+    let outputs: Vec<OutputDoc> = selected
+        .iter()
         .map(|(t, as_binary)| {
-            let mut o = json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape });
-            if as_binary {
-                o["parameters"] = json!({ "binary_data_size": t.data.len() });
+            let (data, parameters) = if *as_binary {
                 binary.extend_from_slice(&t.data);
+                (None, Some(json!({ "binary_data_size": t.data.len() })))
             } else {
-                o["data"] = Value::Array(t.to_json());
-            }
-            o
+                (Some(t.json_data()), None)
+            };
+            OutputDoc { data, datatype: t.datatype, name: &t.name, parameters, shape: &t.shape }
         })
         .collect();
-    let mut doc = Map::new();
-    doc.insert("model_name".into(), json!(model));
-    doc.insert("model_version".into(), json!(version));
-    if let Some(id) = id {
-        doc.insert("id".into(), json!(id));
-    }
-    if let Some(p) = parameters {
-        doc.insert("parameters".into(), p);
-    }
-    doc.insert("outputs".into(), Value::Array(outputs));
-    let mut body = serde_json::to_vec(&Value::Object(doc)).unwrap_or_default();
+    let doc = ResponseDoc { id, model_name: model, model_version: version, outputs, parameters };
+    let mut body = serde_json::to_vec(&doc).unwrap_or_default();
     if binary.is_empty() {
         return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
     }
