@@ -200,7 +200,7 @@ impl Tensor {
     }
 
     /// The elements as the V2 JSON `data` field, for serde: written straight from the bytes, with
-    /// no JSON value per element (a response's large float output is written in a fifth of the
+    /// no JSON value per element (a response's large float output is written in an eighth of the
     /// time). FP32 elements are written in their shortest decimal form, so 0.1f32 prints as 0.1,
     /// not 0.10000000149; NaN and infinities, which JSON cannot carry, as null.
     pub fn json_data(&self) -> JsonData<'_> {
