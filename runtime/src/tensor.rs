@@ -207,8 +207,14 @@ impl Tensor {
         JsonData(self)
     }
 
-    /// The elements as JSON values, in row-major order, for a document built as a JSON value (a
-    /// request to the central, `outpost inspect`). They print as [`Tensor::json_data`] writes
+    /// The tensor as a V2 JSON tensor object (`name`, `datatype`, `shape`, `data`), for serde;
+    /// its `data` written by [`Tensor::json_data`].
+    pub fn json_object(&self) -> TensorJson<'_> {
+        TensorJson { data: self.json_data(), datatype: self.datatype, name: &self.name, shape: &self.shape }
+    }
+
+    /// The elements as JSON values, in row-major order, for a document built as a JSON value
+    /// (outpostctl's JSON requests, `outpost inspect`). They print as [`Tensor::json_data`] writes
     /// them; a float is taken through its shortest decimal form, as a JSON value built from an
     /// f32 would print it in full (0.10000000149).
     pub fn to_json(&self) -> Vec<serde_json::Value> {
@@ -335,6 +341,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .zip(b.to_f64())
         .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() })
         .fold(0.0, f64::max)
+}
+
+/// A tensor as a V2 JSON tensor object ([`Tensor::json_object`]); fields in the order a JSON
+/// object's keys sort in.
+#[derive(Serialize)]
+pub struct TensorJson<'a> {
+    data: JsonData<'a>,
+    datatype: DataType,
+    name: &'a str,
+    shape: &'a [usize],
 }
 
 /// A tensor's elements as the V2 JSON `data` array ([`Tensor::json_data`]).

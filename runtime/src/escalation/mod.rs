@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 pub use breaker::{Breaker, BreakerState};
@@ -26,7 +27,7 @@ pub use sink::{Sink, SinkError};
 
 use crate::config::{Escalation, Policy};
 use crate::stats::Histogram;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorJson};
 
 /// Confidence histogram bounds.
 pub const CONFIDENCE_BUCKETS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
@@ -302,13 +303,20 @@ pub const METRIC_HEADERS: &str = "\
 # TYPE outpost_confidence histogram
 ";
 
-fn tensors_json(ts: &[Tensor]) -> Vec<Value> {
-    ts.iter()
-        .map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.to_json() }))
-        .collect()
+/// A hard example as the queue keeps it and `/v2/hard-examples` takes it. Written straight to
+/// bytes on the request's task (an image-sized input through one JSON value per element took
+/// milliseconds); fields in the order a JSON object's keys sort in.
+#[derive(Serialize)]
+struct HardExample<'a> {
+    captured_at_ms: u64,
+    confidence: Option<f64>,
+    inputs: Vec<TensorJson<'a>>,
+    local_outputs: Vec<TensorJson<'a>>,
+    model: &'a str,
+    reason: &'a str,
+    version: &'a str,
 }
 
-/// A hard example as the queue keeps it and `/v2/hard-examples` takes it.
 fn hard_example(
     model: &str,
     version: &str,
@@ -317,16 +325,16 @@ fn hard_example(
     inputs: &[Tensor],
     local: &[Tensor],
 ) -> Vec<u8> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    let doc = json!({
-        "model": model,
-        "version": version,
-        "captured_at_ms": now,
-        "reason": reason,
-        "confidence": confidence,
-        "inputs": tensors_json(inputs),
-        "local_outputs": tensors_json(local),
-    });
+    let captured_at_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let doc = HardExample {
+        captured_at_ms,
+        confidence,
+        inputs: inputs.iter().map(Tensor::json_object).collect(),
+        local_outputs: local.iter().map(Tensor::json_object).collect(),
+        model,
+        reason,
+        version,
+    };
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
