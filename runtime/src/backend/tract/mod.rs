@@ -344,21 +344,51 @@ mod tests {
         golden_check(&graph, session.as_ref()).unwrap();
     }
 
-    #[test]
-    fn dynamic_quantization_runs_on_outposts_operator() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-edge-dynamic.onnx");
-        let graph = ModelGraph::read(&path).unwrap();
+    /// The ops of tract's batch-1 plan for `graph` read as rewritten with `outputs` chosen, and
+    /// its answer to `input`.
+    fn plan_and_answer(graph: &ModelGraph, outputs: &[String], input: &[Tensor]) -> (Vec<String>, Vec<Tensor>) {
         let mut onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
         quantize::register(&mut onnx);
-        let model = onnx.model_for_read(&mut &for_tract(&graph).unwrap()[..]).unwrap();
-        let plan = symbolic_plan(&model, &graph.signature).unwrap();
-        let ops: Vec<String> = plan.model().nodes().iter().map(|n| n.op().name().to_string()).collect();
-        assert!(ops.iter().any(|op| op == "OutpostDynamicQuantizeLinearU8"), "{ops:?}");
-        assert!(!ops.iter().any(|op| op.contains("DynamicQuantizeLinearU8") && !op.starts_with("Outpost")), "{ops:?}");
-        // And the model still gives ONNX Runtime's answer.
-        let session = Tract.prepare(&graph, &SessionOptions::default()).unwrap();
-        let golden = path.with_file_name("digits-edge-dynamic.golden.json");
-        Golden::read(&golden).unwrap().check(&golden, session.as_ref()).unwrap();
+        let bytes = rewrite::rewrite(&graph.bytes, outputs).unwrap();
+        let model = onnx.model_for_read(&mut &bytes[..]).unwrap();
+        let plans = Plans::new(model, graph.signature.clone(), 1);
+        let shapes: Vec<Vec<usize>> = input.iter().map(|t| t.shape.clone()).collect();
+        let plan = plans.build(&shapes).unwrap().plan;
+        let ops = plan.model().nodes().iter().map(|n| n.op().name().to_string()).collect();
+        let outputs = plan.run(tract_values(input).unwrap()).unwrap();
+        let answer = outputs.into_iter().zip(&graph.signature.outputs).map(|(v, o)| to_tensor(&o.name, v).unwrap());
+        (ops, answer.collect())
+    }
+
+    #[test]
+    fn dynamic_quantization_runs_on_outposts_operator_centred_and_answers_bit_for_bit_as_in_uint8() {
+        for name in ["digits-edge-dynamic", "digits-cnn-dynamic"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{name}.onnx"));
+            let graph = ModelGraph::read(&path).unwrap();
+            let golden_path = path.with_file_name(format!("{name}.golden.json"));
+            let golden = Golden::read(&golden_path).unwrap();
+            let input: Vec<Tensor> = golden.inputs.iter().map(|t| t.to_tensor().unwrap()).collect();
+            let all = rewrite::analyse(&graph.bytes).unwrap().rewrite;
+            let (ops, centred) = plan_and_answer(&graph, &all, &input);
+            assert!(ops.iter().any(|op| op == quantize::CENTRED_OP), "{name}: {ops:?}");
+            assert!(!ops.iter().any(|op| op.contains("DynamicQuantizeLinear")), "{name}: {ops:?}");
+            // The quantizers left as they are: Outpost's UINT8 operator, cast and centred by the
+            // products. The centred values are the same integers, so the answers are the same bits.
+            let quantizers: Vec<&str> = graph
+                .nodes
+                .iter()
+                .filter(|n| n.op_type == "DynamicQuantizeLinear")
+                .map(|n| n.outputs[0].as_str())
+                .collect();
+            let unfused: Vec<String> = all.iter().filter(|o| !quantizers.contains(&o.as_str())).cloned().collect();
+            let (ops, uint8) = plan_and_answer(&graph, &unfused, &input);
+            assert!(ops.iter().any(|op| op == "OutpostDynamicQuantizeLinearU8"), "{name}: {ops:?}");
+            assert!(!ops.iter().any(|op| op == quantize::CENTRED_OP), "{name}: {ops:?}");
+            assert_eq!(centred, uint8, "{name}");
+            // And the model still gives ONNX Runtime's answer.
+            let session = Tract.prepare(&graph, &SessionOptions::default()).unwrap();
+            golden.check(&golden_path, session.as_ref()).unwrap();
+        }
     }
 
     #[test]

@@ -14,26 +14,43 @@
 //! `zero = round(clamp(−min / scale, 0, 255))`; `y = clamp(round(x / scale) + zero, 0, 255)`, all
 //! rounding half to even. A NaN in `x` is ignored by the range and quantizes to 0.
 
-use tract_onnx::model::ParsingContext;
-use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-/// Replaces tract's `DynamicQuantizeLinear` in `onnx`'s operator table.
+/// The operator the rewrite writes in place of a `DynamicQuantizeLinear` whose quantized output
+/// only integer products read, as their centred first operand (`super::rewrite`): its first
+/// output is `y − zero` in FP32 instead of `y` in UINT8.
+pub(crate) const CENTRED_OP: &str = "OutpostDynamicQuantizeCentred";
+
+/// Replaces tract's `DynamicQuantizeLinear` in `onnx`'s operator table, and adds the centred form.
 pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
-    onnx.op_register.insert("DynamicQuantizeLinear", build);
+    onnx.op_register.insert("DynamicQuantizeLinear", |_, _| build(Form::U8));
+    onnx.op_register.insert(CENTRED_OP, |_, _| build(Form::Centred));
 }
 
-fn build(_: &ParsingContext, _: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(DynamicQuantize), vec![]))
+fn build(form: Form) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(DynamicQuantize(form)), vec![]))
+}
+
+/// What the first output holds.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+enum Form {
+    /// `y`, as `DynamicQuantizeLinear` specifies.
+    U8,
+    /// `y − zero` in FP32: what a product's centred operand reads, without the UINT8 tensor, the
+    /// cast back to FP32 and the subtraction. The values are the same integers.
+    Centred,
 }
 
 /// The operator as the ONNX graph has it: shapes and types for tract's analysis.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-struct DynamicQuantize;
+struct DynamicQuantize(Form);
 
 impl Expansion for DynamicQuantize {
     fn name(&self) -> StaticName {
-        "DynamicQuantizeLinear".into()
+        match self.0 {
+            Form::U8 => "DynamicQuantizeLinear".into(),
+            Form::Centred => CENTRED_OP.into(),
+        }
     }
 
     fn nboutputs(&self) -> TractResult<usize> {
@@ -49,7 +66,7 @@ impl Expansion for DynamicQuantize {
         check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 3)?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        s.equals(&outputs[0].datum_type, self.0.datum_type())?;
         s.equals(&outputs[0].shape, &inputs[0].shape)?;
         s.equals(&outputs[1].datum_type, f32::datum_type())?;
         s.equals(&outputs[1].rank, 0)?;
@@ -59,53 +76,75 @@ impl Expansion for DynamicQuantize {
     }
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, QuantizeU8, &[inputs[0]])
+        model.wire_node(prefix, Quantize(self.0), &[inputs[0]])
+    }
+}
+
+impl Form {
+    fn datum_type(self) -> DatumType {
+        match self {
+            Form::U8 => u8::datum_type(),
+            Form::Centred => f32::datum_type(),
+        }
     }
 }
 
 /// The operator in tract's plan.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-struct QuantizeU8;
+struct Quantize(Form);
 
-impl Op for QuantizeU8 {
+impl Op for Quantize {
     fn name(&self) -> StaticName {
-        "OutpostDynamicQuantizeLinearU8".into()
+        match self.0 {
+            Form::U8 => "OutpostDynamicQuantizeLinearU8".into(),
+            Form::Centred => CENTRED_OP.into(),
+        }
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for QuantizeU8 {
+impl EvalOp for Quantize {
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs[0].cast_to::<f32>()?;
-        let mut y = Tensor::zero::<u8>(x.shape())?;
-        let (scale, zero) =
-            quantize(x.try_as_plain_ram()?.as_slice::<f32>()?, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let (y, (scale, zero)) = match self.0 {
+            Form::U8 => {
+                let mut y = Tensor::zero::<u8>(x.shape())?;
+                let parameters = quantize(xs, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+                (y, parameters)
+            }
+            Form::Centred => {
+                let mut y = Tensor::zero::<f32>(x.shape())?;
+                let parameters = quantize_centred(xs, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                (y, parameters)
+            }
+        };
         Ok(tvec!(y.into_tvalue(), tensor0(scale).into_tvalue(), tensor0(zero).into_tvalue()))
     }
 
     op_out_of_plan!();
 }
 
-impl TypedOp for QuantizeU8 {
+impl TypedOp for Quantize {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let y = u8::fact(inputs[0].shape.clone());
+        let y = self.0.datum_type().fact(inputs[0].shape.clone());
         Ok(tvec!(y, f32::scalar_fact(), u8::scalar_fact()))
     }
 }
 
-/// Quantizes `xs` into `ys` (the same length); returns the scale and zero point.
-pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
+/// The scale and zero point (as a float, an integer in [0, 255]) ONNX Runtime takes for `xs`.
+fn parameters(xs: &[f32]) -> (f32, f32) {
     const LANES: usize = 8;
     let (mut low, mut high) = ([0f32; LANES], [0f32; LANES]);
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for i in 0..LANES {
-            low[i] = low[i].min(chunk[i]);
-            high[i] = high[i].max(chunk[i]);
+            low[i] = if chunk[i] < low[i] { chunk[i] } else { low[i] };
+            high[i] = if chunk[i] > high[i] { chunk[i] } else { high[i] };
         }
     }
     let (mut min, mut max) = (0f32, 0f32);
@@ -114,12 +153,38 @@ pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
         max = max.max(h);
     }
     let scale = if max == min { 1.0 } else { (max - min) / 255.0 };
-    let zero = round_half_even((-min / scale).clamp(0.0, 255.0));
+    (scale, round_half_even((-min / scale).clamp(0.0, 255.0)))
+}
+
+/// Quantizes `xs` into `ys` (the same length); returns the scale and zero point.
+pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
+    let (scale, zero) = parameters(xs);
     let (lowest, highest) = (-zero, 255.0 - zero);
     for (x, y) in xs.iter().zip(ys.iter_mut()) {
-        *y = (round_half_even((x / scale).max(lowest).min(highest)) + zero) as u8;
+        *y = (round_half_even(clamp(x / scale, lowest, highest)) + zero) as u8;
     }
     (scale, zero as u8)
+}
+
+/// Quantizes `xs` and writes each `y − zero` into `cs` (the same length), as FP32: integers in
+/// [−zero, 255 − zero], the same values `quantize` gives less the zero point, exactly. Returns
+/// the scale and zero point.
+pub(crate) fn quantize_centred(xs: &[f32], cs: &mut [f32]) -> (f32, u8) {
+    let (scale, zero) = parameters(xs);
+    let (lowest, highest) = (-zero, 255.0 - zero);
+    for (x, c) in xs.iter().zip(cs.iter_mut()) {
+        *c = round_half_even(clamp(x / scale, lowest, highest));
+    }
+    (scale, zero as u8)
+}
+
+/// `v` clamped to [lowest, highest], NaN to `lowest` (as `v.max(lowest).min(highest)` gives),
+/// written as comparisons, which compile to one instruction each where `f32::max` and `min` spend
+/// more on NaN.
+#[inline(always)]
+fn clamp(v: f32, lowest: f32, highest: f32) -> f32 {
+    let v = if v > lowest { v } else { lowest };
+    if v < highest { v } else { highest }
 }
 
 /// Rounds half to even, for |v| < 2²²: adding 1.5 × 2²³ leaves no fraction bits, so the FPU's
@@ -134,7 +199,7 @@ pub(crate) const ROUNDING_SHIFT: f32 = 12_582_912.0;
 
 #[cfg(test)]
 mod tests {
-    use super::quantize;
+    use super::{quantize, quantize_centred};
 
     /// The definition, one element at a time.
     fn reference(xs: &[f32]) -> (Vec<u8>, f32, u8) {
@@ -149,7 +214,12 @@ mod tests {
     fn check(xs: &[f32]) {
         let mut ys = vec![0; xs.len()];
         let (scale, zero) = quantize(xs, &mut ys);
-        assert_eq!((ys, scale, zero), reference(xs), "{xs:?}");
+        assert_eq!((ys.clone(), scale, zero), reference(xs), "{xs:?}");
+        // The centred form: the same integers less the zero point, and the same parameters.
+        let mut cs = vec![f32::NAN; xs.len()];
+        assert_eq!(quantize_centred(xs, &mut cs), (scale, zero), "{xs:?}");
+        let expected: Vec<f32> = ys.iter().map(|&y| f32::from(y) - f32::from(zero)).collect();
+        assert_eq!(cs, expected, "{xs:?}");
     }
 
     #[test]
@@ -187,6 +257,9 @@ mod tests {
         let mut ys = [0; 5];
         quantize(&[0.0, 2.5, 3.5, 254.5, 255.0], &mut ys);
         assert_eq!(ys, [0, 2, 4, 254, 255]);
+        check(&[0.0, 2.5, 3.5, 254.5, 255.0]);
+        // A NaN is left out of the range and quantizes to 0.
+        check(&[1.0, f32::NAN, -2.0, 0.5]);
         // An empty range: scale 1, every element 0.
         check(&[0.0; 12]);
         let mut ys = [9; 3];

@@ -12,6 +12,8 @@ use crate::onnx::pb;
 pub(crate) const MODEL_GRAPH: u32 = 7;
 pub(crate) const GRAPH_NODE: u32 = 1;
 pub(crate) const GRAPH_INITIALIZER: u32 = 5;
+/// GraphProto.output.
+const GRAPH_OUTPUT: u32 = 12;
 /// TensorProto.DataType FLOAT.
 pub(crate) const FLOAT: i64 = 1;
 
@@ -23,13 +25,24 @@ pub(crate) struct Graph {
     /// Values known to be scalars: one-element initializers, DynamicQuantizeLinear's scale and
     /// zero point.
     pub scalars: HashSet<String>,
+    /// The graph's outputs, by name.
+    pub outputs: HashSet<String>,
+    /// Whether a node has a graph attribute (If, Loop, Scan): such a subgraph may read any value
+    /// of the main graph by name.
+    pub subgraphs: bool,
 }
 
 impl Graph {
     pub fn read(model: &[u8]) -> Result<Graph, String> {
         let payload = fields(model)?.into_iter().find(|f| f.tag == MODEL_GRAPH).map(|f| f.payload);
         let payload = payload.ok_or("the model has no graph")?;
-        let mut graph = Graph { nodes: Vec::new(), constants: HashMap::new(), scalars: HashSet::new() };
+        let mut graph = Graph {
+            nodes: Vec::new(),
+            constants: HashMap::new(),
+            scalars: HashSet::new(),
+            outputs: HashSet::new(),
+            subgraphs: false,
+        };
         for field in fields(payload)? {
             match field.tag {
                 GRAPH_NODE => graph.nodes.push(pb::Node::decode(field.payload).map_err(|e| e.to_string())?),
@@ -40,9 +53,13 @@ impl Graph {
                     }
                     graph.constants.insert(t.name, t.dims);
                 }
+                GRAPH_OUTPUT => {
+                    graph.outputs.insert(pb::ValueInfo::decode(field.payload).map_err(|e| e.to_string())?.name);
+                }
                 _ => {}
             }
         }
+        graph.subgraphs = graph.nodes.iter().flat_map(|n| &n.attribute).any(|a| a.g.is_some() || !a.graphs.is_empty());
         for node in graph.nodes.iter().filter(|n| is_dynamic_quantize(n)) {
             graph.scalars.extend(node.output.iter().skip(1).cloned());
         }
@@ -83,7 +100,36 @@ impl Graph {
     }
 }
 
-fn is_dynamic_quantize(node: &pb::Node) -> bool {
+impl Graph {
+    /// The `DynamicQuantizeLinear` nodes (by their quantized output `y`) that can give the
+    /// products in `products` (rewritten integer products, by output) their centred first operand
+    /// directly: every reader of `y` is such a product, reading `y` as its first operand with this
+    /// node's zero point, and nothing else can read `y` (it is not a graph output, and no subgraph
+    /// could name it).
+    pub fn centred_quantizers(&self, products: &HashSet<&str>) -> Vec<String> {
+        if self.subgraphs {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for node in self.nodes.iter().filter(|n| is_dynamic_quantize(n)) {
+            let (y, zero) = (node.output[0].as_str(), node.output[2].as_str());
+            let mut readers = self.nodes.iter().filter(|n| n.input.iter().any(|i| i == y)).peekable();
+            let only_products = readers.peek().is_some()
+                && readers.all(|r| {
+                    r.output.first().is_some_and(|o| products.contains(o.as_str()))
+                        && r.input[0] == y
+                        && r.input[1] != y
+                        && input(r, 2) == Some(zero)
+                });
+            if only_products && !self.outputs.contains(y) {
+                found.push(y.to_owned());
+            }
+        }
+        found
+    }
+}
+
+pub(crate) fn is_dynamic_quantize(node: &pb::Node) -> bool {
     node.op_type == "DynamicQuantizeLinear" && node.domain.is_empty() && node.input.len() == 1 && node.output.len() == 3
 }
 

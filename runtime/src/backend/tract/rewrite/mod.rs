@@ -14,6 +14,12 @@
 //!   weights, four times the INT8 bytes. The activations are still quantized (by
 //!   `super::quantize`, a faster `DynamicQuantizeLinear`), so the answer is the quantized
 //!   model's (ONNX Runtime's, to float rounding), not the float model's.
+//! - **The quantizer in front of them.** Where only such products read a `DynamicQuantizeLinear`'s
+//!   quantized output (as their first operand, with its zero point), the node is replaced by
+//!   Outpost's `OutpostDynamicQuantizeCentred` (`super::quantize`), whose first output is the
+//!   centred operand itself, `y − zero` in FP32, and the products read it: one pass over the
+//!   activation where there were three (quantize to UINT8, cast, subtract), and the same values
+//!   (integers in [−255, 255], exact in FP32). Its scale and zero point are outputs as before.
 //! - **A quantized Softmax** (DequantizeLinear → Softmax → QuantizeLinear, what ONNX Runtime's
 //!   static quantizer writes with its default operator list). tract folds that chain into a
 //!   256-entry element-wise table, which is wrong for a row-wise Softmax: the probabilities come
@@ -72,8 +78,11 @@ pub(crate) fn analyse(model: &[u8]) -> Result<Analysis, String> {
     let mut analysis = Analysis::default();
     let products: HashSet<&str> =
         graph.nodes.iter().filter(|n| graph.integer_product(n).is_some()).map(|n| n.output[0].as_str()).collect();
+    let quantizers = graph.centred_quantizers(&products);
     for node in &graph.nodes {
-        let rewrite = products.contains(node.output.first().map_or("", String::as_str))
+        let first = node.output.first().map_or("", String::as_str);
+        let rewrite = products.contains(first)
+            || quantizers.iter().any(|q| q == first)
             || (is_cast_to_float(node) && node.input.first().is_some_and(|i| products.contains(i.as_str())));
         if rewrite {
             analysis.rewrite.push(node.output[0].clone());
@@ -114,7 +123,7 @@ pub(crate) fn rewrite(model: &[u8], outputs: &[String]) -> Result<Vec<u8>, Strin
             continue;
         }
         let mut graph = Vec::with_capacity(field.payload.len() + 4096);
-        let mut writer = Writer::new(&known);
+        let mut writer = Writer::new(&known, &chosen);
         for g in fields(field.payload)? {
             let node =
                 (g.tag == GRAPH_NODE).then(|| pb::Node::decode(g.payload)).transpose().map_err(|e| e.to_string())?;

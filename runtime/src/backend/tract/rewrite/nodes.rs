@@ -4,7 +4,10 @@
 
 use prost::Message;
 
-use crate::backend::tract::rewrite::graph::{Centring, FLOAT, Graph, input};
+use std::collections::HashSet;
+
+use crate::backend::tract::quantize::CENTRED_OP;
+use crate::backend::tract::rewrite::graph::{Centring, FLOAT, Graph, input, is_dynamic_quantize};
 use crate::backend::tract::rewrite::wire::{Constant, Field, fields};
 use crate::onnx::pb;
 
@@ -15,8 +18,13 @@ const INT32: i64 = 6;
 
 pub(crate) struct Writer<'g> {
     graph: &'g Graph,
+    /// First outputs of the nodes being rewritten.
+    chosen: &'g HashSet<&'g str>,
     constants: Vec<Constant>,
 }
+
+/// The domain of the operators only Outpost's tract backend reads.
+const OUTPOST_DOMAIN: &str = "ai.outpost";
 
 /// The replacement being written for one node.
 struct Nodes<'a> {
@@ -39,6 +47,10 @@ impl Nodes<'_> {
             attribute,
             domain: String::new(),
         };
+        self.push(node, raw);
+    }
+
+    fn push(&mut self, node: pb::Node, raw: &[Field]) {
         let mut bytes = node.encode_to_vec();
         for f in raw {
             bytes.extend_from_slice(f.raw);
@@ -63,8 +75,8 @@ fn int_attribute(name: &str, i: i64) -> pb::Attribute {
 }
 
 impl<'g> Writer<'g> {
-    pub fn new(graph: &'g Graph) -> Writer<'g> {
-        Writer { graph, constants: Vec::new() }
+    pub fn new(graph: &'g Graph, chosen: &'g HashSet<&'g str>) -> Writer<'g> {
+        Writer { graph, chosen, constants: Vec::new() }
     }
 
     /// The constants the replacements read, to be added to the graph.
@@ -83,6 +95,27 @@ impl<'g> Writer<'g> {
             "MatMulInteger" | "ConvInteger" => {
                 let centring = self.graph.integer_product(node).ok_or("not an integer product the rewrite handles")?;
                 self.integer_product(&mut nodes, node, centring, &fields(payload)?);
+            }
+            // The quantized output goes to the products as their centred operand; the scale and
+            // zero point keep their names.
+            "DynamicQuantizeLinear" => {
+                let y = node.output[0].as_str();
+                let readers = self.graph.nodes.iter().filter(|n| n.input.iter().any(|i| i == y));
+                if !readers.clone().all(|r| r.output.first().is_some_and(|o| self.chosen.contains(o.as_str()))) {
+                    return Err(format!("`{y}` has readers that are not rewritten"));
+                }
+                let output = [centred(&node.output[0]), node.output[1].clone(), node.output[2].clone()];
+                let name = format!("{}/node", output[0]);
+                let (op_type, domain) = (CENTRED_OP.into(), OUTPOST_DOMAIN.into());
+                let node = pb::Node {
+                    name,
+                    input: node.input.clone(),
+                    output: output.into(),
+                    op_type,
+                    attribute: vec![],
+                    domain,
+                };
+                nodes.push(node, &[]);
             }
             // A Cast to FP32 of a rewritten product reads the float product.
             "Cast" => nodes.add("Identity", vec![product(&node.input[0])], node.output[0].clone(), Vec::new(), &[]),
@@ -116,7 +149,13 @@ impl<'g> Writer<'g> {
     /// `y = MatMulInteger(a, b, a_zero, b_zero)` (or ConvInteger with its attributes) as the
     /// FP32 product of the centred operands (`{y}/outpost_product`), cast to INT32 as `y`.
     fn integer_product(&mut self, nodes: &mut Nodes, node: &pb::Node, centring: Centring, node_fields: &[Field]) {
-        let a = self.centred(nodes, "a", &node.input[0], input(node, 2), None);
+        let a = match self.graph.producer(&node.input[0]) {
+            // The graph's analysis checked that this product reads the quantizer's zero point.
+            Some(q) if is_dynamic_quantize(q) && self.chosen.contains(node.input[0].as_str()) => {
+                centred(&node.input[0])
+            }
+            _ => self.centred(nodes, "a", &node.input[0], input(node, 2), None),
+        };
         let b_shape = match centring {
             Centring::AsIs => None,
             Centring::PerChannel { rank } => Some([-1].into_iter().chain(std::iter::repeat_n(1, rank - 1)).collect()),
@@ -128,6 +167,11 @@ impl<'g> Writer<'g> {
         nodes.add(op, vec![a, b], product(y), Vec::new(), &attributes);
         nodes.cast(&product(y), INT32, y.clone());
     }
+}
+
+/// The centred FP32 operand that replaces a quantizer's output `y`.
+fn centred(y: &str) -> String {
+    format!("{y}/outpost_centred")
 }
 
 /// The FP32 product that replaces an integer product's output `y`.
