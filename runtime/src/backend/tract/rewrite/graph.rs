@@ -74,6 +74,32 @@ impl Graph {
         value.is_none_or(|v| self.scalars.contains(v))
     }
 
+    /// The `DynamicQuantizeLinear` nodes (by their quantized output `y`) that can give the
+    /// products in `products` (rewritten integer products, by output) their centred first operand
+    /// directly (see [`Graph::centres_for`]).
+    pub fn centred_quantizers(&self, products: &HashSet<&str>) -> Vec<String> {
+        let quantizers = self.nodes.iter().filter(|n| is_dynamic_quantize(n));
+        quantizers.filter(|q| self.centres_for(q, products)).map(|q| q.output[0].clone()).collect()
+    }
+
+    /// Whether `quantizer`'s output `y` is read only by products in `products` (by output), each
+    /// reading `y` as its first operand only, with this quantizer's zero point, and nothing else
+    /// can read `y`: it is not a graph output, and the model has no subgraph that could name it.
+    pub fn centres_for(&self, quantizer: &pb::Node, products: &HashSet<&str>) -> bool {
+        if !is_dynamic_quantize(quantizer) || self.subgraphs || self.outputs.contains(&quantizer.output[0]) {
+            return false;
+        }
+        let (y, zero) = (quantizer.output[0].as_str(), quantizer.output[2].as_str());
+        let mut readers = self.nodes.iter().filter(|n| n.input.iter().any(|i| i == y)).peekable();
+        readers.peek().is_some()
+            && readers.all(|r| {
+                r.output.first().is_some_and(|o| products.contains(o.as_str()))
+                    && r.input[0] == y
+                    && r.input[1] != y
+                    && input(r, 2) == Some(zero)
+            })
+    }
+
     /// How an integer product's second operand is centred, if the rewrite can prove the shapes
     /// of its zero points.
     pub fn integer_product(&self, node: &pb::Node) -> Option<Centring> {
@@ -97,35 +123,6 @@ impl Graph {
             }
             _ => None,
         }
-    }
-}
-
-impl Graph {
-    /// The `DynamicQuantizeLinear` nodes (by their quantized output `y`) that can give the
-    /// products in `products` (rewritten integer products, by output) their centred first operand
-    /// directly: every reader of `y` is such a product, reading `y` as its first operand with this
-    /// node's zero point, and nothing else can read `y` (it is not a graph output, and no subgraph
-    /// could name it).
-    pub fn centred_quantizers(&self, products: &HashSet<&str>) -> Vec<String> {
-        if self.subgraphs {
-            return Vec::new();
-        }
-        let mut found = Vec::new();
-        for node in self.nodes.iter().filter(|n| is_dynamic_quantize(n)) {
-            let (y, zero) = (node.output[0].as_str(), node.output[2].as_str());
-            let mut readers = self.nodes.iter().filter(|n| n.input.iter().any(|i| i == y)).peekable();
-            let only_products = readers.peek().is_some()
-                && readers.all(|r| {
-                    r.output.first().is_some_and(|o| products.contains(o.as_str()))
-                        && r.input[0] == y
-                        && r.input[1] != y
-                        && input(r, 2) == Some(zero)
-                });
-            if only_products && !self.outputs.contains(y) {
-                found.push(y.to_owned());
-            }
-        }
-        found
     }
 }
 

@@ -20,6 +20,8 @@ pub(crate) struct Writer<'g> {
     graph: &'g Graph,
     /// First outputs of the nodes being rewritten.
     chosen: &'g HashSet<&'g str>,
+    /// Outputs of the integer products among them.
+    products: HashSet<&'g str>,
     constants: Vec<Constant>,
 }
 
@@ -76,7 +78,14 @@ fn int_attribute(name: &str, i: i64) -> pb::Attribute {
 
 impl<'g> Writer<'g> {
     pub fn new(graph: &'g Graph, chosen: &'g HashSet<&'g str>) -> Writer<'g> {
-        Writer { graph, chosen, constants: Vec::new() }
+        let products = graph
+            .nodes
+            .iter()
+            .filter(|n| n.output.first().is_some_and(|o| chosen.contains(o.as_str())))
+            .filter(|n| graph.integer_product(n).is_some())
+            .map(|n| n.output[0].as_str())
+            .collect();
+        Writer { graph, chosen, products, constants: Vec::new() }
     }
 
     /// The constants the replacements read, to be added to the graph.
@@ -99,10 +108,9 @@ impl<'g> Writer<'g> {
             // The quantized output goes to the products as their centred operand; the scale and
             // zero point keep their names.
             "DynamicQuantizeLinear" => {
-                let y = node.output[0].as_str();
-                let readers = self.graph.nodes.iter().filter(|n| n.input.iter().any(|i| i == y));
-                if !readers.clone().all(|r| r.output.first().is_some_and(|o| self.chosen.contains(o.as_str()))) {
-                    return Err(format!("`{y}` has readers that are not rewritten"));
+                // Every reader must be a product rewritten here that reads this node's zero point.
+                if !self.graph.centres_for(node, &self.products) {
+                    return Err(format!("`{}` has readers that are not rewritten products", node.output[0]));
                 }
                 let output = [centred(&node.output[0]), node.output[1].clone(), node.output[2].clone()];
                 let name = format!("{}/node", output[0]);
@@ -150,7 +158,7 @@ impl<'g> Writer<'g> {
     /// FP32 product of the centred operands (`{y}/outpost_product`), cast to INT32 as `y`.
     fn integer_product(&mut self, nodes: &mut Nodes, node: &pb::Node, centring: Centring, node_fields: &[Field]) {
         let a = match self.graph.producer(&node.input[0]) {
-            // The graph's analysis checked that this product reads the quantizer's zero point.
+            // A quantizer is only rewritten where its readers read its zero point (`replace`).
             Some(q) if is_dynamic_quantize(q) && self.chosen.contains(node.input[0].as_str()) => {
                 centred(&node.input[0])
             }

@@ -118,7 +118,7 @@ fn a_quantizer_is_not_rewritten_without_its_readers() {
     let mut partial = analyse(&model).unwrap().rewrite;
     partial.retain(|o| o != &product.outputs[0]);
     let err = rewrite(&model, &partial).unwrap_err();
-    assert!(err.contains("has readers that are not rewritten"), "{err}");
+    assert!(err.contains("has readers that are not rewritten products"), "{err}");
 }
 
 #[test]
