@@ -135,7 +135,9 @@ impl TypedOp for Quantize {
     }
 }
 
-/// The scale and zero point (as a float, an integer in [0, 255]) ONNX Runtime takes for `xs`.
+/// The scale and zero point (as a float: an integer in [0, 255], or NaN where the scale cannot
+/// resolve the range: a −infinity in `xs`, or only subnormals so small that the scale is 0)
+/// ONNX Runtime takes for `xs`.
 fn parameters(xs: &[f32]) -> (f32, f32) {
     const LANES: usize = 8;
     let (mut low, mut high) = ([0f32; LANES], [0f32; LANES]);
@@ -156,7 +158,8 @@ fn parameters(xs: &[f32]) -> (f32, f32) {
     (scale, round_half_even((-min / scale).clamp(0.0, 255.0)))
 }
 
-/// Quantizes `xs` into `ys` (the same length); returns the scale and zero point.
+/// Quantizes `xs` into `ys` (the same length); returns the scale and zero point. With a NaN zero
+/// point every `y` and the zero point are 0 (`NaN as u8`), as ONNX Runtime's conversion gives.
 pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
     let (scale, zero) = parameters(xs);
     let (lowest, highest) = (-zero, 255.0 - zero);
@@ -167,10 +170,14 @@ pub(crate) fn quantize(xs: &[f32], ys: &mut [u8]) -> (f32, u8) {
 }
 
 /// Quantizes `xs` and writes each `y − zero` into `cs` (the same length), as FP32: integers in
-/// [−zero, 255 − zero], the same values `quantize` gives less the zero point, exactly. Returns
-/// the scale and zero point.
+/// [−zero, 255 − zero], the same values `quantize` gives less the zero point, exactly (0 where
+/// the zero point is NaN, as there). Returns the scale and zero point.
 pub(crate) fn quantize_centred(xs: &[f32], cs: &mut [f32]) -> (f32, u8) {
     let (scale, zero) = parameters(xs);
+    if zero.is_nan() {
+        cs.fill(0.0);
+        return (scale, 0);
+    }
     let (lowest, highest) = (-zero, 255.0 - zero);
     for (x, c) in xs.iter().zip(cs.iter_mut()) {
         *c = round_half_even(clamp(x / scale, lowest, highest));
@@ -178,7 +185,8 @@ pub(crate) fn quantize_centred(xs: &[f32], cs: &mut [f32]) -> (f32, u8) {
     (scale, zero as u8)
 }
 
-/// `v` clamped to [lowest, highest], NaN to `lowest` (as `v.max(lowest).min(highest)` gives),
+/// `v` clamped to [lowest, highest], NaN to `lowest` (as `v.max(lowest).min(highest)` gives
+/// for bounds that are not NaN; NaN bounds give NaN, which `quantize` turns into 0),
 /// written as comparisons, which compile to one instruction each where `f32::max` and `min` spend
 /// more on NaN.
 #[inline(always)]
@@ -258,6 +266,10 @@ mod tests {
         quantize(&[0.0, 2.5, 3.5, 254.5, 255.0], &mut ys);
         assert_eq!(ys, [0, 2, 4, 254, 255]);
         check(&[0.0, 2.5, 3.5, 254.5, 255.0]);
+        // Ranges the scale cannot resolve give a NaN zero point: every y and the zero point 0.
+        check(&[1e-45, 0.0]);
+        check(&[f32::NEG_INFINITY, 1.0, -2.0]);
+        check(&[f32::INFINITY, 1.0, -2.0]);
         // A NaN is left out of the range and quantizes to 0.
         check(&[1.0, f32::NAN, -2.0, 0.5]);
         // An empty range: scale 1, every element 0.
