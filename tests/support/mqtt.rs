@@ -418,6 +418,17 @@ impl Device {
             (u["state"] == state && number.is_none_or(|n| u["release"]["number"] == n)).then(|| u.clone())
         })
     }
+
+    /// The agent's update status once it is idle with release `number` applied. Where the same
+    /// release was handled before (staged as a candidate), `wait_update("idle", ..)` can answer
+    /// before the new offer is even picked up; the applied release cannot.
+    pub fn wait_applied(&self, number: u64, limit: Duration) -> Value {
+        wait_for(limit, &format!("{} idle with release {number} applied", self.id), || {
+            let s = self.status();
+            let u = &s["mqtt"]["update"];
+            (u["state"] == "idle" && u["last_applied"]["number"] == number).then(|| u.clone())
+        })
+    }
 }
 
 impl Drop for Device {
