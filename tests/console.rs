@@ -200,6 +200,7 @@ fn failures(name: &str, console_args: &[&str]) {
     // The failing devices are fixed (the simulator restarted healthy); retry offers them the
     // release again (a second attempt), and the rollout completes.
     sim.stop();
+    wait_for(Duration::from_secs(30), "the devices to go offline", || (console.online() == 0).then_some(()));
     let mut sim = Sim::start(&dir, &broker, &root, "sim", 50, &[]);
     wait_for(Duration::from_secs(30), "50 devices back online", || (console.online() == 50).then_some(()));
     let retried = console.json(&["rollout", "retry", &id.to_string()]);

@@ -273,9 +273,18 @@ async fn a_refused_example_is_parked_and_a_full_sink_keeps_the_rest_queued() {
         let (_, params, _, _) = ask(&mut conn, &row, json!({"escalation": "central"})).await;
         assert_eq!(params["escalation"], "failed", "{params}");
     }
+    // The queue gauge passes through 2 on its way up while the sender fills the sink: wait for
+    // the sink to hold its three first, then for the two left on the edge.
+    let in_sink = || std::fs::read_dir(&sink).map_or(0, |d| d.count());
+    for _ in 0..200 {
+        if in_sink() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let queued = "outpost_hard_examples_queued{model=\"digits\"}";
     assert_eq!(metric_reaching(&mut conn, queued, 2.0).await, 2.0);
-    assert_eq!(std::fs::read_dir(&sink).unwrap().count(), 3, "the sink holds its bound");
+    assert_eq!(in_sink(), 3, "the sink holds its bound");
     assert_eq!(metric(&mut conn, parked).await, 1.0, "a full sink parks nothing");
     let _ = std::fs::remove_dir_all(&dir);
 }
