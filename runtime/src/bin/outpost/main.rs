@@ -17,7 +17,7 @@ mod serve_args;
 mod trim;
 mod update;
 
-#[cfg(target_env = "musl")]
+/// Every build's allocator, musl's and glibc's alike (see runtime/Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
