@@ -7,6 +7,7 @@ mod pool;
 mod quantize;
 mod quantize_linear;
 mod rewrite;
+mod small_conv;
 
 use std::sync::Arc;
 use std::time::Instant;

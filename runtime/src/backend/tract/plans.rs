@@ -14,6 +14,7 @@ use crate::backend::session::{BackendError, OTHER_BACKEND, PlanStats, Specialise
 use crate::backend::tract::datum::datum_type;
 use crate::backend::tract::max_pool;
 use crate::backend::tract::quantize_linear;
+use crate::backend::tract::small_conv;
 use crate::onnx::Signature;
 
 /// A plan for one set of concrete input shapes.
@@ -30,8 +31,11 @@ fn concrete_plan(
 }
 
 /// tract's optimised plan for `model`, with Outpost's operators where tract's own are slow (see
-/// [`quantize_linear`] and [`max_pool`]).
+/// [`small_conv`], which takes tract's operator before tract lowers it, [`quantize_linear`] and
+/// [`max_pool`]).
 pub(crate) fn optimised_plan(model: InferenceModel) -> TractResult<Arc<TypedRunnableModel>> {
+    let mut model = model.into_typed()?.into_decluttered()?;
+    small_conv::replace(&mut model)?;
     let mut model = model.into_optimized()?;
     quantize_linear::vectorise(&mut model)?;
     max_pool::replace(&mut model)?;
