@@ -36,7 +36,7 @@ fn concrete_plan(
 pub(crate) fn optimised_plan(model: InferenceModel) -> TractResult<Arc<TypedRunnableModel>> {
     let mut model = model.into_typed()?.into_decluttered()?;
     small_conv::replace(&mut model)?;
-    let mut model = model.into_optimized()?;
+    model.optimize()?;
     quantize_linear::vectorise(&mut model)?;
     max_pool::replace(&mut model)?;
     model.into_runnable()

@@ -1,7 +1,9 @@
 //! A float convolution whose reduction is tiny (one input channel and a 3×3 kernel or smaller, at
 //! stride 1): the first layer of a CNN over a grayscale image or a spectrogram.
 //!
-//! tract 0.23 lowers such a convolution to a lazy im2col and a matrix product. With 9 or fewer
+//! tract 0.23 lowers such a convolution, where its output rows are shorter than 128 (longer ones
+//! go to tract's own direct convolution, which splits over the pool), to a lazy im2col and a
+//! matrix product. With 9 or fewer
 //! values to reduce per output, the product has almost nothing to do, and gathering each panel
 //! of the im2col matrix takes the time: on the peer harness's LeNet-style CNN, the first layer
 //! (8 channels of 28×28, 3×3) took 18.8 µs of the 48 µs call, plus 1.4 µs for its padding
@@ -11,8 +13,8 @@
 //! output rows are kept at the padded width, so the taps' rows are one contiguous run each.
 //!
 //! The values are the convolution's, summed tap by tap in the kernel's order and the bias added
-//! last, as tract's product sums them; tract's kernels fuse the multiply and the add, so the two
-//! can differ in the last bit of a sum (the tests compare within a few ulps).
+//! last, as tract's product sums them; tract's kernels can fuse the multiply and the add, so the
+//! two can differ in the last bits of a sum (the tests compare within 1e-6 relative).
 
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
@@ -21,6 +23,10 @@ use tract_onnx::tract_hir::internal::*;
 /// The largest reduction (input channels × kernel rows × kernel columns) [`SmallConv`] takes:
 /// measured past tract's lowering at 9 (docs/benchmarks.md); at 72 tract's product is faster.
 const MAX_REDUCTION: usize = 9;
+
+/// The shortest output row left to tract: from there tract 0.23 runs its own direct convolution
+/// (`DirectSpatialConv`, on AVX2 with FMA and on arm64), split over the call's pool.
+const TRACTS_DIRECT_FROM_WIDTH: usize = 128;
 
 /// Replaces each of tract's `Conv` in a decluttered model that [`SmallConv`] can run.
 pub(crate) fn replace(model: &mut TypedModel) -> TractResult<()> {
@@ -33,6 +39,9 @@ pub(crate) fn replace(model: &mut TypedModel) -> TractResult<()> {
             || facts[1].datum_type != f32::datum_type()
             || facts[2].datum_type != f32::datum_type()
         {
+            continue;
+        }
+        if facts[1].shape.as_concrete().is_none_or(|k| k.first() == Some(&0)) {
             continue;
         }
         let Some(op) = SmallConv::for_conv(conv, shape) else { continue };
@@ -58,8 +67,9 @@ struct SmallConv {
 
 impl SmallConv {
     /// The operator for tract's `conv` on an input of `shape`, where it applies: float, channels
-    /// first, two spatial axes, one group, one input channel, stride and dilation 1, and a
-    /// kernel of at most [`MAX_REDUCTION`] taps.
+    /// first, two spatial axes, one group, one input channel, stride and dilation 1, a kernel of
+    /// at most [`MAX_REDUCTION`] taps, a non-empty image, and output rows shorter than
+    /// [`TRACTS_DIRECT_FROM_WIDTH`].
     fn for_conv(conv: &Conv, shape: &[usize]) -> Option<SmallConv> {
         let spec = &conv.pool_spec;
         if conv.q_params.is_some()
@@ -72,6 +82,8 @@ impl SmallConv {
             || spec.kernel_shape.iter().product::<usize>() > MAX_REDUCTION
             || spec.strides().iter().any(|&s| s != 1)
             || spec.dilations().iter().any(|&d| d != 1)
+            || shape[2] == 0
+            || shape[3] == 0
         {
             return None;
         }
@@ -80,7 +92,8 @@ impl SmallConv {
         let pad = [padding[0].pad_before, padding[1].pad_before, padding[0].pad_after, padding[1].pad_after];
         let op = SmallConv { kernel, pad };
         let (ph, pw) = op.padded_hw(shape[2], shape[3]);
-        (kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= ph && kernel[1] <= pw).then_some(op)
+        let fits = kernel[0] >= 1 && kernel[1] >= 1 && kernel[0] <= ph && kernel[1] <= pw;
+        (fits && pw - kernel[1] + 1 < TRACTS_DIRECT_FROM_WIDTH).then_some(op)
     }
 
     fn padded_hw(&self, h: usize, w: usize) -> (usize, usize) {
@@ -285,10 +298,33 @@ mod tests {
             case([1, 1, 12, 12], [2, 1, 5, 5], PaddingSpec::Valid),
             // Stride 2.
             Case { strides: [2, 2], ..case([1, 1, 9, 9], [2, 1, 3, 3], PaddingSpec::Valid) },
+            // Output rows of 128: tract's own direct convolution's, where the machine has it.
+            case([1, 1, 4, 130], [2, 1, 3, 3], PaddingSpec::Valid),
         ] {
             let (tract, ours, replaced) = both(&c);
             assert!(!replaced, "{:?} {:?}", c.input, c.kernel);
             assert_eq!(floats(&tract), floats(&ours));
         }
+        // The widest output row it takes: 127.
+        assert!(both(&case([1, 1, 4, 129], [2, 1, 3, 3], PaddingSpec::Valid)).2);
+    }
+
+    #[test]
+    fn an_empty_image_stays_tracts() {
+        // Padding alone would give this image an output (the bias): the operator's runs assume
+        // at least one pixel.
+        let spec = PoolSpec::new(
+            DataFormat::NCHW,
+            tvec![1, 3],
+            PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+            None,
+            None,
+            1,
+            4,
+        );
+        let conv = Conv { pool_spec: spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None };
+        assert_eq!(SmallConv::for_conv(&conv, &[1, 1, 0, 5]), None);
+        assert_eq!(SmallConv::for_conv(&conv, &[1, 1, 5, 0]), None);
+        assert!(SmallConv::for_conv(&conv, &[1, 1, 1, 5]).is_some());
     }
 }
