@@ -3,11 +3,10 @@
 //!
 //! tract 0.23 lowers such a convolution, where its output rows are shorter than 128 (longer ones
 //! go to tract's own direct convolution, which splits over the pool), to a lazy im2col and a
-//! matrix product. With 9 or fewer
-//! values to reduce per output, the product has almost nothing to do, and gathering each panel
-//! of the im2col matrix takes the time: on the peer harness's LeNet-style CNN, the first layer
-//! (8 channels of 28×28, 3×3) took 18.8 µs of the 48 µs call, plus 1.4 µs for its padding
-//! (docs/benchmarks.md). [`replace`] swaps tract's `Conv` in the decluttered model, before
+//! matrix product. With 9 or fewer values to reduce per output, the product has almost nothing
+//! to do, and gathering each panel of the im2col matrix takes the time: on the peer harness's
+//! LeNet-style CNN, the first layer (8 channels of 28×28, 3×3) took 18.8 µs of the 48 µs call,
+//! plus 1.4 µs for its padding (docs/benchmarks.md). [`replace`] swaps tract's `Conv` in the decluttered model, before
 //! tract lowers it, for [`SmallConv`], which pads the image once and, for each output channel
 //! and each tap, adds the weighted image to the output in one run the compiler vectorises: the
 //! output rows are kept at the padded width, so the taps' rows are one contiguous run each.
@@ -41,13 +40,14 @@ pub(crate) fn replace(model: &mut TypedModel) -> TractResult<()> {
         {
             continue;
         }
-        if facts[1].shape.as_concrete().is_none_or(|k| k.first() == Some(&0)) {
+        let kernel = facts[1].shape.as_concrete();
+        if kernel.is_none_or(|k| k.first() == Some(&0)) {
             continue;
         }
         let Some(op) = SmallConv::for_conv(conv, shape) else { continue };
         // The same output as tract's operator, or left alone.
         let output = model.outlet_fact(OutletId::new(node.id, 0))?.shape.as_concrete();
-        if op.output_shape(shape, facts[1].shape.as_concrete()).ok().as_deref() == output {
+        if op.output_shape(shape, kernel).ok().as_deref() == output {
             found.push((node.id, op));
         }
     }
