@@ -60,7 +60,7 @@ async fn execution_providers_fall_back_in_order_and_say_which_runs() {
 async fn each_version_says_where_its_calls_run_and_answers_from_there() {
     let server = Server::start(
         "[[models]]\nname = \"auto\"\npath = \"models/digits-edge.onnx\"\n\
-         [[models]]\nname = \"batched\"\npath = \"models/digits-edge.onnx\"\n[models.batching]\nmax_batch_size = 8\n\
+         [[models]]\nname = \"batched\"\npath = \"models/digits-edge.onnx\"\n[models.batching]\nmax_batch_size = 8\nmode = \"always\"\n\
          [[models]]\nname = \"threads\"\npath = \"models/digits-edge.onnx\"\nexecutor = \"threads\"\n\
          [[models]]\nname = \"inline\"\npath = \"models/digits-cnn.onnx\"\nexecutor = \"inline\"\n",
     )

@@ -23,7 +23,7 @@ async fn batched_answers_equal_unbatched_ones() {
         let server = Server::start(&format!(
             "[[models]]\nname = \"plain\"\npath = \"models/{model}.onnx\"\n\
              [[models]]\nname = \"batched\"\npath = \"models/{model}.onnx\"\n\
-             [models.batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n"
+             [models.batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\nmode = \"always\"\n"
         ))
         .await;
         let golden = Golden::read(&models_dir().join(format!("{model}.golden.json"))).unwrap();
@@ -67,6 +67,62 @@ async fn batched_answers_equal_unbatched_ones() {
     }
 }
 
+/// Configured batching is measured at load (`mode = "auto"`, the default): on tract the
+/// MobileNet-style orientation classifier runs a batch of two rows on its plan for a symbolic
+/// batch, several times slower than its one-row plan twice, so it is served unbatched and says
+/// so with the figures; `mode = "always"` batches it regardless. Both answer as the golden file
+/// says, and concurrent requests are stacked only where batching is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batching_that_does_not_pay_is_found_at_load_and_the_model_served_unbatched() {
+    let file = "models/real/orientation.onnx";
+    let server = Server::start(&format!(
+        "[[models]]\nname = \"auto\"\npath = \"{file}\"\nbackend = \"tract\"\n\
+         [models.batching]\nmax_queue_delay_us = 50000\n\
+         [[models]]\nname = \"always\"\npath = \"{file}\"\nbackend = \"tract\"\n\
+         [models.batching]\nmax_queue_delay_us = 50000\nmode = \"always\"\n"
+    ))
+    .await;
+    let mut conn = server.conn().await;
+    let auto = conn.get("/v2/models/auto").await.unwrap().json()["parameters"].clone();
+    let measured = &auto["batching"];
+    assert_eq!((measured["batches"].as_bool(), measured["by"].as_str()), (Some(false), Some("measured")), "{auto}");
+    assert_eq!(measured["rows"], 2, "{auto}");
+    let (batch_us, one_row_us) = (measured["batch_us"].as_f64().unwrap(), measured["one_row_us"].as_f64().unwrap());
+    assert!(batch_us >= 2.0 * one_row_us, "{auto}");
+    assert_ne!(auto["executor"]["by"], "batching", "an unbatched version does not wait for a batch: {auto}");
+    let always = conn.get("/v2/models/always").await.unwrap().json()["parameters"].clone();
+    assert_eq!(always["batching"], serde_json::json!({ "batches": true, "by": "configured" }), "{always}");
+    assert_eq!(always["executor"]["by"], "batching", "{always}");
+
+    let golden = Golden::read(&models_dir().join("real/orientation.golden.json")).unwrap();
+    let input = golden.inputs[0].to_tensor().unwrap();
+    for name in ["auto", "always"] {
+        outpost_tests::check_golden_as(&mut conn, name, std::path::Path::new(file)).await;
+        let before = server.app.registry.get(name).unwrap().stats()["1"].clone();
+        let (requests, executions) = (before.success.load(Relaxed), before.executions.load(Relaxed));
+        let send = || {
+            let (server, body) = (&server, v2client::binary_request(std::slice::from_ref(&input)));
+            async move {
+                let mut conn = server.conn().await;
+                conn.send(Method::POST, &format!("/v2/models/{name}/infer"), &body.headers, body.bytes).await.unwrap()
+            }
+        };
+        let (a, b, c, d) = tokio::join!(send(), send(), send(), send());
+        for reply in [a, b, c, d] {
+            assert_eq!(reply.status, 200, "{name}: {}", reply.error());
+        }
+        let stats = server.app.registry.get(name).unwrap().stats()["1"].clone();
+        let (requests, executions) =
+            (stats.success.load(Relaxed) - requests, stats.executions.load(Relaxed) - executions);
+        assert_eq!(requests, 4);
+        if name == "auto" {
+            assert_eq!(executions, 4, "unbatched: a call per request");
+        } else {
+            assert!(executions < 4, "{name}: {requests} requests took {executions} calls: nothing was batched");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_whose_rows_depend_on_each_other_refuses_batching() {
     let toml = "[[models]]\nname = \"d\"\npath = \"models/digits-cnn-dynamic.onnx\"\n[models.batching]\n";
@@ -86,7 +142,7 @@ async fn a_model_whose_rows_depend_on_each_other_refuses_batching() {
 async fn inputs_that_disagree_on_the_batch_dimension_are_refused_and_the_model_keeps_serving() {
     let server = Server::start(
         "[[models]]\nname = \"add\"\npath = \"models/hazards/add-two-inputs.onnx\"\n\
-         [models.batching]\nmax_batch_size = 8\nmax_queue_delay_us = 50000\n",
+         [models.batching]\nmax_batch_size = 8\nmax_queue_delay_us = 50000\nmode = \"always\"\n",
     )
     .await;
     let request = |a_rows: usize, b_rows: usize| {

@@ -258,7 +258,7 @@ fn finish(stats: &ModelStats, started: Instant) {
 }
 
 /// Concatenates tensors along the first dimension.
-fn stack<'a>(parts: impl Iterator<Item = &'a Tensor>, total_rows: usize) -> Tensor {
+pub(crate) fn stack<'a>(parts: impl Iterator<Item = &'a Tensor>, total_rows: usize) -> Tensor {
     let mut parts = parts.peekable();
     let first = parts.peek().expect("at least one part");
     let (name, datatype, mut shape) = (first.name.clone(), first.datatype, first.shape.clone());
@@ -346,6 +346,7 @@ mod tests {
             max_batch_size: 8,
             max_queue_delay: std::time::Duration::from_millis(50),
             preferred_batch_sizes: vec![],
+            mode: crate::config::BatchingMode::Always,
         };
         run_worker(rx, session.clone(), Arc::default(), Some(batching));
         assert_eq!(*session.calls.lock().unwrap(), vec![6], "one backend call for all three");
@@ -372,6 +373,7 @@ mod tests {
             max_batch_size: 5,
             max_queue_delay: std::time::Duration::from_millis(50),
             preferred_batch_sizes: vec![4],
+            mode: crate::config::BatchingMode::Always,
         };
         run_worker(rx, session.clone(), Arc::default(), Some(batching));
         // 2+2 hits the preferred 4; 3+1 = 4 again; the last 1 alone.

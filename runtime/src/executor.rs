@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::Session;
 use crate::batcher::{self, Alive, Job, Reply};
-use crate::config::{ExecutorChoice, ModelSpec};
+use crate::config::{Batching, ExecutorChoice, ModelSpec};
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
 
@@ -63,9 +63,16 @@ pub struct ExecutorInfo {
     pub inline_rows: Option<usize>,
 }
 
-/// Decides where `spec`'s version runs. `call_us` is the backend call's median on the warm-up
-/// input when the backend choice measured it already; otherwise it is measured here on `probe`.
-pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>, call_us: Option<f64>) -> ExecutorInfo {
+/// Decides where `spec`'s version runs, with the batching its workers apply (see
+/// [`crate::batch_choice`]). `call_us` is the backend call's median on the warm-up input when the
+/// backend choice measured it already; otherwise it is measured here on `probe`.
+pub fn decide(
+    spec: &ModelSpec,
+    batching: Option<&Batching>,
+    session: &dyn Session,
+    probe: Option<&[Tensor]>,
+    call_us: Option<f64>,
+) -> ExecutorInfo {
     let info = |kind, by, call_us| ExecutorInfo { kind, by, call_us, inline_rows: None };
     match spec.executor {
         ExecutorChoice::Threads => return info("threads", "configured", call_us),
@@ -74,7 +81,7 @@ pub fn decide(spec: &ModelSpec, session: &dyn Session, probe: Option<&[Tensor]>,
     }
     // A batch waits for its rows; with no wait (`max_queue_delay_us = 0`, take what is queued) a
     // lone request has nothing to wait for, and runs inline like any other.
-    if spec.batching.as_ref().is_some_and(crate::config::Batching::waits) {
+    if batching.is_some_and(Batching::waits) {
         return info("threads", "batching", call_us);
     }
     if session.signature().inputs.iter().any(|s| s.shape.iter().skip(1).any(|&d| d < 0)) {
@@ -140,10 +147,11 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Starts `spec`'s worker threads (named `thread_name-N`), with inline calls where `info`
-    /// says so.
+    /// Starts `spec`'s worker threads (named `thread_name-N`), applying `batching`, with inline
+    /// calls where `info` says so.
     pub fn start(
         spec: &ModelSpec,
+        batching: Option<Batching>,
         thread_name: &str,
         session: Arc<dyn Session>,
         stats: Arc<ModelStats>,
@@ -151,7 +159,7 @@ impl Executor {
     ) -> Executor {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(spec.queue_bound);
         for i in 0..spec.workers {
-            let (rx, session, stats, batching) = (rx.clone(), session.clone(), stats.clone(), spec.batching.clone());
+            let (rx, session, stats, batching) = (rx.clone(), session.clone(), stats.clone(), batching.clone());
             // Counted from here, so the version is ready as soon as it is served; the count
             // drops when the thread ends (or was never started).
             let alive = Alive::claim(&stats);
@@ -291,7 +299,10 @@ mod tests {
     fn auto_runs_a_short_fixed_shape_call_inline_and_everything_else_on_threads() {
         let fast = Timed::new(0, &[-1, 4]);
         let probe = input();
-        let decided = |extra: &str, session: &Timed, measured| decide(&spec(extra), session, Some(&probe), measured);
+        let decided = |extra: &str, session: &Timed, measured| {
+            let spec = spec(extra);
+            decide(&spec, spec.batching.as_ref(), session, Some(&probe), measured)
+        };
         assert_eq!(
             decided("", &fast, Some(3.0)),
             ExecutorInfo { kind: "inline", by: "measured", call_us: Some(3.0), inline_rows: Some(1) }
@@ -306,7 +317,7 @@ mod tests {
         assert_eq!((no_wait.kind, no_wait.by), ("inline", "measured"));
         assert_eq!(decided("", &Timed::new(0, &[1, -1]), Some(3.0)).by, "symbolic");
         assert_eq!(
-            decide(&spec(""), fast.as_ref(), None, None),
+            decide(&spec(""), None, fast.as_ref(), None, None),
             ExecutorInfo { kind: "threads", by: "unmeasured", call_us: None, inline_rows: None }
         );
         // Configured wins over every rule.
@@ -317,7 +328,7 @@ mod tests {
     #[test]
     fn a_clearly_slow_call_is_timed_once() {
         let slow = Timed::new(2_000, &[1, 4]);
-        let info = decide(&spec(""), slow.as_ref(), Some(&input()), None);
+        let info = decide(&spec(""), None, slow.as_ref(), Some(&input()), None);
         assert_eq!((info.kind, info.by), ("threads", "measured"));
         assert!(info.call_us.is_some_and(|us| us >= 2_000.0), "{info:?}");
         assert_eq!(slow.threads().len(), 1, "one run settles a call 40x over the bound");
@@ -345,6 +356,7 @@ mod tests {
         let info = ExecutorInfo { kind: "inline", by: "configured", call_us: None, inline_rows: None };
         let executor = Arc::new(Executor::start(
             &spec("workers = 1\nqueue_bound = 1"),
+            None,
             "w",
             session.clone(),
             stats.clone(),
@@ -405,9 +417,9 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let session = Timed::new(0, &[-1, 4]);
         let stats = Arc::new(ModelStats::default());
-        let info = decide(&spec("workers = 1"), session.as_ref(), Some(&input()), Some(3.0));
+        let info = decide(&spec("workers = 1"), None, session.as_ref(), Some(&input()), Some(3.0));
         assert_eq!((info.kind, info.inline_rows), ("inline", Some(1)));
-        let executor = Executor::start(&spec("workers = 1"), "w", session.clone(), stats.clone(), &info);
+        let executor = Executor::start(&spec("workers = 1"), None, "w", session.clone(), stats.clone(), &info);
         let lone = |rows: usize| {
             std::thread::sleep(IDLE_GAP * 2);
             while stats.sleeping.load(Relaxed) != 1 {
@@ -428,7 +440,7 @@ mod tests {
         let session = Timed::new(0, &[-1, 4]);
         let stats = Arc::new(ModelStats::default());
         let info = ExecutorInfo { kind: "threads", by: "configured", call_us: None, inline_rows: None };
-        let executor = Executor::start(&spec("workers = 1"), "w", session.clone(), stats, &info);
+        let executor = Executor::start(&spec("workers = 1"), None, "w", session.clone(), stats, &info);
         runtime.block_on(executor.infer(input(), true)).unwrap().unwrap();
         assert_eq!(session.threads(), ["w-0"]);
     }

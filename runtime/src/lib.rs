@@ -21,6 +21,7 @@
 pub mod agent;
 pub mod app;
 pub mod backend;
+pub mod batch_choice;
 pub mod batcher;
 pub mod budget;
 pub mod choice;

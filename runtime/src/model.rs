@@ -16,6 +16,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Signature};
+use crate::batch_choice::{self, BatchingInfo};
 use crate::batcher::{self, Reply};
 use crate::choice::BackendChoice;
 use crate::config::ModelSpec;
@@ -89,6 +90,8 @@ pub struct ServedVersion {
     pub shapes: Vec<Vec<Vec<usize>>>,
     /// Where its backend calls run, and why.
     pub executor: ExecutorInfo,
+    /// Whether it batches, where batching is configured, and why.
+    pub batching: Option<BatchingInfo>,
     session: Arc<dyn Session>,
     run: Executor,
 }
@@ -471,9 +474,19 @@ impl ServedVersion {
         stats: Arc<ModelStats>,
     ) -> ServedVersion {
         let measured = p.choice.p50_us.iter().find(|(name, _)| *name == p.backend).map(|&(_, us)| us);
-        let executor = executor::decide(spec, p.session.as_ref(), p.probe.as_deref(), measured);
+        let batching = batch_choice::decide(spec.batching.as_ref(), p.session.as_ref(), p.probe.as_deref());
+        if let Some(b) = batching.as_ref().filter(|b| !b.batches) {
+            tracing::warn!(
+                model = %spec.name, version = %files.version, backend = p.backend, rows = b.rows,
+                batch_us = b.batch_us, one_row_us = b.one_row_us,
+                "batching is configured, but a batch ran no faster than its rows one at a time on this backend: \
+                 served unbatched (batching.mode = \"always\" batches regardless)"
+            );
+        }
+        let served = batch_choice::served(spec.batching.as_ref(), batching.as_ref());
+        let executor = executor::decide(spec, served.as_ref(), p.session.as_ref(), p.probe.as_deref(), measured);
         let name = format!("infer-{}-{}", spec.name, files.version);
-        let run = Executor::start(spec, &name, p.session.clone(), stats.clone(), &executor);
+        let run = Executor::start(spec, served, &name, p.session.clone(), stats.clone(), &executor);
         ServedVersion {
             version: files.version.clone(),
             files,
@@ -483,6 +496,7 @@ impl ServedVersion {
             backend: p.backend,
             backend_choice: p.choice,
             executor,
+            batching,
             provider: p.session.provider().cloned(),
             threads: p.threads,
             drift: p.profile.map(|profile| Drift::new(profile, p.session.signature(), spec.drift)),

@@ -26,9 +26,9 @@ pub use escalation::{
     DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_ITEMS, Escalation, EscalationConfig, Policy, QueueLimits,
 };
 pub use model::{
-    Batching, BatchingConfig, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_QUEUE_BOUND, DEFAULT_VERSION,
-    DEFAULT_WORKERS, ExecutorChoice, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG, Source,
-    VersionPolicy, VersionPolicyConfig,
+    Batching, BatchingConfig, BatchingMode, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_QUEUE_BOUND,
+    DEFAULT_VERSION, DEFAULT_WORKERS, ExecutorChoice, GoldenSource, ModelConfig, ModelSpec, REPOSITORY_MODEL_CONFIG,
+    Source, VersionPolicy, VersionPolicyConfig,
 };
 pub use shadow::{
     DEFAULT_SHADOW_MAX_IN_FLIGHT, DEFAULT_SHADOW_MAX_PER_SECOND, DEFAULT_SHADOW_SHARE, DEFAULT_SHADOW_VERSION,

@@ -156,6 +156,20 @@ pub struct BatchingConfig {
     /// Sizes at which a batch goes at once, without waiting out the delay.
     #[serde(default)]
     pub preferred_batch_sizes: Vec<usize>,
+    /// Default `auto`: batch only where a batch measured faster than its rows one at a time.
+    #[serde(default)]
+    pub mode: BatchingMode,
+}
+
+/// `batching.mode`: whether configured batching is measured at load first ([`crate::batch_choice`]).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchingMode {
+    /// Batch where a batch of the warm-up input's rows runs faster than its rows one at a time.
+    #[default]
+    Auto,
+    /// Batch without measuring.
+    Always,
 }
 
 /// Validated batching settings.
@@ -164,6 +178,7 @@ pub struct Batching {
     pub max_batch_size: usize,
     pub max_queue_delay: Duration,
     pub preferred_batch_sizes: Vec<usize>,
+    pub mode: BatchingMode,
 }
 
 impl Batching {
@@ -339,6 +354,7 @@ impl ModelConfig {
                     max_batch_size,
                     max_queue_delay: Duration::from_micros(delay),
                     preferred_batch_sizes: b.preferred_batch_sizes.clone(),
+                    mode: b.mode,
                 })
             }
         };

@@ -137,6 +137,7 @@ async fn model_metadata(
             "backend": model.backend,
             "backend_choice": model.backend_choice,
             "executor": model.executor,
+            "batching": model.batching,
             "intra_op_threads": model.threads,
             "execution_provider": model.provider.as_ref().map_or("cpu", |p| p.provider.as_str()),
             "execution_providers_skipped": model.provider.as_ref().map_or(&[][..], |p| &p.skipped[..]),
