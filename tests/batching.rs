@@ -87,12 +87,20 @@ async fn batching_that_does_not_pay_is_found_at_load_and_the_model_served_unbatc
     let measured = &auto["batching"];
     assert_eq!((measured["batches"].as_bool(), measured["by"].as_str()), (Some(false), Some("measured")), "{auto}");
     assert_eq!(measured["rows"], outpost_runtime::batch_choice::PROBE_ROWS, "{auto}");
-    let (batch_us, one_row_us) = (measured["batch_us"].as_f64().unwrap(), measured["one_row_us"].as_f64().unwrap());
+    let (batch_us, one_row_us) =
+        (measured["batch_p50_us"].as_f64().unwrap(), measured["one_row_p50_us"].as_f64().unwrap());
     assert!(batch_us > 8.0 * one_row_us * outpost_runtime::batch_choice::BATCH_MAX_SHARE, "{auto}");
     assert_ne!(auto["executor"]["by"], "batching", "an unbatched version does not wait for a batch: {auto}");
     let always = conn.get("/v2/models/always").await.unwrap().json()["parameters"].clone();
     assert_eq!(always["batching"], serde_json::json!({ "batches": true, "by": "configured" }), "{always}");
     assert_eq!(always["executor"]["by"], "batching", "{always}");
+    let metrics = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+    for line in [
+        "outpost_model_batching{model=\"auto\",version=\"1\",by=\"measured\"} 0",
+        "outpost_model_batching{model=\"always\",version=\"1\",by=\"configured\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 
     let golden = Golden::read(&models_dir().join("real/orientation.golden.json")).unwrap();
     let input = golden.inputs[0].to_tensor().unwrap();

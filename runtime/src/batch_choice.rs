@@ -2,19 +2,28 @@
 //! always cost less per row than its rows one at a time.
 //!
 //! Batching pays where a backend runs `n` rows in less than `n` times one row's time (a fully
-//! connected layer reads its weights once for the batch). On tract it often does not: a batch of
-//! 2 to 16 rows of a convolutional network took 1.1-2.2× its rows one at a time on a plan for its
-//! size, and 1.7-5.7× on the plan for a symbolic batch, which is what runs a batch of a size no
-//! plan was made for (tract plans a symbolic batch with less optimisation; docs/benchmarks.md,
+//! connected layer reads its weights once for the batch). On tract the convolutional networks
+//! measured did not: a batch of 2 to 8 rows took 1.1-2.2× its rows one at a time on a plan for
+//! its size, and 2.2-5.7× on the plan for a symbolic batch, which is what runs a batch of a size
+//! no plan was made for (tract plans a symbolic batch with less optimisation; docs/benchmarks.md,
 //! "Batching measured at load"). There a batch only adds its wait and its copies.
 //!
 //! So with `mode = "auto"` (the default) the version's session runs the warm-up input's first
 //! row, and [`PROBE_ROWS`] copies of it stacked (at most `max_batch_size`), each timed as the
 //! backend choice times a call ([`crate::choice::median_us`]); the version batches where the
 //! batch takes at most [`BATCH_MAX_SHARE`] of its rows one at a time, and serves every request on
-//! its own otherwise. `mode = "always"` batches without measuring. Without a warm-up input nothing
-//! is timed, and the version batches as configured. Metadata `parameters.batching` shows the
-//! outcome and its figures.
+//! its own otherwise. Three cases are settled without timing:
+//! - a session that plans each input shape (tract where it could not plan a symbolic batch)
+//!   serves unbatched: each batch size would prepare a plan of its own on the request path
+//!   (10-74 ms on the real models) and push the others out of the plan cache;
+//! - a session on an accelerator batches as configured: a new shape there can mean building an
+//!   engine (TensorRT: minutes), and an accelerator is where batching is most likely to pay;
+//! - without a warm-up input, the version batches as configured.
+//!
+//! `mode = "always"` batches without any of this. Metadata `parameters.batching` and the
+//! `outpost_model_batching` gauge show the outcome.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use serde::Serialize;
 
@@ -33,55 +42,85 @@ pub const PROBE_ROWS: usize = 8;
 /// that saves less is not worth the wait for its rows.
 pub const BATCH_MAX_SHARE: f64 = 0.9;
 
-/// Whether a version batches, and why, as its metadata shows it (`parameters.batching`).
+/// Whether a version with batching configured batches, and why, as its metadata shows it
+/// (`parameters.batching`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct BatchingInfo {
+pub struct BatchChoice {
     /// Whether its workers stack queued requests into one call.
     pub batches: bool,
-    /// `configured` (`mode = "always"`, or a `max_batch_size` of 1), `measured`, or `unmeasured`
-    /// (no warm-up input, or its one row failed to run).
+    /// `configured` (`mode = "always"`, or a `max_batch_size` of 1), `measured`, `plans per
+    /// shape`, `accelerator`, or `unmeasured` (no warm-up input, or its one row failed to run).
     pub by: &'static str,
     /// The rows of the timed batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<usize>,
     /// The median call on the batch, in microseconds (`None` where it failed to run).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch_us: Option<f64>,
+    pub batch_p50_us: Option<f64>,
     /// The median call on one row of it, in microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub one_row_us: Option<f64>,
+    pub one_row_p50_us: Option<f64>,
 }
 
-impl BatchingInfo {
-    fn unmeasured(by: &'static str) -> BatchingInfo {
-        BatchingInfo { batches: true, by, rows: None, batch_us: None, one_row_us: None }
+impl BatchChoice {
+    fn untimed(batches: bool, by: &'static str) -> BatchChoice {
+        BatchChoice { batches, by, rows: None, batch_p50_us: None, one_row_p50_us: None }
+    }
+
+    /// Why a version with batching configured serves unbatched, for the log; `None` where it
+    /// batches.
+    pub fn why_unbatched(&self) -> Option<&'static str> {
+        match (self.batches, self.by, self.batch_p50_us) {
+            (true, ..) => None,
+            (false, "plans per shape", _) => Some(
+                "this backend plans each input shape for this model, so each batch size would prepare a plan on the \
+                 request path",
+            ),
+            (false, _, None) => Some("a batch of the warm-up input's row failed to run"),
+            (false, ..) => Some("a batch of the warm-up input's row saved less than a tenth of its rows' time"),
+        }
     }
 }
 
 /// Decides whether a version configured with `batching` batches on `session` (see the module
 /// docs); `None` where no batching is configured.
-pub fn decide(batching: Option<&Batching>, session: &dyn Session, probe: Option<&[Tensor]>) -> Option<BatchingInfo> {
+pub fn decide(batching: Option<&Batching>, session: &dyn Session, probe: Option<&[Tensor]>) -> Option<BatchChoice> {
     let b = batching?;
     let rows = PROBE_ROWS.min(b.max_batch_size);
     if b.mode == BatchingMode::Always || rows < 2 {
-        return Some(BatchingInfo::unmeasured("configured"));
+        return Some(BatchChoice::untimed(true, "configured"));
+    }
+    if session.provider().is_some_and(|p| p.provider != "cpu") {
+        return Some(BatchChoice::untimed(true, "accelerator"));
+    }
+    if session.plans().is_some_and(|p| !p.symbolic) {
+        return Some(BatchChoice::untimed(false, "plans per shape"));
     }
     let Some(row) = probe.and_then(|p| p.iter().map(|t| t.first_rows(1)).collect::<Option<Vec<_>>>()) else {
-        return Some(BatchingInfo::unmeasured("unmeasured"));
+        return Some(BatchChoice::untimed(true, "unmeasured"));
     };
-    let Some(one_row_us) = crate::choice::median_us(session, &row) else {
-        return Some(BatchingInfo::unmeasured("unmeasured"));
+    // A panic counts as a failed run: the load carries on, and the warm-up already ran the row.
+    let timed =
+        |input: &[Tensor]| catch_unwind(AssertUnwindSafe(|| crate::choice::median_us(session, input))).ok().flatten();
+    let Some(one_row_us) = timed(&row) else {
+        return Some(BatchChoice::untimed(true, "unmeasured"));
     };
     let batch: Vec<Tensor> = row.iter().map(|t| stack(std::iter::repeat_n(t, rows), rows)).collect();
     // A batch that fails to run would fail every batched request: serving unbatched is the answer.
-    let batch_us = crate::choice::median_us(session, &batch);
+    let batch_us = timed(&batch);
     let batches = batch_us.is_some_and(|us| us <= one_row_us * rows as f64 * BATCH_MAX_SHARE);
-    Some(BatchingInfo { batches, by: "measured", rows: Some(rows), batch_us, one_row_us: Some(one_row_us) })
+    Some(BatchChoice {
+        batches,
+        by: "measured",
+        rows: Some(rows),
+        batch_p50_us: batch_us,
+        one_row_p50_us: Some(one_row_us),
+    })
 }
 
 /// The batching a version's workers apply: the configured one where [`decide`] says it batches.
-pub fn served(batching: Option<&Batching>, info: Option<&BatchingInfo>) -> Option<Batching> {
-    batching.filter(|_| info.is_some_and(|i| i.batches)).cloned()
+pub fn served(batching: Option<&Batching>, choice: Option<&BatchChoice>) -> Option<Batching> {
+    batching.filter(|_| choice.is_some_and(|c| c.batches)).cloned()
 }
 
 #[cfg(test)]
@@ -90,31 +129,30 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::backend::{BackendError, Signature, TensorSpec};
+    use crate::backend::{BackendError, PlanStats, ProviderChoice, Signature, TensorSpec};
     use crate::config::{ModelConfig, ModelSpec};
     use crate::tensor::DataType;
 
     /// A session whose call takes `base + per_row × rows` microseconds, `penalty` more for a
     /// call of several rows (as tract's plan for a symbolic batch), and fails past `max_rows`.
+    #[derive(Default)]
     struct Costed {
         base_us: u64,
         per_row_us: u64,
         penalty_us: u64,
         max_rows: usize,
+        /// Panics instead of failing past `max_rows`.
+        panics: bool,
+        plans: Option<PlanStats>,
+        provider: Option<ProviderChoice>,
         calls: Mutex<Vec<usize>>,
         signature: Signature,
     }
 
-    fn costed(base_us: u64, per_row_us: u64, penalty_us: u64, max_rows: usize) -> Costed {
+    fn costed(base_us: u64, per_row_us: u64, penalty_us: u64) -> Costed {
         let input = TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1, 2] };
-        Costed {
-            base_us,
-            per_row_us,
-            penalty_us,
-            max_rows,
-            calls: Mutex::default(),
-            signature: Signature { inputs: vec![input], outputs: vec![] },
-        }
+        let signature = Signature { inputs: vec![input], outputs: vec![] };
+        Costed { base_us, per_row_us, penalty_us, max_rows: usize::MAX, signature, ..Costed::default() }
     }
 
     impl Session for Costed {
@@ -125,16 +163,23 @@ mod tests {
             let rows = inputs[0].shape[0];
             self.calls.lock().unwrap().push(rows);
             if rows > self.max_rows {
+                assert!(!self.panics, "{rows} rows");
                 return Err(BackendError::Run(format!("{rows} rows")));
             }
             let penalty = if rows > 1 { self.penalty_us } else { 0 };
             std::thread::sleep(Duration::from_micros(self.base_us + self.per_row_us * rows as u64 + penalty));
             Ok(vec![])
         }
+        fn plans(&self) -> Option<PlanStats> {
+            self.plans.clone()
+        }
+        fn provider(&self) -> Option<&ProviderChoice> {
+            self.provider.as_ref()
+        }
     }
 
     fn batching(extra: &str) -> Option<Batching> {
-        let text = format!("name = \"m\"\npath = \"m.onnx\"\n[batching]\nmax_batch_size = 8\n{extra}");
+        let text = format!("name = \"m\"\npath = \"m.onnx\"\n[batching]\nmax_batch_size = 16\n{extra}");
         let config: ModelConfig = toml::from_str(&text).unwrap();
         let spec: ModelSpec = config.validate(&|k| k.to_string()).unwrap();
         spec.batching
@@ -149,43 +194,73 @@ mod tests {
     fn a_batch_that_costs_less_than_its_rows_batches_and_one_that_does_not_serves_unbatched() {
         let b = batching("");
         // A fixed cost per call dominates: 8 rows take 2.8 ms against 8 × 2.1 ms.
-        let amortised = costed(2_000, 100, 0, 8);
-        let info = decide(b.as_ref(), &amortised, Some(&probe())).unwrap();
-        assert!(info.batches && info.by == "measured" && info.rows == Some(PROBE_ROWS), "{info:?}");
-        assert!(info.batch_us.unwrap() < 8.0 * info.one_row_us.unwrap(), "{info:?}");
-        assert_eq!(served(b.as_ref(), Some(&info)), b);
+        let amortised = costed(2_000, 100, 0);
+        let choice = decide(b.as_ref(), &amortised, Some(&probe())).unwrap();
+        assert!(choice.batches && choice.by == "measured" && choice.rows == Some(PROBE_ROWS), "{choice:?}");
+        assert!(choice.batch_p50_us.unwrap() < 8.0 * choice.one_row_p50_us.unwrap(), "{choice:?}");
+        assert_eq!((served(b.as_ref(), Some(&choice)), choice.why_unbatched()), (b.clone(), None));
         let calls = amortised.calls.lock().unwrap().clone();
         assert!(calls.contains(&1) && calls.contains(&8) && calls.iter().all(|&r| r == 1 || r == 8), "{calls:?}");
 
-        // Rows cost more in a batch: 8 rows take 9 ms against 8 × 1 ms.
-        let per_row = costed(0, 1_000, 1_000, 8);
-        let info = decide(b.as_ref(), &per_row, Some(&probe())).unwrap();
-        assert!(!info.batches && info.by == "measured", "{info:?}");
-        assert!(info.batch_us.unwrap() >= 9_000.0, "{info:?}");
-        assert_eq!(served(b.as_ref(), Some(&info)), None);
+        // Rows cost more in a batch: 8 rows take 16 ms against 8 × 1 ms.
+        let per_row = costed(0, 1_000, 8_000);
+        let choice = decide(b.as_ref(), &per_row, Some(&probe())).unwrap();
+        assert!(!choice.batches && choice.by == "measured", "{choice:?}");
+        assert!(choice.batch_p50_us.unwrap() >= 16_000.0, "{choice:?}");
+        assert_eq!(served(b.as_ref(), Some(&choice)), None);
+        assert!(choice.why_unbatched().unwrap().contains("saved less than a tenth"));
+
+        // At most max_batch_size rows.
+        let four = b.clone().map(|b| Batching { max_batch_size: 4, ..b });
+        assert_eq!(decide(four.as_ref(), &costed(2_000, 100, 0), Some(&probe())).unwrap().rows, Some(4));
     }
 
     #[test]
-    fn a_batch_that_fails_serves_unbatched() {
+    fn a_batch_that_fails_or_panics_serves_unbatched() {
         let b = batching("");
-        let info = decide(b.as_ref(), &costed(2_000, 0, 0, 1), Some(&probe())).unwrap();
-        assert_eq!((info.batches, info.by, info.batch_us), (false, "measured", None), "{info:?}");
-        assert!(info.one_row_us.is_some());
+        for panics in [false, true] {
+            let session = Costed { max_rows: 1, panics, ..costed(2_000, 0, 0) };
+            let choice = decide(b.as_ref(), &session, Some(&probe())).unwrap();
+            assert_eq!((choice.batches, choice.by, choice.batch_p50_us), (false, "measured", None), "{choice:?}");
+            assert!(choice.one_row_p50_us.is_some());
+            assert!(choice.why_unbatched().unwrap().contains("failed to run"));
+        }
+    }
+
+    #[test]
+    fn some_sessions_are_settled_without_timing() {
+        let b = batching("");
+        let untimed = |session: &Costed, batches: bool, by: &str| {
+            let choice = decide(b.as_ref(), session, Some(&probe())).unwrap();
+            assert_eq!((choice.batches, choice.by, choice.rows), (batches, by, None), "{choice:?}");
+            assert!(session.calls.lock().unwrap().is_empty(), "{by}: nothing timed");
+        };
+        let per_shape =
+            Costed { plans: Some(PlanStats { symbolic: false, ..PlanStats::default() }), ..costed(0, 1, 0) };
+        untimed(&per_shape, false, "plans per shape");
+        let provider = ProviderChoice { provider: "cuda".into(), skipped: vec![] };
+        untimed(&Costed { provider: Some(provider), ..costed(0, 1, 0) }, true, "accelerator");
+        // A symbolic plan, on the CPU: timed.
+        let symbolic = Costed {
+            plans: Some(PlanStats { symbolic: true, ..PlanStats::default() }),
+            provider: Some(ProviderChoice { provider: "cpu".into(), skipped: vec![] }),
+            ..costed(0, 1, 0)
+        };
+        assert_eq!(decide(b.as_ref(), &symbolic, Some(&probe())).unwrap().by, "measured");
     }
 
     #[test]
     fn always_batches_without_measuring_and_nothing_to_time_keeps_the_configuration() {
-        let session = costed(0, 1_000, 1_000, 8);
+        let session = costed(0, 1_000, 8_000);
         let always = batching("mode = \"always\"");
-        let info = decide(always.as_ref(), &session, Some(&probe())).unwrap();
-        assert_eq!(info, BatchingInfo::unmeasured("configured"));
-        assert!(info.batches);
+        let choice = decide(always.as_ref(), &session, Some(&probe())).unwrap();
+        assert_eq!(choice, BatchChoice::untimed(true, "configured"));
         let one = batching("").map(|b| Batching { max_batch_size: 1, ..b });
         assert_eq!(decide(one.as_ref(), &session, Some(&probe())).unwrap().by, "configured");
         assert!(session.calls.lock().unwrap().is_empty(), "nothing timed");
 
-        let info = decide(batching("").as_ref(), &session, None).unwrap();
-        assert_eq!((info.batches, info.by), (true, "unmeasured"));
+        let choice = decide(batching("").as_ref(), &session, None).unwrap();
+        assert_eq!((choice.batches, choice.by), (true, "unmeasured"));
         assert_eq!(decide(None, &session, Some(&probe())), None);
     }
 }

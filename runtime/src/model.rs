@@ -16,7 +16,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::backend::{self, BackendError, PlanStats, ProviderChoice, Session, SessionOptions, Signature};
-use crate::batch_choice::{self, BatchingInfo};
+use crate::batch_choice::{self, BatchChoice};
 use crate::batcher::{self, Reply};
 use crate::choice::BackendChoice;
 use crate::config::ModelSpec;
@@ -91,7 +91,7 @@ pub struct ServedVersion {
     /// Where its backend calls run, and why.
     pub executor: ExecutorInfo,
     /// Whether it batches, where batching is configured, and why.
-    pub batching: Option<BatchingInfo>,
+    pub batching: Option<BatchChoice>,
     session: Arc<dyn Session>,
     run: Executor,
 }
@@ -475,12 +475,11 @@ impl ServedVersion {
     ) -> ServedVersion {
         let measured = p.choice.p50_us.iter().find(|(name, _)| *name == p.backend).map(|&(_, us)| us);
         let batching = batch_choice::decide(spec.batching.as_ref(), p.session.as_ref(), p.probe.as_deref());
-        if let Some(b) = batching.as_ref().filter(|b| !b.batches) {
+        if let Some((b, why)) = batching.as_ref().and_then(|b| Some((b, b.why_unbatched()?))) {
             tracing::warn!(
-                model = %spec.name, version = %files.version, backend = p.backend, rows = b.rows,
-                batch_us = b.batch_us, one_row_us = b.one_row_us,
-                "batching is configured, but a batch ran no faster than its rows one at a time on this backend: \
-                 served unbatched (batching.mode = \"always\" batches regardless)"
+                model = %spec.name, version = %files.version, backend = p.backend, by = b.by, rows = b.rows,
+                batch_p50_us = b.batch_p50_us, one_row_p50_us = b.one_row_p50_us,
+                "batching is configured, but {why}: served unbatched (batching.mode = \"always\" batches regardless)"
             );
         }
         let served = batch_choice::served(spec.batching.as_ref(), batching.as_ref());

@@ -96,6 +96,8 @@ async fn run(
     }
     let inputs = request::bind(inputs, &spec.name, &model.signature, spec.allow_non_finite)?;
     spec.shapes.admit(&model.shapes, &inputs, &model.signature).map_err(ApiError::bad_request)?;
+    // As configured, whether or not the version batches (batch_choice): a request gets the same
+    // answer whatever the load measured.
     if spec.batching.is_some() {
         crate::batcher::batch_rows(&inputs).map_err(ApiError::bad_request)?;
     }

@@ -189,6 +189,24 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             ));
         }
     }
+    out.push_str(
+        "# HELP outpost_model_batching Whether a version with batching configured stacks requests (1) or serves \
+         unbatched (0), and how that was decided (configured, measured, plans per shape, accelerator, unmeasured).\n\
+         # TYPE outpost_model_batching gauge\n",
+    );
+    for slot in app.registry.slots().iter() {
+        for s in slot.served().iter() {
+            if let Some(b) = &s.batching {
+                out.push_str(&format!(
+                    "outpost_model_batching{{model=\"{}\",version=\"{}\",by=\"{}\"}} {}\n",
+                    slot.spec.name,
+                    s.version,
+                    b.by,
+                    u8::from(b.batches)
+                ));
+            }
+        }
+    }
     render_plans(&mut out, &app);
     out.push_str(crate::drift::METRIC_HEADERS);
     for slot in app.registry.slots().iter() {
