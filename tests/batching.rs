@@ -70,8 +70,9 @@ async fn batched_answers_equal_unbatched_ones() {
 /// Configured batching is measured at load (`mode = "auto"`, the default): on tract the
 /// MobileNet-style orientation classifier runs a batch of 8 rows on its plan for a symbolic
 /// batch, several times slower than its one-row plan 8 times, so it is served unbatched and says
-/// so with the figures; `mode = "always"` batches it regardless. Both answer as the golden file
-/// says, and concurrent requests are stacked only where batching is on.
+/// so with the figures; `mode = "always"` batches it regardless, and so does ONNX Runtime, whose
+/// batches are not timed. The two on tract answer as the golden file says, and concurrent
+/// requests are stacked only where batching is on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batching_that_does_not_pay_is_found_at_load_and_the_model_served_unbatched() {
     let file = "models/real/orientation.onnx";
@@ -79,7 +80,9 @@ async fn batching_that_does_not_pay_is_found_at_load_and_the_model_served_unbatc
         "[[models]]\nname = \"auto\"\npath = \"{file}\"\nbackend = \"tract\"\n\
          [models.batching]\nmax_queue_delay_us = 50000\n\
          [[models]]\nname = \"always\"\npath = \"{file}\"\nbackend = \"tract\"\n\
-         [models.batching]\nmax_queue_delay_us = 50000\nmode = \"always\"\n"
+         [models.batching]\nmax_queue_delay_us = 50000\nmode = \"always\"\n\
+         [[models]]\nname = \"ort\"\npath = \"{file}\"\nbackend = \"ort\"\n\
+         [models.batching]\nmax_queue_delay_us = 50000\n"
     ))
     .await;
     let mut conn = server.conn().await;
@@ -94,10 +97,14 @@ async fn batching_that_does_not_pay_is_found_at_load_and_the_model_served_unbatc
     let always = conn.get("/v2/models/always").await.unwrap().json()["parameters"].clone();
     assert_eq!(always["batching"], serde_json::json!({ "batches": true, "by": "configured" }), "{always}");
     assert_eq!(always["executor"]["by"], "batching", "{always}");
+    // ONNX Runtime's batches are not timed: batched as configured.
+    let ort = conn.get("/v2/models/ort").await.unwrap().json()["parameters"].clone();
+    assert_eq!(ort["batching"], serde_json::json!({ "batches": true, "by": "backend" }), "{ort}");
     let metrics = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
     for line in [
         "outpost_model_batching{model=\"auto\",version=\"1\",by=\"measured\"} 0",
         "outpost_model_batching{model=\"always\",version=\"1\",by=\"configured\"} 1",
+        "outpost_model_batching{model=\"ort\",version=\"1\",by=\"backend\"} 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }

@@ -12,12 +12,12 @@
 //! row, and [`PROBE_ROWS`] copies of it stacked (at most `max_batch_size`), each timed as the
 //! backend choice times a call ([`crate::choice::median_us`]); the version batches where the
 //! batch takes at most [`BATCH_MAX_SHARE`] of its rows one at a time, and serves every request on
-//! its own otherwise. Three cases are settled without timing:
+//! its own otherwise. Other cases are settled without timing:
+//! - a backend whose batches do not run slower per row ([`Session::batch_may_lose`]: every
+//!   backend but tract; ONNX Runtime and its accelerators) batches as configured;
 //! - a session that plans each input shape (tract where it could not plan a symbolic batch)
 //!   serves unbatched: each batch size would prepare a plan of its own on the request path
 //!   (10-74 ms on the real models) and push the others out of the plan cache;
-//! - a session on an accelerator batches as configured: a new shape there can mean building an
-//!   engine (TensorRT: minutes), and an accelerator is where batching is most likely to pay;
 //! - without a warm-up input, the version batches as configured.
 //!
 //! `mode = "always"` batches without any of this. Metadata `parameters.batching` and the
@@ -48,8 +48,9 @@ pub const BATCH_MAX_SHARE: f64 = 0.9;
 pub struct BatchChoice {
     /// Whether its workers stack queued requests into one call.
     pub batches: bool,
-    /// `configured` (`mode = "always"`, or a `max_batch_size` of 1), `measured`, `plans per
-    /// shape`, `accelerator`, or `unmeasured` (no warm-up input, or its one row failed to run).
+    /// `configured` (`mode = "always"`, or a `max_batch_size` of 1), `backend` (its batches are
+    /// not timed), `measured`, `plans per shape`, or `unmeasured` (no warm-up input, or its one
+    /// row failed to run).
     pub by: &'static str,
     /// The rows of the timed batch.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,8 +91,8 @@ pub fn decide(batching: Option<&Batching>, session: &dyn Session, probe: Option<
     if b.mode == BatchingMode::Always || rows < 2 {
         return Some(BatchChoice::untimed(true, "configured"));
     }
-    if session.provider().is_some_and(|p| p.provider != "cpu") {
-        return Some(BatchChoice::untimed(true, "accelerator"));
+    if !session.batch_may_lose() {
+        return Some(BatchChoice::untimed(true, "backend"));
     }
     if session.plans().is_some_and(|p| !p.symbolic) {
         return Some(BatchChoice::untimed(false, "plans per shape"));
@@ -129,7 +130,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::backend::{BackendError, PlanStats, ProviderChoice, Signature, TensorSpec};
+    use crate::backend::{BackendError, PlanStats, Signature, TensorSpec};
     use crate::config::{ModelConfig, ModelSpec};
     use crate::tensor::DataType;
 
@@ -144,7 +145,8 @@ mod tests {
         /// Panics instead of failing past `max_rows`.
         panics: bool,
         plans: Option<PlanStats>,
-        provider: Option<ProviderChoice>,
+        /// A backend whose batches are not timed.
+        batches_well: bool,
         calls: Mutex<Vec<usize>>,
         signature: Signature,
     }
@@ -173,8 +175,8 @@ mod tests {
         fn plans(&self) -> Option<PlanStats> {
             self.plans.clone()
         }
-        fn provider(&self) -> Option<&ProviderChoice> {
-            self.provider.as_ref()
+        fn batch_may_lose(&self) -> bool {
+            !self.batches_well
         }
     }
 
@@ -238,14 +240,9 @@ mod tests {
         let per_shape =
             Costed { plans: Some(PlanStats { symbolic: false, ..PlanStats::default() }), ..costed(0, 1, 0) };
         untimed(&per_shape, false, "plans per shape");
-        let provider = ProviderChoice { provider: "cuda".into(), skipped: vec![] };
-        untimed(&Costed { provider: Some(provider), ..costed(0, 1, 0) }, true, "accelerator");
-        // A symbolic plan, on the CPU: timed.
-        let symbolic = Costed {
-            plans: Some(PlanStats { symbolic: true, ..PlanStats::default() }),
-            provider: Some(ProviderChoice { provider: "cpu".into(), skipped: vec![] }),
-            ..costed(0, 1, 0)
-        };
+        untimed(&Costed { batches_well: true, ..costed(0, 1_000, 8_000) }, true, "backend");
+        // A symbolic plan: timed.
+        let symbolic = Costed { plans: Some(PlanStats { symbolic: true, ..PlanStats::default() }), ..costed(0, 1, 0) };
         assert_eq!(decide(b.as_ref(), &symbolic, Some(&probe())).unwrap().by, "measured");
     }
 

@@ -99,6 +99,15 @@ pub trait Session: Send + Sync {
     fn plans(&self) -> Option<PlanStats> {
         None
     }
+    /// Whether a batch of rows may run slower per row than one row, so that configured batching
+    /// is timed at load before it serves ([`crate::batch_choice`]): tract plans a symbolic batch
+    /// with less optimisation than one row, and measured no faster per row on its plans for a
+    /// batch size either. ONNX Runtime's batches are not timed: on the orientation classifier its
+    /// 8 rows took 0.91-1.03 of one row's time 8 times, and batched requests were served 5-15%
+    /// faster at 4 clients all the same (the queue's hand-offs spread over the batch).
+    fn batch_may_lose(&self) -> bool {
+        false
+    }
     /// Called once at load with the warm-up input (the golden inputs): a backend whose general
     /// plan may run slower than one for concrete shapes measures both on it (and on its first
     /// row, the shape of a single request) and keeps the faster for those shapes, where the two

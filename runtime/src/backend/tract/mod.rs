@@ -192,6 +192,10 @@ impl Session for TractSession {
         Some(PlanStats { symbolic: self.symbolic.is_some(), ..self.plans.stats() })
     }
 
+    fn batch_may_lose(&self) -> bool {
+        true
+    }
+
     /// tract optimises a plan less where a dimension is a symbol (MobileNetV3 with a symbolic
     /// batch ran 3.3× slower than planned for batch 1), so a model with a plan for every shape
     /// also gets plans for the warm-up input's shapes, and for one row of it, where they are
