@@ -156,8 +156,8 @@ pub struct BatchingConfig {
     /// Sizes at which a batch goes at once, without waiting out the delay.
     #[serde(default)]
     pub preferred_batch_sizes: Vec<usize>,
-    /// Default `auto`: batch only where a batch of copies of the warm-up input's first row
-    /// measured at load takes at most 0.9 of its rows one at a time ([`crate::batch_choice`]).
+    /// Default `auto`: on tract, batch only where a batch of copies of the warm-up input's first
+    /// row measured at load takes at most 0.9 of its rows one at a time ([`crate::batch_choice`]).
     #[serde(default)]
     pub mode: BatchingMode,
 }
@@ -166,7 +166,8 @@ pub struct BatchingConfig {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BatchingMode {
-    /// Batch where a batch measured at load saves a tenth of its rows' time ([`crate::batch_choice`]).
+    /// On tract, batch where a batch measured at load saves a tenth of its rows' time; on other
+    /// backends, batch ([`crate::batch_choice`]).
     #[default]
     Auto,
     /// Batch without measuring.
