@@ -71,9 +71,10 @@ impl BatchChoice {
     /// Why a version with batching configured serves unbatched, for the log; `None` where it
     /// batches.
     pub fn why_unbatched(&self) -> Option<&'static str> {
-        match (self.batches, self.by, self.batch_p50_us) {
+        // Unbatched untimed is the plans-per-shape case only ([`decide`]).
+        match (self.batches, self.rows, self.batch_p50_us) {
             (true, ..) => None,
-            (false, "plans per shape", _) => Some(
+            (false, None, _) => Some(
                 "this backend plans each input shape for this model, so each batch size would prepare a plan on the \
                  request path",
             ),

@@ -475,7 +475,9 @@ impl ServedVersion {
     ) -> ServedVersion {
         let measured = p.choice.p50_us.iter().find(|(name, _)| *name == p.backend).map(|&(_, us)| us);
         let batching = batch_choice::decide(spec.batching.as_ref(), p.session.as_ref(), p.probe.as_deref());
-        if let Some((b, why)) = batching.as_ref().and_then(|b| Some((b, b.why_unbatched()?))) {
+        if let Some(b) = &batching
+            && let Some(why) = b.why_unbatched()
+        {
             tracing::warn!(
                 model = %spec.name, version = %files.version, backend = p.backend, by = b.by, rows = b.rows,
                 batch_p50_us = b.batch_p50_us, one_row_p50_us = b.one_row_p50_us,
