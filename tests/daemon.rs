@@ -65,6 +65,42 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     assert!(Conn::connect(status.1.addr).await.is_err(), "nothing listens after exit");
 }
 
+/// `server.http_threads` sets the threads that serve HTTP; unset, half the CPUs. `/metrics` shows
+/// the runtime's own count, and one thread serves concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_threads_are_configured_and_shown() {
+    let dir = scratch("test-http-threads");
+    let model = models_dir().join("digits-edge.onnx");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (set, expected) in [(Some(3), 3), (Some(1), 1), (None, (cpus / 2).max(1))] {
+        let config = dir.join("outpost.toml");
+        let server = set.map_or(String::new(), |n| format!("[server]\nhttp_threads = {n}\n"));
+        std::fs::write(&config, format!("{server}[[models]]\nname = \"edge\"\npath = {model:?}\n")).unwrap();
+        let daemon = Daemon::serve(&["--config", config.to_str().unwrap()]);
+        let mut conn = Conn::connect(daemon.addr).await.unwrap();
+        let metrics = String::from_utf8(conn.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+        let line = metrics.lines().find(|l| l.starts_with("outpost_http_threads ")).expect("the gauge is shown");
+        assert_eq!(line, format!("outpost_http_threads {expected}"), "http_threads = {set:?}");
+
+        let body = v2client::binary_request(&[Tensor::from_f32("input", vec![1, 64], &[1.0; 64])]);
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let (addr, headers, bytes) = (daemon.addr, body.headers.clone(), body.bytes.clone());
+                tokio::spawn(async move {
+                    let mut conn = Conn::connect(addr).await.unwrap();
+                    for _ in 0..20 {
+                        let r = conn.send(hyper::Method::POST, "/v2/models/edge/infer", &headers, bytes.clone()).await;
+                        assert_eq!(r.unwrap().status, 200);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+    }
+}
+
 #[test]
 fn a_quantized_softmax_is_served_on_tract_and_inspect_says_what_it_was_tried_with() {
     // ONNX Runtime's static quantizer with its default op list quantizes the final Softmax;

@@ -42,6 +42,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 /// How long SIGTERM waits for in-flight requests before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// The most threads `server.http_threads` may name.
+pub const MAX_HTTP_THREADS: usize = 256;
 /// Examples the hard-example sink holds at most by default.
 pub const DEFAULT_SINK_MAX_ITEMS: u64 = 100_000;
 /// Bytes the hard-example sink holds at most by default (1 GiB).
@@ -89,6 +91,8 @@ pub struct ServerConfig {
     pub max_inflight_bytes: Option<u64>,
     /// Default [`DEFAULT_DRAIN_TIMEOUT_SECS`].
     pub drain_timeout_secs: Option<u64>,
+    /// Threads that serve HTTP (parse, encode, the async tasks); default [`default_http_threads`].
+    pub http_threads: Option<usize>,
     /// A model repository (`REPO/NAME/<version>/model.onnx`): its models are served besides
     /// any `[[models]]`.
     pub model_repository: Option<PathBuf>,
@@ -111,6 +115,7 @@ pub struct Validated {
     pub max_body_bytes: usize,
     pub max_inflight_bytes: u64,
     pub drain_timeout: Duration,
+    pub http_threads: usize,
     pub models: Vec<ModelSpec>,
     pub updates: Option<UpdatesConfig>,
 }
@@ -176,6 +181,10 @@ impl Config {
         if drain > 3600 {
             return Err(invalid("server.drain_timeout_secs", "must be at most 3600"));
         }
+        let http_threads = s.http_threads.unwrap_or_else(default_http_threads);
+        if !(1..=MAX_HTTP_THREADS).contains(&http_threads) {
+            return Err(invalid("server.http_threads", format!("must be between 1 and {MAX_HTTP_THREADS}")));
+        }
         if let Some(u) = &self.updates {
             check_name(&u.fleet).map_err(|r| invalid("updates.fleet", r))?;
             check_name(&u.group).map_err(|r| invalid("updates.group", r))?;
@@ -218,10 +227,20 @@ impl Config {
             max_body_bytes,
             max_inflight_bytes,
             drain_timeout: Duration::from_secs(drain),
+            http_threads,
             models,
             updates: self.updates.clone(),
         })
     }
+}
+
+/// The HTTP threads when `server.http_threads` is not set: half the CPUs this process may use
+/// (its affinity and cgroup quota), at least one. The other half is left to the models' calls:
+/// their worker threads and intra-op pools run beside the HTTP threads, and on 2 vCPUs two HTTP
+/// threads and a model's worker outnumbered the cores: one HTTP thread served 6-38% more requests/s
+/// at 8 and 32 clients (docs/benchmarks.md, "One HTTP thread per two CPUs").
+pub fn default_http_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 #[cfg(test)]
@@ -260,6 +279,18 @@ mod tests {
         assert_eq!(v.models[0].backend, "auto");
         assert_eq!(v.models[0].queue_bound, DEFAULT_QUEUE_BOUND);
         assert_eq!(v.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(v.http_threads, default_http_threads());
+    }
+
+    #[test]
+    fn http_threads_are_half_the_cpus_unless_set() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(default_http_threads(), (cpus / 2).max(1));
+        assert_eq!(parse(&format!("[server]\nhttp_threads = 3\n{ONE}")).unwrap().http_threads, 3);
+        for bad in [0, MAX_HTTP_THREADS + 1] {
+            let e = err(&format!("[server]\nhttp_threads = {bad}\n{ONE}"));
+            assert!(e.starts_with("server.http_threads: must be between 1 and 256"), "{e}");
+        }
     }
 
     #[test]

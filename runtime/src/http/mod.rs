@@ -225,6 +225,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         let failed = slot.failures();
         out.push_str(&format!("outpost_model_load_failures{{model=\"{}\"}} {failed}\n", slot.spec.name));
     }
+    // The runtime's own count, not the configuration's: what actually serves HTTP.
+    let http_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    out.push_str(&format!(
+        "# HELP outpost_http_threads Threads serving HTTP (server.http_threads).\n\
+         # TYPE outpost_http_threads gauge\noutpost_http_threads {http_threads}\n"
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

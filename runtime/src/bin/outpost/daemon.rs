@@ -20,7 +20,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(config.http_threads).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -32,7 +33,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let _ = app.updates.set(updates);
             app.release_pending.store(true, std::sync::atomic::Ordering::Release);
         }
-        tracing::info!(listen = %config.listen, models = config.models.len(), "outpost listening; loading models");
+        tracing::info!(
+            listen = %config.listen,
+            models = config.models.len(),
+            http_threads = config.http_threads,
+            "outpost listening; loading models"
+        );
         let notifier = outpost_runtime::systemd::Notifier::from_env().map(Arc::new);
         let notify = |message: &str| {
             if let Some(n) = &notifier {
