@@ -5,6 +5,7 @@
 pub mod client;
 mod elements;
 pub mod request;
+mod scan;
 
 /// The binary tensor extension's header: length of the JSON part of the body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";

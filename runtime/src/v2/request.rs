@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::BadRequest;
 use super::elements::{self, DataError};
+use super::scan;
 use crate::backend::Signature;
 use crate::tensor::{DataType, Tensor};
 
@@ -33,26 +34,26 @@ pub struct OutputRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRequest<'a> {
-    id: Option<String>,
+pub(super) struct RawRequest<'a> {
+    pub(super) id: Option<String>,
     #[serde(default)]
-    parameters: Map<String, Value>,
+    pub(super) parameters: Map<String, Value>,
     #[serde(borrow)]
-    inputs: Vec<RawInput<'a>>,
-    outputs: Option<Vec<RawOutput>>,
+    pub(super) inputs: Vec<RawInput<'a>>,
+    pub(super) outputs: Option<Vec<RawOutput>>,
 }
 
-struct RawInput<'a> {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    parameters: Map<String, Value>,
-    data: Option<RawData<'a>>,
+pub(super) struct RawInput<'a> {
+    pub(super) name: String,
+    pub(super) shape: Vec<i64>,
+    pub(super) datatype: String,
+    pub(super) parameters: Map<String, Value>,
+    pub(super) data: Option<RawData<'a>>,
 }
 
 /// An input's JSON `data`: decoded as it was read, where `datatype` and `shape` came before it
 /// (as clients write them), or else left as text until they are known.
-enum RawData<'a> {
+pub(super) enum RawData<'a> {
     Decoded(Result<Vec<u8>, DataError>),
     Text(&'a RawValue),
 }
@@ -125,7 +126,7 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawOutput {
+pub(super) struct RawOutput {
     name: String,
     #[serde(default)]
     parameters: Map<String, Value>,
@@ -134,7 +135,7 @@ struct RawOutput {
 /// Parses a request body. `header_len` is the `Inference-Header-Content-Length` header: when
 /// present, the body is that many bytes of JSON followed by the inputs' binary data.
 pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, BadRequest> {
-    let (json, mut binary) = match header_len {
+    let (json, binary) = match header_len {
         Some(n) if n > body.len() => {
             return Err(BadRequest(format!(
                 "Inference-Header-Content-Length is {n} but the body has only {} bytes",
@@ -144,8 +145,21 @@ pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, Bad
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
-    let raw: RawRequest =
-        serde_json::from_slice(json).map_err(|e| BadRequest(format!("malformed request JSON: {e}")))?;
+    // The common body without serde's per-element work where it can be; serde for all the rest.
+    let raw = match scan::request(json) {
+        Some(raw) => raw,
+        None => read(json)?,
+    };
+    build(raw, binary)
+}
+
+/// The request's JSON read by serde: every body [`scan::request`] does not take.
+pub(super) fn read(json: &[u8]) -> Result<RawRequest<'_>, BadRequest> {
+    serde_json::from_slice(json).map_err(|e| BadRequest(format!("malformed request JSON: {e}")))
+}
+
+/// The request from its JSON and the binary data after it.
+pub(super) fn build(raw: RawRequest, mut binary: &[u8]) -> Result<InferRequest, BadRequest> {
     let binary_output = flag(&raw.parameters, "binary_data_output", "parameters")?.unwrap_or(false);
 
     let mut inputs = Vec::with_capacity(raw.inputs.len());
@@ -234,7 +248,7 @@ pub fn parse(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, Bad
 
 /// The elements a shape as the client wrote it holds, if every dimension is non-negative and the
 /// product fits ([`Tensor::shape_elements`] of the same shape checked).
-fn elements_of(shape: &[i64]) -> Option<usize> {
+pub(super) fn elements_of(shape: &[i64]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
