@@ -4,8 +4,11 @@
 
 pub mod client;
 mod elements;
+mod raw;
 pub mod request;
 mod scan;
+#[cfg(test)]
+mod scan_tests;
 
 /// The binary tensor extension's header: length of the JSON part of the body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
