@@ -237,7 +237,7 @@ impl Config {
 /// The HTTP threads when `server.http_threads` is not set: half the CPUs this process may use
 /// (its affinity and cgroup quota), at least one. The other half is left to the models' calls:
 /// their worker threads and intra-op pools run beside the HTTP threads, and on 2 vCPUs two HTTP
-/// threads and a model's worker outnumbered the cores: one HTTP thread served 6-38% more requests/s
+/// threads and a model's worker outnumbered the cores: one HTTP thread served 15-31% more requests/s
 /// at 8 and 32 clients (docs/benchmarks.md, "One HTTP thread per two CPUs").
 pub fn default_http_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
