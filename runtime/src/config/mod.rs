@@ -235,12 +235,12 @@ impl Config {
 }
 
 /// The HTTP threads when `server.http_threads` is not set: half the CPUs this process may use
-/// (its affinity and cgroup quota), at least one. The other half is left to the models' calls:
+/// (its affinity and cgroup quota), at least one and at most [`MAX_HTTP_THREADS`]. The other half is left to the models' calls:
 /// their worker threads and intra-op pools run beside the HTTP threads, and on 2 vCPUs two HTTP
 /// threads and a model's worker outnumbered the cores: one HTTP thread served 15-31% more requests/s
 /// at 8 and 32 clients (docs/benchmarks.md, "One HTTP thread per two CPUs").
 pub fn default_http_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, MAX_HTTP_THREADS))
 }
 
 #[cfg(test)]
@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn http_threads_are_half_the_cpus_unless_set() {
         let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(default_http_threads(), (cpus / 2).max(1));
+        assert_eq!(default_http_threads(), (cpus / 2).clamp(1, MAX_HTTP_THREADS));
         assert_eq!(parse(&format!("[server]\nhttp_threads = 3\n{ONE}")).unwrap().http_threads, 3);
         for bad in [0, MAX_HTTP_THREADS + 1] {
             let e = err(&format!("[server]\nhttp_threads = {bad}\n{ONE}"));
