@@ -110,17 +110,23 @@ impl Sink {
     /// JSON value first: the common case, per element. False where it is not that case (another
     /// datatype, past the shape, after a bad element, or out of FP32's range), for [`Sink::push`].
     fn float(&mut self, f: f64) -> bool {
-        if self.count >= self.expected || self.error.is_some() {
+        if self.count >= self.expected || self.error.is_some() || !encode_float(self.datatype, f, &mut self.out) {
             return false;
-        }
-        match self.datatype {
-            DataType::Fp32 if !(f as f32).is_infinite() => self.out.extend((f as f32).to_le_bytes()),
-            DataType::Fp64 => self.out.extend(f.to_le_bytes()),
-            _ => return false,
         }
         self.count += 1;
         true
     }
+}
+
+/// A number's bytes in a FP32 or FP64 tensor, as [`encode_one`] writes them; false (nothing
+/// written) for another datatype or a value out of FP32's range, which [`encode_one`] reports.
+pub(super) fn encode_float(datatype: DataType, f: f64, out: &mut Vec<u8>) -> bool {
+    match datatype {
+        DataType::Fp32 if !(f as f32).is_infinite() => out.extend((f as f32).to_le_bytes()),
+        DataType::Fp64 => out.extend(f.to_le_bytes()),
+        _ => return false,
+    }
+    true
 }
 
 /// One array level (or one element of it); `top` for `data` itself, which must be an array.

@@ -10,11 +10,14 @@
 //! take, and the caller parses the whole body with serde as before. So this path decides no
 //! error and no unusual case: escaped strings, exponents, more digits than a `u64` holds, data
 //! before its datatype, other datatypes, a wrong element count, a value out of FP32's range,
-//! unknown fields, duplicates and malformed JSON all go to serde. The small members (`id`,
+//! unknown fields, duplicates and malformed JSON all go to serde. Exponents matter most: Python's
+//! `json` writes one for any value under 1e-4, so a large input from Python (150k elements) usually
+//! holds one and is scanned up to it, then read by serde (measured in docs/benchmarks.md). The small members (`id`,
 //! `parameters`, `outputs`, `shape`) are found here and read by serde from their own bytes.
 
 use serde_json::{Map, Value};
 
+use super::elements::encode_float;
 use super::raw::{RawData, RawInput, RawOutput, RawRequest, elements_of};
 use crate::tensor::DataType;
 
@@ -208,7 +211,7 @@ impl<'a> Cursor<'a> {
         };
         // Each element takes at least two bytes of text: the shape alone is only the client's claim.
         let room = (self.text.len() - self.at) / 2 + 1;
-        let mut sink = Floats { fp32: size == 4, left: expected, out: Vec::with_capacity(expected.min(room) * size) };
+        let mut sink = Floats { datatype, left: expected, out: Vec::with_capacity(expected.min(room) * size) };
         self.level(&mut sink, 0)?;
         (sink.left == 0).then_some(sink.out)
     }
@@ -272,7 +275,7 @@ impl<'a> Cursor<'a> {
 
 /// A float tensor's bytes as its elements are read.
 struct Floats {
-    fp32: bool,
+    datatype: DataType,
     /// Elements the shape still holds.
     left: usize,
     out: Vec<u8>,
@@ -282,14 +285,7 @@ impl Floats {
     /// `None` past the shape or out of FP32's range (serde says which).
     fn push(&mut self, f: f64) -> Option<()> {
         self.left = self.left.checked_sub(1)?;
-        if !self.fp32 {
-            self.out.extend_from_slice(&f.to_le_bytes());
-        } else if !(f as f32).is_infinite() {
-            self.out.extend_from_slice(&(f as f32).to_le_bytes());
-        } else {
-            return None;
-        }
-        Some(())
+        encode_float(self.datatype, f, &mut self.out).then_some(())
     }
 }
 
